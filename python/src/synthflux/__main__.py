@@ -1,0 +1,3 @@
+from synthflux.cli import main
+
+raise SystemExit(main())

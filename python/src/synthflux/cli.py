@@ -1,0 +1,120 @@
+"""The `synthflux` command: a thin argparse layer over the stage functions.
+
+Errors a user can fix (SynthfluxError) print as one line and exit 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from synthflux import __version__
+from synthflux.errors import SynthfluxError
+
+log = logging.getLogger("synthflux")
+
+DATA_HELP = "data root (overrides data_root in the config); all stages read and write under it"
+
+
+def _config(args: argparse.Namespace):
+    from synthflux.config import load_config
+
+    return load_config(args.config, data_root=args.data)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from synthflux.generate import generate
+    from synthflux.storage import ShardSpec
+
+    shard = ShardSpec.parse(args.shard)
+    if args.limit is not None and args.limit < 1:
+        raise SynthfluxError(f"--limit must be a positive number of images, got {args.limit}")
+    summary = generate(_config(args), shard=shard, limit=args.limit)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from synthflux.tiny_model import save_tiny_model
+
+    folder = save_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny Stable Diffusion pipeline (random weights) saved to {folder}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline config (TOML), e.g. examples/tiny.toml")
+    p.add_argument("--data", metavar="DIR", help=DATA_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthflux",
+        description=(
+            "Turn a description of classes into a labelled synthetic image dataset "
+            "(Stable Diffusion), preprocess it into .npz shards, and classify it with a "
+            "Flux.jl CNN. One TOML config drives every stage; see README.md."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"synthflux {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "generate",
+        help="stage 1: prompts -> PNG images + manifest",
+        description=(
+            "Generate every class's images with the configured diffusion model into "
+            "DATA/generated/<class>/ and write DATA/generated/manifest.jsonl. Re-running "
+            "skips images already present and verified, so an interrupted run resumes."
+        ),
+    )
+    _add_common(p)
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="make only part I of N (images whose id %% N == I); the N parts together "
+        "equal an unsharded run, byte for byte on CPU (default: 0/1, everything)",
+    )
+    p.add_argument(
+        "--limit", type=int, metavar="K", help="make at most K new images in this run, then stop"
+    )
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "tiny-model",
+        help="save a tiny random Stable Diffusion pipeline (tests, demos)",
+        description=(
+            "Build a tiny randomly initialised Stable Diffusion pipeline offline and save it "
+            "with save_pretrained. `model = \"tiny\"` in a config does this automatically."
+        ),
+    )
+    p.add_argument("dir", help="folder to save the pipeline to")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="synthflux: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SynthfluxError as e:
+        print(f"synthflux {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"synthflux {args.command}: interrupted; re-run to resume", file=sys.stderr)
+        return 130

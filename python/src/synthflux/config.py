@@ -1,0 +1,201 @@
+"""The pipeline config: one TOML file, validated here, that drives every stage.
+
+Every field is documented in README.md ("Config reference"); examples live in examples/.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import string
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synthflux.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# A class name becomes a folder name: letters, digits, '-', '_', '.', no leading dot.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(_Strict):
+    """One class: its name (also its folder) and the prompts that describe it."""
+
+    name: str
+    prompts: list[str] = Field(min_length=1)
+    # Template variables: "a {color} cat" with color = ["black", "white"] gives two prompts.
+    variables: dict[str, list[str]] = Field(default_factory=dict)
+    images: PositiveInt | None = None  # overrides the top-level images_per_class
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not SAFE_NAME.match(name) or ".." in name:
+            raise ValueError(
+                "must be 1-64 letters, digits, '-', '_' or '.', not start with '.', "
+                "and contain no '..' or '/' (it names a folder)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _known_variables(self) -> ClassSpec:
+        for prompt in self.prompts:
+            for _, field, _, _ in string.Formatter().parse(prompt):
+                if field is not None and field not in self.variables:
+                    raise ValueError(
+                        f"prompt {prompt!r} uses {{{field}}} but variables has "
+                        f"{sorted(self.variables) or 'none'}"
+                    )
+        for var, values in self.variables.items():
+            if not values:
+                raise ValueError(f"variables.{var} is empty")
+        return self
+
+    def expanded_prompts(self) -> list[str]:
+        """Every prompt with every combination of its variables, in a fixed order."""
+        out = []
+        for prompt in self.prompts:
+            used = sorted({f for _, f, _, _ in string.Formatter().parse(prompt) if f})
+            for combo in itertools.product(*(self.variables[v] for v in used)):
+                out.append(prompt.format(**dict(zip(used, combo, strict=True))))
+        return out
+
+
+class GenerateConfig(_Strict):
+    # A Hugging Face model id, a local folder, or "tiny" (a random test model built offline).
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    # "default" keeps the model's own scheduler; otherwise one of SCHEDULERS (generate.py).
+    scheduler: str = "default"
+    steps: PositiveInt = 25
+    guidance_scale: float = Field(7.5, ge=0)
+    width: PositiveInt = 512
+    height: PositiveInt = 512
+    batch_size: PositiveInt = 4
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compile: bool = False  # torch.compile the UNet: slower start, faster steps on big runs
+    attention_slicing: bool = False  # less GPU memory, a little slower
+    cpu_offload: bool = False  # model CPU offload for small GPUs (needs CUDA)
+    # What to do with an image the model's safety checker flags.
+    on_flagged: Literal["regenerate", "drop"] = "regenerate"
+    max_attempts: PositiveInt = 3
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be divisible by 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+
+class PreprocessConfig(_Strict):
+    width: PositiveInt = 64
+    height: PositiveInt = 64
+    channels: Literal[1, 3] = 1  # 1 = grayscale, 3 = RGB
+    resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "lanczos"
+    # stretch: ignore the aspect ratio; crop: center-crop to it; pad: letterbox with pad_value.
+    aspect: Literal["stretch", "crop", "pad"] = "crop"
+    pad_value: float = Field(0.0, ge=0, le=1)
+    # After scaling to [0, 1]: x = (x - mean) / std, one value per channel.
+    mean: list[float] = Field(default_factory=lambda: [0.5])
+    std: list[float] = Field(default_factory=lambda: [0.5])
+    shard_size: PositiveInt = 1000
+    workers: int = Field(0, ge=0)  # 0 = one per CPU core
+    max_pixels: PositiveInt = 64_000_000  # larger images are rejected as decompression bombs
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> PreprocessConfig:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values, got {values}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        return self
+
+
+class ClassifyConfig(_Strict):
+    backend: Literal["docker", "local"] = "docker"
+    image: str = "synthflux-julia:latest"
+    julia: str = "julia"  # the executable for the local backend
+    # weights.npz for the CNN; empty = DATA/model/weights.npz, created from `seed` if missing.
+    weights: str = ""
+    batch_size: PositiveInt = 64
+    memory: str = "4g"  # container memory limit
+    cpus: float = Field(2.0, gt=0)  # container CPU limit
+    timeout_s: PositiveInt = 3600
+    # Where the Python driver runs inside compose, the data lives on this named volume.
+    volume: str = ""
+
+
+class PipelineConfig(_Strict):
+    data_root: Path = Path("data")
+    seed: int = Field(0, ge=0, lt=2**63)
+    images_per_class: PositiveInt = 8
+    style: str = ""  # appended to every prompt: "<prompt>, <style>"
+    negative_prompt: str = ""
+    classes: list[ClassSpec] = Field(min_length=2)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_names(cls, classes: list[ClassSpec]) -> list[ClassSpec]:
+        seen: dict[str, str] = {}
+        for c in classes:
+            key = c.name.lower()  # case-insensitive: the folders must not clash on macOS
+            if key in seen:
+                raise ValueError(f"class name {c.name!r} repeats {seen[key]!r}")
+            seen[key] = c.name
+        return classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def images_for(self, spec: ClassSpec) -> int:
+        return spec.images or self.images_per_class
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc}{shown}: {msg}{more}"
+
+
+def load_config(path: str | Path, data_root: str | Path | None = None) -> PipelineConfig:
+    """Read and validate a pipeline config; `data_root` (--data) overrides the file's."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if data_root is not None:
+        raw["data_root"] = str(data_root)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None

@@ -1,0 +1,54 @@
+"""Progress for long loops: a tqdm bar on a terminal, periodic log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import TracebackType
+
+from tqdm import tqdm
+
+log = logging.getLogger("synthflux")
+
+
+class Progress:
+    """`with Progress("generate", total, unit="img") as p: p.update(n)`."""
+
+    def __init__(self, desc: str, total: int, unit: str = "img", every_s: float = 10.0):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.done = 0
+        self.start = self.last_log = time.monotonic()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= self.every_s or self.done == self.total:
+            self.last_log = now
+            log.info("%s: %s", self.desc, self.status())
+
+    def status(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        return f"{self.done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, ETA {eta:.0f}s)"
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.close()

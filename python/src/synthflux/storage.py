@@ -1,0 +1,108 @@
+"""Small file helpers shared by every stage: atomic writes, hashing, shard specs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from synthflux.errors import ConfigError
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to a temp file beside `path`, fsync, then rename over it.
+
+    Readers never see a half-written file, and a crash leaves the old file intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with atomic_write(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; a malformed line is an error naming the file and line."""
+    from synthflux.errors import DataError
+
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """`--shard I/N`: this process handles the items whose position % N == I."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> ShardSpec:
+        try:
+            i, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"--shard {text!r}: need 0 <= I < N and N >= 1")
+        return cls(i, n)
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:05d}-of-{self.count:05d}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"

@@ -1,0 +1,132 @@
+"""A tiny, randomly initialised Stable Diffusion pipeline, built offline.
+
+Tests and the demo use it so that they run the very same `from_pretrained` path as real
+models, in seconds on a CPU, with nothing downloaded. Its images are noise-like: it is
+for plumbing, not pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+# Byte-level BPE alphabet used by CLIP's tokenizer (GPT-2's bytes_to_unicode).
+_PRINTABLE = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+)
+
+
+def _byte_alphabet() -> list[str]:
+    chars, extra = [], 0
+    for b in range(256):
+        if b in _PRINTABLE:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt for a character-level CLIP tokenizer (no merges learned)."""
+    alphabet = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """The components of diffusers' own pipeline tests (get_dummy_components), seeded."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching global state
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=4,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=[8, 16],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+            norm_num_groups=4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=512,
+                eos_token_id=513,
+                pad_token_id=513,
+                hidden_size=32,
+                intermediate_size=37,
+                layer_norm_eps=1e-05,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                vocab_size=514,
+                max_position_embeddings=77,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        # Positional: transformers 4 names them vocab_file/merges_file, 5 vocab/merges.
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it to `folder` (atomically: a whole model or none)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(folder)
+    except OSError:
+        if (folder / "model_index.json").exists():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
