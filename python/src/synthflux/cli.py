@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save a tiny random Stable Diffusion pipeline (tests, demos)",
         description=(
             "Build a tiny randomly initialised Stable Diffusion pipeline offline and save it "
-            "with save_pretrained. `model = \"tiny\"` in a config does this automatically."
+            'with save_pretrained. `model = "tiny"` in a config does this automatically.'
         ),
     )
     p.add_argument("dir", help="folder to save the pipeline to")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,13 +35,15 @@ from PIL import Image, PngImagePlugin
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError, ModelError
-from synthflux.progress import Progress
+from synthflux.progress import Progress, quiet_library_progress
 from synthflux.storage import (
     ShardSpec,
     read_jsonl,
+    remove_stale_temps,
     sha256_bytes,
     sha256_file,
     write_bytes_atomic,
+    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -147,7 +150,9 @@ def resolve_model(cfg: PipelineConfig) -> ModelRef:
         from synthflux.tiny_model import save_tiny_model
 
         folder = save_tiny_model(cfg.data_root / "models" / "tiny")
-        return ModelRef(str(folder), "tiny", _hash_folder(folder), _model_scheduler(folder, gen.scheduler))
+        return ModelRef(
+            str(folder), "tiny", _hash_folder(folder), _model_scheduler(folder, gen.scheduler)
+        )
     local = Path(gen.model).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -155,7 +160,9 @@ def resolve_model(cfg: PipelineConfig) -> ModelRef:
                 f"generate.model = {gen.model!r} is a folder without model_index.json; "
                 "point it at a diffusers pipeline saved with save_pretrained"
             )
-        return ModelRef(str(local), gen.model, _hash_folder(local), _model_scheduler(local, gen.scheduler))
+        return ModelRef(
+            str(local), gen.model, _hash_folder(local), _model_scheduler(local, gen.scheduler)
+        )
     if gen.model.startswith((".", "/", "~")) or gen.model.count("/") > 1:
         raise ModelError(f"generate.model = {gen.model!r}: no such folder")
     folder = Path(_download(gen.model, gen.revision))
@@ -167,7 +174,9 @@ def resolve_model(cfg: PipelineConfig) -> ModelRef:
 def _download(model_id: str, revision: str | None) -> str:
     """Resolve a Hub id to a local snapshot (downloading it unless HF_HUB_OFFLINE is set)."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # its warnings repeat what our one-line error says
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         return str(DiffusionPipeline.download(model_id, revision=revision))
@@ -180,7 +189,9 @@ def _download(model_id: str, revision: str | None) -> str:
             "generate.model to a local folder (or HF_HOME to a cache that has it)"
         )
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot get model {model_id!r}: {hint} ({type(e).__name__}: {reason})") from None
+        raise ModelError(
+            f"cannot get model {model_id!r}: {hint} ({type(e).__name__}: {reason})"
+        ) from None
 
 
 def pick_device(cfg: PipelineConfig) -> tuple[str, Any]:
@@ -191,7 +202,9 @@ def pick_device(cfg: PipelineConfig) -> tuple[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("generate.device = 'cuda' but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'")
+        raise ModelError(
+            "generate.device = 'cuda' but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'"
+        )
     dtype = gen.dtype
     if dtype == "auto":
         dtype = "float16" if device == "cuda" else "float32"
@@ -205,8 +218,11 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
 
     device, dtype = pick_device(cfg)
     gen = cfg.generate
+    quiet_library_progress()
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(model.path, torch_dtype=dtype)
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older lack `dtype`
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = AutoPipelineForText2Image.from_pretrained(model.path, torch_dtype=dtype)
     except Exception as e:
         raise ModelError(f"cannot load model {model.name!r} from {model.path}: {e}") from None
     if gen.scheduler != "default":
@@ -343,12 +359,16 @@ def _scan(
         base = base_record(job, cfg, model)
         rec = known.get(job.id)
         path = out / job.file
-        if rec is not None and _matches(rec, base, cfg.seed):
-            if rec.get("status") == "dropped" or (
-                path.is_file() and sha256_file(path) == rec.get("sha256")
-            ):
-                done[job.id] = rec
-                continue
+        if (
+            rec is not None
+            and _matches(rec, base, cfg.seed)
+            and (
+                rec.get("status") == "dropped"
+                or (path.is_file() and sha256_file(path) == rec.get("sha256"))
+            )
+        ):
+            done[job.id] = rec
+            continue
         if path.is_file():  # written before a crash, not yet in a part file
             emb = _embedded_record(path)
             if emb is not None and _matches(emb, base, cfg.seed):
@@ -398,33 +418,47 @@ class _Pending:
 
 
 def generate(
-    cfg: PipelineConfig, shard: ShardSpec = ShardSpec(), limit: int | None = None
+    cfg: PipelineConfig, shard: ShardSpec | None = None, limit: int | None = None
 ) -> GenerateSummary:
     """Make this shard's missing images, then refresh the manifest. Safe to re-run."""
+    shard = shard or ShardSpec()
     out = generated_dir(cfg)
     jobs = [j for j in plan_images(cfg) if shard.owns(j.id)]
     summary = GenerateSummary(shard=str(shard), planned=len(jobs))
     model = resolve_model(cfg)
+    if out.is_dir():
+        remove_stale_temps(out)  # left by a killed run
     done, todo = _scan(jobs, cfg, model, out)
     summary.reused = len(done)
     if limit is not None:
         summary.remaining = max(len(todo) - limit, 0)
         todo = todo[:limit]
     start = time.monotonic()
-    if todo:
-        log.info("generate: %d images to make with %s (%s)", len(todo), model.name, model.scheduler)
-        pipe = load_pipeline(cfg, model)
-        try:
-            _run(pipe, cfg, model, out, todo, done, summary)
-        finally:  # keep what was made, even on Ctrl-C, so `synthflux status` sees it
-            write_jsonl_atomic(
-                out / "parts" / f"part-{shard.tag}.jsonl", [done[k] for k in sorted(done)]
+    try:
+        if todo:
+            log.info(
+                "generate: %d images to make with %s (%s)", len(todo), model.name, model.scheduler
             )
-    else:
-        write_jsonl_atomic(out / "parts" / f"part-{shard.tag}.jsonl", [done[k] for k in sorted(done)])
+            _run(load_pipeline(cfg, model), cfg, model, out, todo, done, summary)
+    finally:  # keep what was made, even on Ctrl-C, so a re-run and `status` see it at once
+        write_jsonl_atomic(
+            out / "parts" / f"part-{shard.tag}.jsonl", [done[k] for k in sorted(done)]
+        )
     summary.seconds = time.monotonic() - start
     summary.images_per_s = summary.generated / summary.seconds if summary.seconds else 0.0
-    summary.manifest_images, summary.manifest_complete, summary.per_class = merge_manifest(cfg, model)
+    summary.manifest_images, summary.manifest_complete, summary.per_class = merge_manifest(
+        cfg, model
+    )
+    write_json_atomic(
+        out / "stage.json",
+        {
+            "stage": "generate",
+            "shard": str(shard),
+            "seconds": round(summary.seconds, 3),
+            "images": summary.generated,
+            "complete": summary.manifest_complete,
+        },
+    )
     return summary
 
 
@@ -516,4 +550,3 @@ def read_manifest(cfg: PipelineConfig) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path} not found: run `synthflux generate` first")
     return read_jsonl(path)
-

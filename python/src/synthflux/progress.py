@@ -19,7 +19,11 @@ class Progress:
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.done = 0
         self.start = self.last_log = time.monotonic()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.bar = (
+            tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+            if sys.stderr.isatty()
+            else None
+        )
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -52,3 +56,12 @@ class Progress:
     ) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def quiet_library_progress() -> None:
+    """Silence diffusers'/transformers' per-component bars: our bar counts images instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

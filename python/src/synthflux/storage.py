@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,35 @@ from typing import IO, Any
 from synthflux.errors import ConfigError
 
 
+# Temp files name their writer, so a later run can remove those a killed process left behind.
+TEMP_TAG = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete temp files under `folder` left by dead processes of this host; return the count."""
+    host = socket.gethostname()
+    removed = 0
+    for tmp in folder.rglob(".*.tmp"):
+        writer = tmp.name.rsplit(".", 3)[-3] if tmp.name.count(".") >= 3 else ""
+        w_host, _, w_pid = writer.rpartition("-")
+        if w_host != host or not w_pid.isdigit() or _alive(int(w_pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temp file beside `path`, fsync, then rename over it.
@@ -22,7 +52,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     Readers never see a half-written file, and a crash leaves the old file intact.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMP_TAG}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -46,7 +46,12 @@ def write_tokenizer_files(folder: Path) -> None:
 def build_tiny_pipeline(seed: int = 0):
     """The components of diffusers' own pipeline tests (get_dummy_components), seeded."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching global state
@@ -119,6 +124,9 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
+        from synthflux.progress import quiet_library_progress
+
+        quiet_library_progress()
         build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
         tmp.rename(folder)
     except OSError:

@@ -1,0 +1,94 @@
+"""The pipeline config: every bad field gives one clear error naming it, and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import tomli_w
+from conftest import BASE_CONFIG, deep_update, run_cli
+
+from synthflux.config import load_config
+from synthflux.errors import ConfigError
+
+BAD = [
+    ({"seed": -1}, "seed = -1"),
+    ({"images_per_class": 0}, "images_per_class = 0"),
+    ({"classes": [{"name": "only", "prompts": ["x"]}]}, "classes"),
+    ({"classes": [{"name": "a", "prompts": []}, {"name": "b", "prompts": ["x"]}]}, "classes.0.prompts"),
+    ({"classes": [{"name": "a", "prompts": ["{x} y"]}, {"name": "b", "prompts": ["x"]}]}, "uses {x}"),
+    ({"classes": [{"name": "Cat", "prompts": ["x"]}, {"name": "cat", "prompts": ["x"]}]}, "repeats"),
+    ({"classes": [{"name": "a", "prompts": ["x"], "images": -2}, {"name": "b", "prompts": ["x"]}]}, "classes.0.images = -2"),
+    ({"generate": {"steps": 0}}, "generate.steps = 0"),
+    ({"generate": {"width": 500}}, "generate.width = 500: must be divisible by 8"),
+    ({"generate": {"guidance_scale": -1}}, "generate.guidance_scale = -1"),
+    ({"generate": {"batch_size": 0}}, "generate.batch_size = 0"),
+    ({"generate": {"device": "tpu"}}, "generate.device = 'tpu'"),
+    ({"generate": {"dtype": "int8"}}, "generate.dtype = 'int8'"),
+    ({"generate": {"on_flagged": "keep"}}, "generate.on_flagged = 'keep'"),
+    ({"generate": {"stepz": 3}}, "generate.stepz"),
+    ({"preprocess": {"channels": 2}}, "preprocess.channels = 2"),
+    ({"preprocess": {"aspect": "squash"}}, "preprocess.aspect = 'squash'"),
+    ({"preprocess": {"resample": "magic"}}, "preprocess.resample = 'magic'"),
+    ({"preprocess": {"mean": [0.1, 0.2]}}, "mean needs 1 or 1 values"),
+    ({"preprocess": {"std": [0.0]}}, "std must be > 0"),
+    ({"preprocess": {"shard_size": 0}}, "preprocess.shard_size = 0"),
+    ({"classify": {"backend": "k8s"}}, "classify.backend = 'k8s'"),
+    ({"classify": {"timeout_s": 0}}, "classify.timeout_s = 0"),
+    ({"unknown_key": 1}, "unknown_key"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_field_is_named_with_its_value(tmp_path, override, message):
+    raw = deep_update(BASE_CONFIG, override) | {"data_root": str(tmp_path / "data")}
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "a\\b", "", "x" * 65, "a..b", "/abs"])
+def test_unsafe_class_names_are_rejected(tmp_path, name):
+    raw = deep_update(BASE_CONFIG, {}) | {"data_root": str(tmp_path / "data")}
+    raw["classes"][0]["name"] = name
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError, match="classes.0.name"):
+        load_config(path)
+
+
+def test_cli_reports_bad_config_in_one_line_and_writes_nothing(tmp_path):
+    raw = deep_update(BASE_CONFIG, {"generate": {"steps": -3}}) | {"data_root": str(tmp_path / "data")}
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(raw))
+    result = run_cli("generate", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "generate.steps = -3" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "broken.toml").write_text("seed = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+
+
+def test_data_override_and_defaults(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(tomli_w.dumps(deep_update(BASE_CONFIG, {})))
+    cfg = load_config(path, data_root=tmp_path / "other")
+    assert cfg.data_root == tmp_path / "other"
+    assert cfg.generate.device == "auto" and cfg.preprocess.channels == 1
+    assert cfg.classes[0].expanded_prompts() == ["a black cat", "a white cat", "a cat asleep"]
+
+
+def test_help_explains_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "generate" in result.stdout
+    result = run_cli("generate", "--help")
+    assert "--shard" in result.stdout and "--limit" in result.stdout and "--data" in result.stdout

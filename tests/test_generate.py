@@ -1,0 +1,284 @@
+"""Stage 1: generate — determinism, sharding, resume, safety checker, manifest, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_cli, tree_bytes
+from PIL import Image
+
+from synthflux.config import load_config
+from synthflux.errors import ModelError
+from synthflux.generate import PNG_KEY, generate, image_seed, plan_images
+from synthflux.storage import ShardSpec, sha256_file
+
+
+def generated(data: Path) -> dict[str, bytes]:
+    return tree_bytes(data / "generated", "**/*.png") | {
+        "manifest.jsonl": (data / "generated" / "manifest.jsonl").read_bytes()
+    }
+
+
+def manifest(data: Path) -> list[dict]:
+    lines = (data / "generated" / "manifest.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_same_config_twice_gives_identical_bytes(write_config, tmp_path):
+    _, cfg_a = write_config(data=tmp_path / "a")
+    _, cfg_b = write_config(data=tmp_path / "b", name="b.toml")
+    summary = generate(cfg_a)
+    generate(cfg_b)
+    assert summary.generated == 8 and summary.manifest_complete
+    a, b = generated(tmp_path / "a"), generated(tmp_path / "b")
+    assert len(a) == 9 and a == b
+    # Different images really differ (seeds are per image, not per run).
+    pngs = [np.asarray(Image.open(tmp_path / "a/generated" / r["file"])) for r in manifest(tmp_path / "a")]
+    assert len({p.tobytes() for p in pngs}) == len(pngs)
+
+
+def test_a_different_seed_changes_the_images(write_config, tmp_path):
+    _, cfg_a = write_config(data=tmp_path / "a")
+    _, cfg_b = write_config(data=tmp_path / "b", name="b.toml", seed=8)
+    generate(cfg_a)
+    generate(cfg_b)
+    a, b = generated(tmp_path / "a"), generated(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a if k.endswith(".png"))
+
+
+def test_batch_size_does_not_change_the_images(write_config, tmp_path):
+    """Each image has its own generator, so batching changes nothing visible.
+
+    Batched CPU kernels may sum in another order, so a pixel can differ by one level of 255
+    across batch sizes; at a fixed batch size the bytes are identical (other tests).
+    """
+    _, cfg_1 = write_config(data=tmp_path / "b1", generate={"batch_size": 1})
+    _, cfg_5 = write_config(data=tmp_path / "b5", name="b5.toml", generate={"batch_size": 5})
+    generate(cfg_1)
+    generate(cfg_5)
+    m1, m5 = manifest(tmp_path / "b1"), manifest(tmp_path / "b5")
+    assert [r["seed"] for r in m1] == [r["seed"] for r in m5]
+    for r in m1:
+        x = np.asarray(Image.open(tmp_path / "b1/generated" / r["file"]), dtype=int)
+        y = np.asarray(Image.open(tmp_path / "b5/generated" / r["file"]), dtype=int)
+        assert np.abs(x - y).max() <= 1
+        assert (x == y).mean() > 0.99
+
+
+def test_shards_union_equals_unsharded_run(write_config, tmp_path):
+    _, whole = write_config(data=tmp_path / "whole")
+    _, sharded = write_config(data=tmp_path / "sharded", name="s.toml")
+    generate(whole)
+    summaries = [generate(sharded, shard=ShardSpec(i, 3)) for i in range(3)]
+    assert [s.planned for s in summaries] == [3, 3, 2]
+    assert [s.manifest_complete for s in summaries] == [False, False, True]
+    assert generated(tmp_path / "whole") == generated(tmp_path / "sharded")
+
+
+def test_limit_then_resume_equals_one_run(write_config, tmp_path):
+    _, whole = write_config(data=tmp_path / "whole")
+    _, parts = write_config(data=tmp_path / "parts", name="p.toml")
+    generate(whole)
+    first = generate(parts, limit=3)
+    assert (first.generated, first.remaining, first.manifest_images) == (3, 5, 3)
+    second = generate(parts)
+    assert (second.reused, second.generated) == (3, 5)
+    assert generated(tmp_path / "whole") == generated(tmp_path / "parts")
+
+
+def test_corrupted_image_is_regenerated(write_config, tmp_path):
+    _, cfg = write_config()
+    generate(cfg)
+    before = generated(cfg.data_root)
+    victim = cfg.data_root / "generated" / manifest(cfg.data_root)[2]["file"]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    again = generate(cfg)
+    assert (again.reused, again.generated) == (7, 1)
+    assert generated(cfg.data_root) == before
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(write_config, tmp_path):
+    many = {"images_per_class": 30, "generate": {"batch_size": 2}}
+    path, cfg = write_config(data=tmp_path / "killed", **many)
+    _, reference = write_config(data=tmp_path / "reference", name="ref.toml", **many)
+    generate(reference)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synthflux", "generate", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    out = cfg.data_root / "generated"
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/*.png"))) < 10 and time.monotonic() < deadline:
+        assert proc.poll() is None, "generate finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made = len(list(out.glob("*/*.png")))
+    assert 10 <= made < 60, made
+    assert not (out / "manifest.jsonl").exists()
+
+    result = run_cli("generate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"{made} already done" in result.stdout
+    assert generated(cfg.data_root) == generated(reference.data_root)
+    assert not list(out.rglob(".*.tmp")), "temp files of the killed run were left behind"
+
+
+def test_manifest_schema_and_embedded_records(write_config):
+    _, cfg = write_config()
+    generate(cfg)
+    records = manifest(cfg.data_root)
+    jobs = plan_images(cfg)
+    assert [r["id"] for r in records] == [j.id for j in jobs] == list(range(8))
+    types = {
+        "id": int, "name": str, "class": str, "label": int, "index": int, "prompt": str,
+        "negative_prompt": str, "seed": int, "attempt": int, "flagged_seeds": list,
+        "model": str, "model_revision": str, "scheduler": str, "steps": int,
+        "guidance_scale": float, "width": int, "height": int, "file": str, "sha256": str,
+        "status": str,
+    }  # fmt: skip
+    for rec, job in zip(records, jobs, strict=True):
+        assert set(rec) == set(types)
+        assert all(isinstance(rec[k], t) for k, t in types.items()), rec
+        assert rec["label"] == cfg.class_names.index(rec["class"])
+        assert rec["seed"] == image_seed(cfg.seed, rec["class"], rec["index"], 0)
+        assert rec["model_revision"].startswith("sha256:")
+        assert rec["scheduler"] == "DDIMScheduler"
+        assert rec["prompt"] == job.prompt and rec["prompt"].endswith(", studio photo")
+        path = cfg.data_root / "generated" / rec["file"]
+        assert path.parent.name == rec["class"]
+        assert sha256_file(path) == rec["sha256"]
+        with Image.open(path) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+            embedded = json.loads(im.text[PNG_KEY])
+        assert embedded == {k: v for k, v in rec.items() if k not in ("sha256", "status")}
+    # Template variables expand in a fixed order, cycling over the images of a class.
+    cat_prompts = [r["prompt"].removesuffix(", studio photo") for r in records[:4]]
+    assert cat_prompts == ["a black cat", "a white cat", "a cat asleep", "a black cat"]
+
+
+def test_seeds_depend_only_on_identity():
+    assert image_seed(1, "cat", 3) == image_seed(1, "cat", 3)
+    seeds = {image_seed(1, c, i, a) for c in ("cat", "dog") for i in range(50) for a in range(3)}
+    assert len(seeds) == 300
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+class FlaggingPipe:
+    """Wraps the real pipeline and flags some images, as a safety checker would."""
+
+    def __init__(self, pipe, flag_first_attempts: int):
+        self.pipe, self.flag_first_attempts, self.calls = pipe, flag_first_attempts, 0
+
+    def __call__(self, **kwargs):
+        result = self.pipe(**kwargs)
+        seeds = [g.initial_seed() for g in kwargs["generator"]]
+        # Flag images whose seed is the first attempt of ids 1 and 5.
+        result.nsfw_content_detected = [s in self.flag_first_attempts for s in seeds]
+        self.calls += 1
+        return result
+
+
+@pytest.mark.parametrize("policy", ["regenerate", "drop"])
+def test_flagged_images_are_never_written_silently(write_config, monkeypatch, policy):
+    import synthflux.generate as gen_mod
+
+    _, cfg = write_config(generate={"on_flagged": policy, "max_attempts": 2})
+    jobs = plan_images(cfg)
+    flagged = {image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 0) for i in (1, 5)}
+    real_load = gen_mod.load_pipeline
+    monkeypatch.setattr(gen_mod, "load_pipeline", lambda c, m: FlaggingPipe(real_load(c, m), flagged))
+    summary = generate(cfg)
+    records = {r["id"]: r for r in manifest(cfg.data_root)}
+    dropped_path = cfg.data_root / "generated" / "dropped.jsonl"
+    dropped = [json.loads(line) for line in dropped_path.read_text().splitlines()]
+    if policy == "regenerate":
+        assert summary.regenerated_flagged == 2 and summary.dropped == 0 and not dropped
+        for i in (1, 5):
+            assert records[i]["attempt"] == 1
+            assert records[i]["seed"] == image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 1)
+            assert records[i]["flagged_seeds"] == [
+                image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 0)
+            ]
+    else:
+        assert summary.dropped == 2 and summary.regenerated_flagged == 0
+        assert sorted(records) == [0, 2, 3, 4, 6, 7]
+        assert [d["id"] for d in dropped] == [1, 5]
+        assert all(d["status"] == "dropped" and len(d["flagged_seeds"]) == 1 for d in dropped)
+        for i in (1, 5):
+            assert not (cfg.data_root / "generated" / jobs[i].file).exists()
+    # A re-run remembers the outcome instead of generating again.
+    again = generate(cfg)
+    assert again.generated == 0 and again.reused == 8
+
+
+def test_model_tiny_builds_the_model_under_the_data_root(write_config):
+    _, cfg = write_config(images_per_class=1, generate={"model": "tiny"})
+    summary = generate(cfg)
+    assert summary.generated == 2
+    assert (cfg.data_root / "models" / "tiny" / "model_index.json").is_file()
+    assert manifest(cfg.data_root)[0]["model"] == "tiny"
+
+
+def test_missing_local_model_is_a_clear_error(write_config, tmp_path):
+    _, cfg = write_config(generate={"model": str(tmp_path / "no-such-model")})
+    with pytest.raises(ModelError, match="no such folder"):
+        generate(cfg)
+    (tmp_path / "empty").mkdir()
+    _, cfg = write_config(generate={"model": str(tmp_path / "empty")})
+    with pytest.raises(ModelError, match="without model_index.json"):
+        generate(cfg)
+    assert not (cfg.data_root / "generated").exists()
+
+
+def test_unreachable_hub_model_tells_what_to_do(write_config, tmp_path):
+    path, _ = write_config(generate={"model": "someone/not-cached-model"})
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("generate", str(path), env=env)
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in result.stderr
+    assert "someone/not-cached-model" in err[0] and "HF_HUB_OFFLINE" in err[0]
+
+
+def test_cli_generate_end_to_end(write_config, tmp_path):
+    path, _ = write_config()
+    result = run_cli("generate", str(path), "--data", str(tmp_path / "elsewhere"))
+    assert result.returncode == 0, result.stderr
+    assert "8 generated" in result.stdout and "(complete)" in result.stdout
+    assert len(list((tmp_path / "elsewhere/generated").glob("*/*.png"))) == 8
+    assert not (tmp_path / "data").exists()  # --data overrides data_root
+
+
+@pytest.mark.parametrize("bad", ["3", "3/2", "-1/2", "a/b", "1/0"])
+def test_bad_shard_spec(write_config, bad):
+    path, _ = write_config()
+    result = run_cli("generate", str(path), "--shard", bad)
+    assert result.returncode == 2 and "--shard" in result.stderr
+
+
+def test_png_bytes_are_deterministic_for_the_same_pixels():
+    from synthflux.generate import _to_png
+
+    pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    a, b = _to_png(pixels, {"id": 1}), _to_png(pixels, {"id": 1})
+    assert a == b
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(a))), pixels)
+
+
+def test_example_configs_are_valid():
+    for name in ("tiny", "sd15", "sd-turbo"):
+        cfg = load_config(REPO / "examples" / f"{name}.toml")
+        assert len(cfg.classes) == 2
