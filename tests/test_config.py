@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import tomli_w
-from conftest import BASE_CONFIG, deep_update, run_cli
 
+from conftest import BASE_CONFIG, deep_update, run_cli
 from synthflux.config import load_config
 from synthflux.errors import ConfigError
 
@@ -13,10 +13,27 @@ BAD = [
     ({"seed": -1}, "seed = -1"),
     ({"images_per_class": 0}, "images_per_class = 0"),
     ({"classes": [{"name": "only", "prompts": ["x"]}]}, "classes"),
-    ({"classes": [{"name": "a", "prompts": []}, {"name": "b", "prompts": ["x"]}]}, "classes.0.prompts"),
-    ({"classes": [{"name": "a", "prompts": ["{x} y"]}, {"name": "b", "prompts": ["x"]}]}, "uses {x}"),
-    ({"classes": [{"name": "Cat", "prompts": ["x"]}, {"name": "cat", "prompts": ["x"]}]}, "repeats"),
-    ({"classes": [{"name": "a", "prompts": ["x"], "images": -2}, {"name": "b", "prompts": ["x"]}]}, "classes.0.images = -2"),
+    (
+        {"classes": [{"name": "a", "prompts": []}, {"name": "b", "prompts": ["x"]}]},
+        "classes.0.prompts",
+    ),
+    (
+        {"classes": [{"name": "a", "prompts": ["{x} y"]}, {"name": "b", "prompts": ["x"]}]},
+        "uses {x}",
+    ),
+    (
+        {"classes": [{"name": "Cat", "prompts": ["x"]}, {"name": "cat", "prompts": ["x"]}]},
+        "repeats",
+    ),
+    (
+        {
+            "classes": [
+                {"name": "a", "prompts": ["x"], "images": -2},
+                {"name": "b", "prompts": ["x"]},
+            ]
+        },
+        "classes.0.images = -2",
+    ),
     ({"generate": {"steps": 0}}, "generate.steps = 0"),
     ({"generate": {"width": 500}}, "generate.width = 500: must be divisible by 8"),
     ({"generate": {"guidance_scale": -1}}, "generate.guidance_scale = -1"),
@@ -49,7 +66,9 @@ def test_bad_field_is_named_with_its_value(tmp_path, override, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "a\\b", "", "x" * 65, "a..b", "/abs"])
+@pytest.mark.parametrize(
+    "name", ["../evil", "a/b", "..", ".hidden", "a\\b", "", "x" * 65, "a..b", "/abs"]
+)
 def test_unsafe_class_names_are_rejected(tmp_path, name):
     raw = deep_update(BASE_CONFIG, {}) | {"data_root": str(tmp_path / "data")}
     raw["classes"][0]["name"] = name
@@ -60,7 +79,9 @@ def test_unsafe_class_names_are_rejected(tmp_path, name):
 
 
 def test_cli_reports_bad_config_in_one_line_and_writes_nothing(tmp_path):
-    raw = deep_update(BASE_CONFIG, {"generate": {"steps": -3}}) | {"data_root": str(tmp_path / "data")}
+    raw = deep_update(BASE_CONFIG, {"generate": {"steps": -3}}) | {
+        "data_root": str(tmp_path / "data")
+    }
     path = tmp_path / "bad.toml"
     path.write_text(tomli_w.dumps(raw))
     result = run_cli("generate", str(path))

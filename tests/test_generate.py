@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, tree_bytes
 from PIL import Image
 
+from conftest import REPO, run_cli, tree_bytes
 from synthflux.config import load_config
 from synthflux.errors import ModelError
 from synthflux.generate import PNG_KEY, generate, image_seed, plan_images
@@ -41,7 +41,10 @@ def test_same_config_twice_gives_identical_bytes(write_config, tmp_path):
     a, b = generated(tmp_path / "a"), generated(tmp_path / "b")
     assert len(a) == 9 and a == b
     # Different images really differ (seeds are per image, not per run).
-    pngs = [np.asarray(Image.open(tmp_path / "a/generated" / r["file"])) for r in manifest(tmp_path / "a")]
+    pngs = [
+        np.asarray(Image.open(tmp_path / "a/generated" / r["file"]))
+        for r in manifest(tmp_path / "a")
+    ]
     assert len({p.tobytes() for p in pngs}) == len(pngs)
 
 
@@ -199,7 +202,9 @@ def test_flagged_images_are_never_written_silently(write_config, monkeypatch, po
     jobs = plan_images(cfg)
     flagged = {image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 0) for i in (1, 5)}
     real_load = gen_mod.load_pipeline
-    monkeypatch.setattr(gen_mod, "load_pipeline", lambda c, m: FlaggingPipe(real_load(c, m), flagged))
+    monkeypatch.setattr(
+        gen_mod, "load_pipeline", lambda c, m: FlaggingPipe(real_load(c, m), flagged)
+    )
     summary = generate(cfg)
     records = {r["id"]: r for r in manifest(cfg.data_root)}
     dropped_path = cfg.data_root / "generated" / "dropped.jsonl"

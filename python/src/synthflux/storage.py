@@ -15,7 +15,6 @@ from typing import IO, Any
 
 from synthflux.errors import ConfigError
 
-
 # Temp files name their writer, so a later run can remove those a killed process left behind.
 TEMP_TAG = f"{socket.gethostname()}-{os.getpid()}"
 
