@@ -82,9 +82,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 
 def tree_bytes(root: Path, pattern: str = "**/*") -> dict[str, bytes]:
-    """Every visible file under root (relative path -> bytes), to compare two runs exactly."""
+    """Every visible file under root (relative path -> bytes), to compare two runs exactly.
+
+    stage.json is left out: it records how long the run took.
+    """
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.glob(pattern))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.is_file()
+        and p.name != "stage.json"
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     }

@@ -39,6 +39,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from synthflux.preprocess import preprocess
+    from synthflux.storage import ShardSpec
+
+    shard = ShardSpec.parse(args.shard)
+    if args.workers is not None and args.workers < 1:
+        raise SynthfluxError(f"--workers must be at least 1, got {args.workers}")
+    summary = preprocess(_config(args), shard=shard, workers=args.workers)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from synthflux.classify import classify
+
+    summary = classify(_config(args), backend=args.backend, image=args.image)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from synthflux.tiny_model import save_tiny_model
 
@@ -86,6 +108,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, metavar="K", help="make at most K new images in this run, then stop"
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "preprocess",
+        help="stage 2: PNGs -> normalised .npz shards",
+        description=(
+            "Decode, orient, convert (grayscale or RGB), resize and normalise the generated "
+            "images into DATA/preprocessed/shard-NNNNN.npz (float32, Flux's WHCN layout), "
+            "with dataset.json, a manifest and rejects.jsonl for images that cannot be used. "
+            "Verified shards are skipped, so an interrupted run resumes."
+        ),
+    )
+    _add_common(p)
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="write only output shards k with k %% N == I (default: 0/1, all of them)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="K",
+        help="decoding processes (default: preprocess.workers, 0 there = one per CPU core)",
+    )
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser(
+        "classify",
+        help="stage 3: .npz shards -> class probabilities (Flux.jl CNN) + report",
+        description=(
+            "Run the Flux.jl CNN (julia/flux_model.jl) once over every shard in "
+            "DATA/preprocessed/ -- in one locked-down container by default (no network, no "
+            "capabilities, non-root, read-only inputs), or with a local julia -- check every "
+            "DATA/predictions/shard-NNNNN.probs.npz it writes, then write predictions.csv and "
+            "summary.json (accuracy against the prompt labels, confusion matrix). Without "
+            "classify.weights, DATA/model/weights.npz is used, made from the seed if missing."
+        ),
+    )
+    _add_common(p)
+    p.add_argument(
+        "--backend",
+        choices=["docker", "local"],
+        help="docker: run the image with the Docker engine (DOCKER_HOST); local: run "
+        "`julia --project=julia julia/flux_model.jl` here (default: classify.backend, docker)",
+    )
+    p.add_argument(
+        "--image",
+        metavar="TAG",
+        help="Docker image holding flux_model.jl (default: classify.image, "
+        "synthflux-julia:latest; build it with `make images`)",
+    )
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser(
         "tiny-model",
