@@ -1,0 +1,48 @@
+# synthflux — `make demo` and `make test` work on a fresh clone: they build .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the package so that pip does not pick a multi-GB CUDA build on CPU boxes
+# that carry a local CPU wheel; on a GPU host set TORCH="torch" to take PyPI's default build.
+TORCH ?= torch==2.13.0
+CONFIG ?= examples/tiny.toml
+DATA ?= data
+BIN := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) DATA=$(DATA) PYTHON=$(PYTHON) TORCH=$(TORCH)"
+
+# The virtualenv is a stamp target: it is rebuilt when the package's requirements change.
+$(BIN)/.stamp: python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e './python[dev]'
+	touch $@
+
+.PHONY: venv
+venv: $(BIN)/.stamp ## create or update the virtualenv (.venv)
+
+.PHONY: demo
+demo: $(BIN)/.stamp ## the tiny example end to end on a CPU (data in DATA/demo)
+	$(BIN)/synthflux generate $(CONFIG) --data $(DATA)/demo
+	$(BIN)/synthflux preprocess $(CONFIG) --data $(DATA)/demo
+
+.PHONY: test
+test: $(BIN)/.stamp ## lint, then every test (what CI runs)
+	$(BIN)/ruff check --config python/pyproject.toml python/src tests bench
+	$(BIN)/ruff format --check --config python/pyproject.toml python/src tests bench
+	cd tests && ../$(BIN)/pytest
+
+.PHONY: bench
+bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by side)
+	$(BIN)/python bench/generate_overhead.py
+	$(BIN)/python bench/preprocess_throughput.py
+
+.PHONY: clean
+clean: ## remove the demo data and caches (not the virtualenv)
+	rm -rf $(DATA)/demo .pytest_cache tests/.pytest_cache
