@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from synthflux import reference
 from synthflux.errors import DataError
 
@@ -51,24 +52,15 @@ def numpy_forward(weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndar
     spec = reference.spec_of(weights)
     x = images.astype(np.float64)
     for i in range(1, len(spec.block_channels) + 1):
-        x = flux_conv(
-            x, weights[f"conv{i}_weight"].astype(np.float64), weights[f"conv{i}_bias"]
-        )
+        x = flux_conv(x, weights[f"conv{i}_weight"].astype(np.float64), weights[f"conv{i}_bias"])
         x = max_pool_2x2(np.maximum(x, 0))
-    features = x.reshape(
-        -1, x.shape[3], order="F"
-    )  # Julia's reshape(x, :, N): column-major
-    logits = (
-        weights["dense_weight"].astype(np.float64) @ features
-        + weights["dense_bias"][:, None]
-    )
+    features = x.reshape(-1, x.shape[3], order="F")  # Julia's reshape(x, :, N): column-major
+    logits = weights["dense_weight"].astype(np.float64) @ features + weights["dense_bias"][:, None]
     e = np.exp(logits - logits.max(axis=0))
     return (e / e.sum(axis=0)).T
 
 
-def random_images(
-    rng: np.random.Generator, w: int, h: int, c: int, n: int
-) -> np.ndarray:
+def random_images(rng: np.random.Generator, w: int, h: int, c: int, n: int) -> np.ndarray:
     return np.asfortranarray(rng.standard_normal((w, h, c, n)), dtype=np.float32)
 
 
@@ -82,9 +74,7 @@ def test_reference_matches_golden(case: str) -> None:
     assert shards
     for shard in shards:
         data = load_npz(shard)
-        expected = load_npz(
-            GOLDEN / case / "expected" / shard.name.replace(".npz", ".probs.npz")
-        )
+        expected = load_npz(GOLDEN / case / "expected" / shard.name.replace(".npz", ".probs.npz"))
         probs = reference.predict(weights, data["images"])
         np.testing.assert_allclose(probs, expected["probs"], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(expected["ids"], data["ids"])
@@ -104,9 +94,7 @@ def test_golden_files_follow_the_contract(case: str) -> None:
         assert images.dtype == np.float32 and images.flags.f_contiguous
         assert images.shape[:3] == (spec.width, spec.height, spec.channels)
         assert data["ids"].dtype == data["labels"].dtype == np.int64
-        probs = load_npz(
-            GOLDEN / case / "expected" / shard.name.replace(".npz", ".probs.npz")
-        )
+        probs = load_npz(GOLDEN / case / "expected" / shard.name.replace(".npz", ".probs.npz"))
         assert probs["probs"].dtype == np.float32
         assert probs["probs"].shape == (images.shape[3], spec.n_classes)
         # Spread-out probabilities are what make the 1e-5 comparison a sharp test.
@@ -114,9 +102,7 @@ def test_golden_files_follow_the_contract(case: str) -> None:
 
 
 def test_make_golden_reproduces_committed_files(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "make_golden", GOLDEN / "make_golden.py"
-    )
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -127,9 +113,7 @@ def test_make_golden_reproduces_committed_files(tmp_path: Path) -> None:
         old, new = load_npz(GOLDEN / rel), load_npz(tmp_path / rel)
         assert old.keys() == new.keys()
         for name in old:
-            if (
-                name == "probs"
-            ):  # float results may differ in the last bits across torch builds
+            if name == "probs":  # float results may differ in the last bits across torch builds
                 np.testing.assert_allclose(new[name], old[name], atol=1e-6, rtol=0)
             else:
                 np.testing.assert_array_equal(new[name], old[name])
@@ -142,12 +126,8 @@ def test_make_golden_reproduces_committed_files(tmp_path: Path) -> None:
     ("w", "h", "c", "k", "kernel", "blocks"),
     [(12, 10, 1, 2, 3, (4, 6)), (9, 14, 3, 3, 5, (3,)), (16, 8, 2, 2, 3, (2, 3, 4))],
 )
-def test_torch_reference_agrees_with_independent_numpy(
-    w, h, c, k, kernel, blocks
-) -> None:
-    weights = reference.init_weights(
-        w, h, c, k, seed=5, channels_per_block=blocks, kernel=kernel
-    )
+def test_torch_reference_agrees_with_independent_numpy(w, h, c, k, kernel, blocks) -> None:
+    weights = reference.init_weights(w, h, c, k, seed=5, channels_per_block=blocks, kernel=kernel)
     weights["dense_weight"] *= 8  # sharpen, so errors show in the probabilities
     images = random_images(np.random.default_rng(0), w, h, c, 5)
     np.testing.assert_allclose(
@@ -167,9 +147,7 @@ def test_golden_catches_a_missing_kernel_flip(case: str) -> None:
         if name.endswith("_weight") and name.startswith("conv"):
             unflipped[name] = np.ascontiguousarray(weights[name][::-1, ::-1])
     images = load_npz(golden_shards(case)[0])["images"]
-    diff = np.abs(
-        reference.predict(unflipped, images) - reference.predict(weights, images)
-    )
+    diff = np.abs(reference.predict(unflipped, images) - reference.predict(weights, images))
     assert diff.max() > 1e-3
 
 
@@ -188,9 +166,7 @@ def test_image_axes_are_width_then_height() -> None:
 # --- shapes, probabilities, init ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("w", "h", "c", "k"), [(64, 64, 1, 2), (32, 48, 3, 2), (7, 5, 2, 4)]
-)
+@pytest.mark.parametrize(("w", "h", "c", "k"), [(64, 64, 1, 2), (32, 48, 3, 2), (7, 5, 2, 4)])
 def test_shapes_and_rows_sum_to_one(w: int, h: int, c: int, k: int) -> None:
     blocks = (8, 16) if min(w, h) >= 4 else (8,)
     weights = reference.init_weights(w, h, c, k, seed=0, channels_per_block=blocks)
@@ -252,9 +228,7 @@ def test_save_load_round_trip_is_atomic(tmp_path: Path) -> None:
     weights = reference.init_weights(12, 10, 3, seed=1)
     path = tmp_path / "model" / "weights.npz"
     reference.save_weights(path, weights)
-    assert [p.name for p in path.parent.iterdir()] == [
-        "weights.npz"
-    ]  # no temp file left
+    assert [p.name for p in path.parent.iterdir()] == ["weights.npz"]  # no temp file left
     loaded = reference.load_weights(path)
     for name in weights:
         np.testing.assert_array_equal(loaded[name], weights[name])
@@ -283,9 +257,7 @@ def _save_raw(path: Path, arrays: dict[str, np.ndarray]) -> Path:
         (lambda w: w["dense_bias"].__setitem__(0, np.nan), "NaN or Inf"),
     ],
 )
-def test_load_weights_rejects_what_does_not_fit(
-    tmp_path: Path, mutate, match: str
-) -> None:
+def test_load_weights_rejects_what_does_not_fit(tmp_path: Path, mutate, match: str) -> None:
     weights = reference.init_weights(12, 10, 1, seed=0)
     mutate(weights)
     path = _save_raw(tmp_path / "weights.npz", weights)
