@@ -12,7 +12,7 @@ with Flux 0.12.
 module SynthFluxModel
 
 using Flux: Chain, Conv, Dense, MaxPool, relu, softmax
-using NPZ: npzread, npzwrite
+using NPZ: NPZ, npzread, npzwrite
 using Printf: @printf, @sprintf
 using Random: MersenneTwister
 
@@ -277,10 +277,27 @@ function read_npz(path::AbstractString, vars, what::AbstractString)
         vars === nothing ? npzread(path) : npzread(path, vars)
     catch e
         e isa InterruptException && rethrow()
-        throw(InputError(path, "not a readable .npz file ($(first_line(e)))"))
+        empty = vars === nothing ? nothing : empty_arrays(path, vars)
+        empty === nothing && throw(InputError(path, "not a readable .npz file ($(first_line(e)))"))
+        empty
     end
     d isa AbstractDict || throw(InputError(path, "a single .npy array, not an .npz archive"))
     return d
+end
+
+# ZipFile.jl up to 0.9 throws EOFError reading a zero-length entry, i.e. any empty array (a
+# shard whose images were all rejected). If every array asked for is empty, make them from the
+# headers; otherwise return nothing and let the read error stand.
+function empty_arrays(path::AbstractString, vars)
+    isdefined(NPZ, :readheader) || return nothing
+    headers = try
+        NPZ.readheader(path, vars)
+    catch e
+        e isa InterruptException && rethrow()
+        return nothing
+    end
+    (headers isa AbstractDict && all(h -> prod(size(h)) == 0, values(headers))) || return nothing
+    return Dict{String,Any}(k => Array{eltype(h)}(undef, size(h)) for (k, h) in headers)
 end
 
 """
