@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""CONTRACT TEST DOUBLE for julia/flux_model.jl -- not the network, not a model.
+
+It implements only flux_model.jl's command-line and file contract, so the classify driver
+(synthflux/classify.py) can be tested against a real Docker engine or subprocess without Julia:
+
+    flux_model_standin.py [--project=DIR] [flux_model.jl] --input DIR_OR_SHARDS --weights W
+                          --output DIR [--batch-size B] [--seed S]
+
+(`--project=...` and a `*.jl` path are accepted and ignored, so it can be invoked exactly as
+`julia --project=julia julia/flux_model.jl ...` would be.) For every shard-NNNNN.npz it writes
+OUTPUT/shard-NNNNN.probs.npz atomically: `probs` float32 (N, K) -- a softmax of a fixed function
+of each image's pixels, K taken from the weights' `arch` vector when present, else 2 -- and `ids`
+int64 (N,). It prints one line per shard and a summary; errors are one line on stderr,
+`flux_model: error: <file>: <problem>`, exit 1.
+
+Misbehaviour for tests, from a JSON object in env SYNTHFLUX_STANDIN or in the file
+INPUT/standin-control.json (the file also reaches a container, env does not):
+    {"fail": "shard-00001.npz"}      print a few lines, then the error line, exit 3 there
+    {"hang": true}                   print a line, then sleep forever (timeout tests)
+    {"hold": true}                   wait (<= 120 s) for INPUT/standin-release to appear
+    {"skip": "shard-00001.npz"}      write no output for that shard (missing output)
+    {"malformed": "shard-00001.npz", "kind": "shape" | "nan" | "sum" | "ids" | "garbage"}
+Only Python 3 and NumPy: the test image holds nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PROG = "flux_model"
+
+
+def die(file: str, problem: str, code: int = 1) -> None:
+    print(f"{PROG}: error: {file}: {problem}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    inputs: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--project") or arg.endswith(".jl"):
+            continue  # what `julia --project=... flux_model.jl` would consume
+        if arg in ("--input", "--weights", "--output", "--batch-size", "--seed"):
+            value = next(it, None)
+            if value is None:
+                die(arg, "needs a value")
+            if arg == "--input":
+                inputs.append(value)
+            else:
+                opts[arg[2:]] = value
+        elif inputs and not arg.startswith("--"):
+            inputs.append(arg)  # --input a.npz b.npz ...
+        else:
+            die(arg, "unknown argument")
+    for required in ("weights", "output"):
+        if required not in opts:
+            die(f"--{required}", "is required")
+    if not inputs:
+        die("--input", "is required")
+    opts["input"] = "\0".join(inputs)
+    return opts
+
+
+def shard_files(inputs: list[str]) -> list[str]:
+    if len(inputs) == 1 and os.path.isdir(inputs[0]):
+        folder = inputs[0]
+        names = sorted(
+            n
+            for n in os.listdir(folder)
+            if n.startswith("shard-") and n.endswith(".npz") and not n.endswith(".probs.npz")
+        )
+        if not names:
+            die(folder, "no shard-*.npz files")
+        return [os.path.join(folder, n) for n in names]
+    return inputs
+
+
+def control(inputs: list[str]) -> dict:
+    raw = os.environ.get("SYNTHFLUX_STANDIN", "")
+    folder = inputs[0] if os.path.isdir(inputs[0]) else os.path.dirname(inputs[0])
+    path = os.path.join(folder, "standin-control.json")
+    if not raw and os.path.isfile(path):
+        with open(path) as f:
+            raw = f.read()
+    return json.loads(raw) if raw else {}
+
+
+def n_classes(weights: str) -> int:
+    try:
+        with np.load(weights, allow_pickle=False) as z:
+            return int(z["arch"][4]) if "arch" in z.files else 2
+    except (OSError, ValueError) as e:
+        die(weights, f"cannot read weights ({e})")
+    return 2  # unreachable
+
+
+def fake_probs(images: np.ndarray, k: int) -> np.ndarray:
+    """A fixed, pixel-dependent softmax: deterministic, varied, nothing learned."""
+    n = images.shape[-1]
+    mean = images.reshape(-1, n, order="F").mean(axis=0).astype(np.float64)  # (N,)
+    logits = np.sin(np.outer(mean * 7.0 + 1.0, np.arange(1, k + 1)))  # (N, K)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_atomic(path: str, arrays: dict[str, np.ndarray] | None, raw: bytes = b"") -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".standin.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        if arrays is None:
+            f.write(raw)
+        else:
+            np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def spoil(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray] | None:
+    probs, ids = arrays["probs"], arrays["ids"]
+    if kind == "shape":
+        return {"probs": probs[:, :1].copy(), "ids": ids}
+    if kind == "nan":
+        probs = probs.copy()
+        probs[0, 0] = np.nan
+        return {"probs": probs, "ids": ids}
+    if kind == "sum":
+        return {"probs": probs * 0.5, "ids": ids}
+    if kind == "ids":
+        return {"probs": probs, "ids": ids + 1000}
+    return None  # "garbage": not an npz at all
+
+
+def main(argv: list[str]) -> int:
+    opts = parse(argv)
+    inputs = opts["input"].split("\0")
+    ctl = control(inputs)
+    files = shard_files(inputs)
+    k = n_classes(opts["weights"])
+    out = opts["output"]
+    if not os.path.isdir(out):
+        die(out, "output folder does not exist")
+    print(f"{PROG} (contract stand-in): {len(files)} shards, K = {k}", flush=True)
+    if ctl.get("hang"):
+        print(f"{PROG}: hanging as asked", flush=True)
+        while True:
+            time.sleep(3600)
+    if ctl.get("hold"):
+        release = os.path.join(os.path.dirname(files[0]), "standin-release")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    start = time.monotonic()
+    total = 0
+    for path in files:
+        name = os.path.basename(path)
+        if ctl.get("fail") == name:
+            print(f"{PROG}: reading {name}", flush=True)
+            die(name, "simulated failure (contract stand-in)", code=3)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                images, ids = z["images"], z["ids"]
+        except (OSError, ValueError, KeyError) as e:
+            die(name, f"cannot read shard ({e})")
+        arrays = {"probs": fake_probs(images, k), "ids": ids.astype(np.int64)}
+        target = os.path.join(out, name[: -len(".npz")] + ".probs.npz")
+        if ctl.get("skip") == name:
+            print(f"{PROG}: {name}: skipped (contract stand-in)", flush=True)
+            continue
+        if ctl.get("malformed") == name:
+            spoiled = spoil(arrays, ctl.get("kind", "shape"))
+            write_atomic(target, spoiled, raw=b"this is not an npz file")
+        else:
+            write_atomic(target, arrays)
+        total += len(ids)
+        print(f"{PROG}: {name}: {len(ids)} images -> {os.path.basename(target)}", flush=True)
+    secs = time.monotonic() - start
+    print(f"{PROG}: done: {total} images in {len(files)} shards, {secs:.2f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
