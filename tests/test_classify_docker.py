@@ -1,0 +1,310 @@
+"""classify with backend "docker", against a real Docker engine: a CONTRACT TEST of the driver.
+
+The container runs tests/standin/flux_model_standin.py (Python + NumPy implementing
+flux_model.jl's command line and files) in a small image built by tests/docker_image.py, not
+the real Julia image: these tests pin what the driver does with the engine -- mounts, user,
+isolation, streaming, errors, cleanup -- and what it makes of the classifier's files.
+
+They must run in CI (.ci/start-docker.sh gives the engine): with env CI set, a missing engine
+or image is a failure; elsewhere these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from classify_data import (
+    Fixture,
+    check_success,
+    control_standin,
+    make_data,
+    release_standin,
+    write_config,
+)
+from docker_image import ImageBuildError, ensure_image
+
+import docker
+from synthflux.classify import LABEL, ClassifierFailed, classify
+from synthflux.config import PipelineConfig
+from synthflux.errors import ClassifyError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so this must work (see .ci/start-docker.sh)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Any]:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as e:
+        _unavailable(f"no Docker engine answers ({e})")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def image(engine: Any) -> str:
+    try:
+        return ensure_image(engine)
+    except ImageBuildError as e:
+        _unavailable(f"cannot build the stand-in image: {e}")
+        raise
+
+
+Setup = Callable[..., tuple[Fixture, Path, PipelineConfig]]
+
+
+@pytest.fixture
+def setup(tmp_path: Path, image: str) -> Setup:
+    """setup(**classify) -> (fixture data, config path, config) using the stand-in image."""
+    fx = make_data(tmp_path / "data")
+
+    def _setup(**classify_cfg: Any) -> tuple[Fixture, Path, PipelineConfig]:
+        settings = {"backend": "docker", "image": image, **classify_cfg}
+        path, cfg = write_config(tmp_path, fx.root, fx.classes, **settings)
+        return fx, path, cfg
+
+    return _setup
+
+
+def containers(engine: Any, fx: Fixture, *, running_only: bool = False) -> list[Any]:
+    """This test's classify containers (found by the driver's labels)."""
+    filters = {"label": [f"{LABEL}=classify", f"synthflux.data_root={fx.root.resolve()}"]}
+    return engine.containers.list(all=not running_only, filters=filters)
+
+
+def wait_for_container(engine: Any, fx: Fixture, alive: Callable[[], bool]) -> Any:
+    deadline = time.monotonic() + 60
+    while not (found := containers(engine, fx, running_only=True)):
+        assert alive(), "the driver stopped before its container ran"
+        assert time.monotonic() < deadline, "no running classify container after 60 s"
+        time.sleep(0.05)
+    assert len(found) == 1, "one container for all shards"
+    return found[0]
+
+
+class Background:
+    """classify(cfg) on a thread, so the test can look at the container while it runs."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+        self.thread.start()
+
+    def _run(self, cfg: PipelineConfig) -> None:
+        try:
+            self.result = classify(cfg)
+        except BaseException as e:
+            self.error = e
+
+    def join(self) -> Any:
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def run_inside(container: Any, *cmd: str) -> tuple[int, str]:
+    code, output = container.exec_run(list(cmd))
+    return code, output.decode().strip()
+
+
+def test_success_over_several_shards(setup: Setup, engine: Any) -> None:
+    fx, _, cfg = setup()
+    assert len(fx.shard_files) == 4
+    # What a driver killed with SIGKILL leaves: its container, which the next run removes.
+    labels = {LABEL: "classify", "synthflux.data_root": str(fx.root.resolve())}
+    leftover = engine.containers.create(cfg.classify.image, ["--help"], labels=labels)
+    summary = classify(cfg)
+    check_success(fx, summary)
+    assert summary.backend == "docker" and summary.image == cfg.classify.image
+    out = fx.root / "predictions"
+    for file in fx.shard_files:  # written by the container user, handed back to the folder's owner
+        assert (out / file.replace(".npz", ".probs.npz")).stat().st_uid == out.stat().st_uid
+    assert containers(engine, fx) == []
+    with pytest.raises(docker.errors.NotFound):
+        leftover.reload()
+
+
+def test_container_isolation_from_its_own_attributes(setup: Setup, engine: Any) -> None:
+    fx, _, cfg = setup()
+    control_standin(fx, hold=True)  # the stand-in waits for us, so we can inspect it running
+    run = Background(cfg)
+    try:
+        container = wait_for_container(engine, fx, run.thread.is_alive)
+        attrs = container.attrs
+        host = attrs["HostConfig"]
+        assert host["NetworkMode"] == "none"
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        assert "no-new-privileges" in host["SecurityOpt"]
+        assert not host["Privileged"] and not host["AutoRemove"]
+        assert host["Memory"] == 512 * 2**20 and host["MemorySwap"] == 512 * 2**20
+        assert host["NanoCpus"] == 10**9
+        user = attrs["Config"]["User"]
+        assert user and int(user.split(":")[0]) != 0
+        if os.getuid() == 0:
+            assert user == "65534:65534"
+        mounts = {m["Destination"]: m for m in attrs["Mounts"]}
+        assert set(mounts) == {"/data/preprocessed", "/data/model/weights.npz", "/data/predictions"}
+        assert mounts["/data/preprocessed"]["RW"] is False
+        assert mounts["/data/model/weights.npz"]["RW"] is False
+        assert mounts["/data/predictions"]["RW"] is True
+        assert Path(mounts["/data/preprocessed"]["Source"]) == (fx.root / "preprocessed").resolve()
+        # And from inside: what the classifier process really is and can do.
+        assert run_inside(container, "id", "-u") == (0, user.split(":")[0])
+        status = dict(
+            line.split(":\t", 1)
+            for line in run_inside(container, "cat", "/proc/1/status")[1].splitlines()
+        )
+        assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+        assert status["NoNewPrivs"] == "1"
+        interfaces = run_inside(container, "ls", "/sys/class/net")[1].split()
+        assert interfaces == ["lo"]
+        code, output = run_inside(container, "touch", "/data/preprocessed/intruder")
+        assert code != 0 and "Read-only file system" in output
+        assert run_inside(container, "touch", "/data/predictions/scratch")[0] == 0
+    finally:
+        release_standin(fx)
+    check_success(fx, run.join())  # the scratch file went with the staging folder
+    assert containers(engine, fx) == []
+
+
+def test_nonzero_exit_carries_code_and_last_lines(setup: Setup, engine: Any, caplog) -> None:
+    fx, _, cfg = setup()
+    control_standin(fx, fail="shard-00001.npz")
+    with caplog.at_level("INFO", logger="synthflux"), pytest.raises(ClassifierFailed) as err:
+        classify(cfg)
+    e = err.value
+    assert e.exit_code == 3 and not e.timed_out
+    first = str(e).splitlines()[0]
+    assert first.startswith("the classifier container exited with code 3: flux_model: error: ")
+    assert e.log_tail[-2:] == [
+        "flux_model: reading shard-00001.npz",
+        "flux_model: error: shard-00001.npz: simulated failure (contract stand-in)",
+    ]
+    assert (
+        "julia | flux_model: shard-00000.npz: 3 images -> shard-00000.probs.npz" in caplog.messages
+    )
+    assert containers(engine, fx) == []
+    assert not (fx.root / "predictions" / "stage.json").exists()
+
+
+def test_timeout_kills_and_removes_the_container(setup: Setup, engine: Any) -> None:
+    fx, _, cfg = setup(timeout_s=2)
+    control_standin(fx, hang=True)
+    start = time.monotonic()
+    with pytest.raises(ClassifierFailed, match=r"timed out after 2s .* was killed") as err:
+        classify(cfg)
+    assert time.monotonic() - start < 30
+    assert err.value.timed_out and err.value.exit_code == 137
+    assert "flux_model: hanging as asked" in err.value.log_tail
+    assert containers(engine, fx) == []
+
+
+@pytest.mark.parametrize(
+    ("ctl", "message"),
+    [
+        ({"malformed": "shard-00002.npz", "kind": "nan"}, r"shard-00002\.npz.*NaN"),
+        ({"malformed": "shard-00002.npz", "kind": "garbage"}, r"shard-00002\.npz.*not a readable"),
+        ({"skip": "shard-00003.npz"}, r"shard-00003\.npz.*missing"),
+    ],
+)
+def test_bad_or_missing_output_names_the_shard(
+    setup: Setup, engine: Any, ctl: dict[str, str], message: str
+) -> None:
+    fx, _, cfg = setup()
+    control_standin(fx, **ctl)
+    with pytest.raises(ClassifyError, match=message):
+        classify(cfg)
+    assert containers(engine, fx) == []
+    out = fx.root / "predictions"
+    assert not (out / "summary.json").exists() and not (out / "stage.json").exists()
+    assert not [p.name for p in out.iterdir()], "nothing published, no staging left"
+
+
+def test_daemon_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Needs no engine: it is about not having one.
+    sock = tmp_path / "no-such-docker.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{sock}")
+    fx = make_data(tmp_path / "data")
+    _, cfg = write_config(tmp_path, fx.root, fx.classes, backend="docker")
+    with pytest.raises(ClassifyError) as err:
+        classify(cfg)
+    message = str(err.value)
+    assert f"cannot reach the Docker daemon at unix://{sock}" in message
+    assert "start Docker" in message and "DOCKER_HOST" in message
+
+
+def test_image_missing(setup: Setup, engine: Any) -> None:
+    fx, _, cfg = setup(image="synthflux-test-julia:no-such-tag")
+    with pytest.raises(
+        ClassifyError, match=r"'synthflux-test-julia:no-such-tag' not found: run `make images`"
+    ):
+        classify(cfg)
+    assert containers(engine, fx) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_removes_the_container(setup: Setup, engine: Any, signum: int) -> None:
+    fx, path, _ = setup()
+    control_standin(fx, hold=True)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "synthflux", "classify", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        wait_for_container(engine, fx, lambda: cli.poll() is None)
+        cli.send_signal(signum)
+        _, stderr = cli.communicate(timeout=60)
+    finally:
+        release_standin(fx)
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 130, stderr
+    assert containers(engine, fx) == []
+    assert not [p.name for p in (fx.root / "predictions").iterdir()]
+
+
+def test_named_volume_mode(tmp_path: Path, engine: Any, image: str) -> None:
+    """The driver inside compose: the data root is where the named volume is mounted."""
+    volume = engine.volumes.create(f"synthflux-test-{uuid.uuid4().hex[:8]}")
+    try:
+        root = Path(volume.attrs["Mountpoint"])
+        if not os.access(root, os.W_OK):
+            _unavailable(f"cannot write the volume's folder {root} (needs root)")
+        fx = make_data(root)
+        _, cfg = write_config(tmp_path, root, fx.classes, image=image, volume=volume.name)
+        control_standin(fx, hold=True)
+        run = Background(cfg)
+        try:
+            container = wait_for_container(engine, fx, run.thread.is_alive)
+            mounts = container.attrs["Mounts"]
+            assert [(m["Type"], m["Name"], m["Destination"], m["RW"]) for m in mounts] == [
+                ("volume", volume.name, "/data", False)
+            ]
+            code, output = run_inside(container, "touch", "/data/predictions/intruder")
+            assert code != 0 and "Read-only file system" in output
+        finally:
+            release_standin(fx)
+        check_success(fx, run.join())
+        assert containers(engine, fx) == []
+    finally:
+        volume.remove(force=True)
