@@ -267,7 +267,7 @@ def test_shard_layout_dtype_and_range(tmp_path):
         assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
         for row, i in enumerate(ids):
             assert row_of[int(i)] == (shard["file"], row)
-            cls, name, data_bytes = files[int(i)]
+            cls, name, _ = files[int(i)]
             assert labels[row] == (0 if cls == "cat" else 1)
             # images[x, y, 0, n] is the pixel at column x, row y (Flux's WHCN).
             expected = load_image(data / "generated" / cls / name, None, cfg.preprocess)

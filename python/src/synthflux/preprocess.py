@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 import warnings
 import zipfile
@@ -228,9 +229,8 @@ def process_shard(
                 continue
             block[..., filled] = pixels
             filled += 1
-            rows.append(
-                {"id": rec["id"], "row": len(rows), "label": rec["label"], "class": rec["class"]}
-            )
+            row = {"id": rec["id"], "row": len(rows), "label": rec["label"], "class": rec["class"]}
+            rows.append(row | {"file": rec["file"]})
             if filled == APPEND_ROWS:
                 npy.append(_as_whcn(block))
                 filled = 0
@@ -357,7 +357,8 @@ def preprocess(
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     start = time.monotonic()
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+    # fork starts workers fastest, but must not copy a process whose torch threads are running.
+    ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
     pool = ctx.Pool(workers, _init_worker, (pre,)) if workers > 1 else None
     _init_worker(pre)
     try:
@@ -474,7 +475,11 @@ def _read_markers(markers: list[Path]) -> Iterator[dict[str, Any]]:
 
 
 def _write_previews(out: Path, infos: Iterable[dict[str, Any]], cfg: PipelineConfig) -> None:
-    """A few denormalised images per class, upscaled 4x so that a person can look at them."""
+    """A few images per class as the model sees them (denormalised, upscaled 4x for a person).
+
+    They are decoded again from the source PNGs with the same function as the shards, which
+    keeps memory flat: no shard is loaded whole.
+    """
     pre = cfg.preprocess
     wanted = {name: PREVIEWS_PER_CLASS for name in cfg.class_names}
     folder = out / "previews"
@@ -482,16 +487,13 @@ def _write_previews(out: Path, infos: Iterable[dict[str, Any]], cfg: PipelineCon
     mean = np.asarray(pre.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(pre.std, np.float32).reshape(-1, 1, 1)
     for info in infos:
-        picks = [r for r in info["rows"] if wanted[r["class"]] > 0]
-        if not picks:
-            continue
-        with np.load(out / info["file"], allow_pickle=False) as z:
-            images = z["images"]
-        for r in picks:
+        for r in info["rows"]:
             if wanted[r["class"]] <= 0:
                 continue
             wanted[r["class"]] -= 1
-            chw = images[..., r["row"]].T * std + mean  # (C, H, W) back in [0, 1]
+            path = _safe_path(cfg.data_root / "generated", r["file"])
+            assert path is not None  # rows only hold files that were read successfully
+            chw = load_image(path, None, pre) * std + mean  # (C, H, W) back in [0, 1]
             pixels = (np.clip(chw, 0, 1) * 255).round().astype(np.uint8)
             im = Image.fromarray(pixels[0] if pre.channels == 1 else pixels.transpose(1, 2, 0))
             im = im.resize((pre.width * 4, pre.height * 4), Image.Resampling.NEAREST)
