@@ -73,7 +73,7 @@ def bare(pipe, cfg) -> float:
     for i in range(0, len(jobs), gen.batch_size):
         batch = jobs[i : i + gen.batch_size]
         seeds = [image_seed(cfg.seed, j.class_name, j.index) for j in batch]
-        pipe(
+        images = pipe(
             prompt=[j.prompt for j in batch],
             negative_prompt=[j.negative_prompt for j in batch] if cfg.negative_prompt else None,
             num_inference_steps=gen.steps,
@@ -81,7 +81,8 @@ def bare(pipe, cfg) -> float:
             width=gen.width,
             height=gen.height,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        ).images  # noqa: B018 - PIL images, kept in memory only
+        ).images
+        assert len(images) == len(batch)  # PIL images, kept in memory only
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
