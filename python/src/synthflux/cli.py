@@ -61,6 +61,25 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from synthflux.pipeline import run_pipeline
+
+    run_pipeline(_config(args), from_stage=args.from_stage, backend=args.backend, image=args.image)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from synthflux.report import build_report
+
+    if args.per_class < 1:
+        raise SynthfluxError(f"--per-class must be at least 1, got {args.per_class}")
+    report = build_report(_config(args), per_class=args.per_class)
+    print(f"report: {report.shown} of {report.total} images shown")
+    print(f"  {report.html}")
+    print(f"  {report.contact_sheet}")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from synthflux.tiny_model import save_tiny_model
 
@@ -160,6 +179,45 @@ def build_parser() -> argparse.ArgumentParser:
         "synthflux-julia:latest; build it with `make images`)",
     )
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "run",
+        help="all stages: generate -> preprocess -> classify",
+        description=(
+            "Run generate, preprocess and classify in order. Each stage keeps what is already "
+            "complete and verified, so `run` after an interruption resumes; --from STAGE "
+            "deletes that stage's outputs (and later ones) and redoes them."
+        ),
+    )
+    _add_common(p)
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=["generate", "preprocess", "classify"],
+        help="redo from this stage: its outputs and later stages' are deleted first",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["docker", "local", "reference"],
+        help="classifier backend (default: classify.backend in the config)",
+    )
+    p.add_argument("--image", metavar="TAG", help="Julia image for the docker backend")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "report",
+        help="HTML page + contact sheet of a classified run",
+        description=(
+            "Write DATA/report/index.html (self-contained) and DATA/report/contact-sheet.png: "
+            "thumbnails grouped by class with prompt, seed and predicted probabilities, and "
+            "the confusion matrix."
+        ),
+    )
+    _add_common(p)
+    p.add_argument(
+        "--per-class", type=int, default=24, metavar="N", help="thumbnails per class (default 24)"
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "tiny-model",

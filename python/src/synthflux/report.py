@@ -1,0 +1,188 @@
+"""`synthflux report`: a self-contained HTML page and a contact-sheet PNG of a classified run.
+
+A person would rather look than read a CSV: thumbnails grouped by class, each with its prompt,
+seed and predicted probabilities, and the confusion matrix. Reads DATA/predictions/
+(predictions.csv, summary.json) and the generated PNGs; writes DATA/report/.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from synthflux.config import PipelineConfig
+from synthflux.errors import DataError
+from synthflux.storage import atomic_write, write_bytes_atomic
+
+THUMB = 128  # thumbnail side in pixels
+CAPTION_LINES = 5
+
+
+@dataclass(frozen=True)
+class Report:
+    html: Path
+    contact_sheet: Path
+    shown: int
+    total: int
+
+
+def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    pred = cfg.data_root / "predictions"
+    summary_path, csv_path = pred / "summary.json", pred / "predictions.csv"
+    if not summary_path.is_file() or not csv_path.is_file():
+        raise DataError(
+            f"{pred} has no summary.json/predictions.csv: run `synthflux classify` first"
+        )
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return summary, rows
+
+
+def _thumbnail(cfg: PipelineConfig, row: dict[str, str]) -> Image.Image:
+    path = cfg.data_root / "generated" / row["file"]
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            return im
+    except (OSError, ValueError):  # a missing image still gets its caption
+        return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
+
+
+def _probabilities(row: dict[str, str], classes: list[str]) -> str:
+    return " ".join(f"{c}={float(row[f'p_{c}']):.2f}" for c in classes)
+
+
+def build_report(cfg: PipelineConfig, per_class: int = 24) -> Report:
+    """Write DATA/report/index.html and contact-sheet.png for up to `per_class` images a class."""
+    summary, rows = _load(cfg)
+    classes: list[str] = summary["classes"]
+    picked = {c: [r for r in rows if r["class"] == c][:per_class] for c in classes}
+    out = cfg.data_root / "report"
+    thumbs = {r["id"]: _thumbnail(cfg, r) for group in picked.values() for r in group}
+    sheet = _contact_sheet(picked, thumbs, classes, summary)
+    sheet_path = out / "contact-sheet.png"
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    write_bytes_atomic(sheet_path, buf.getvalue())
+    html_path = out / "index.html"
+    with atomic_write(html_path, "w") as f:
+        f.write(_html(picked, thumbs, classes, summary))
+    shown = sum(len(g) for g in picked.values())
+    return Report(html_path, sheet_path, shown, len(rows))
+
+
+def _contact_sheet(
+    picked: dict[str, list[dict[str, str]]],
+    thumbs: dict[str, Image.Image],
+    classes: list[str],
+    summary: dict[str, Any],
+) -> Image.Image:
+    font = ImageFont.load_default()
+    cols = max(1, min(8, max((len(g) for g in picked.values()), default=1)))
+    cell_w, line_h = THUMB + 16, 12
+    cell_h = THUMB + CAPTION_LINES * line_h + 12
+    header_h = 24
+    matrix_h = (len(classes) + 3) * 16
+    blocks = [header_h + max(1, -(-len(picked[c]) // cols)) * cell_h for c in classes]
+    sheet = Image.new("RGB", (cols * cell_w + 16, sum(blocks) + matrix_h + 16), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = 8
+    for c, block in zip(classes, blocks, strict=True):
+        draw.text(
+            (8, y + 4), f"class {c} ({summary['counts'].get(c, 0)} images)", fill="black", font=font
+        )
+        for i, row in enumerate(picked[c]):
+            x0, y0 = 8 + (i % cols) * cell_w, y + header_h + (i // cols) * cell_h
+            right = row["predicted"] == row["class"]
+            sheet.paste(thumbs[row["id"]], (x0, y0))
+            draw.rectangle(
+                (x0 - 2, y0 - 2, x0 + THUMB + 1, y0 + THUMB + 1),
+                outline="green" if right else "red",
+            )
+            caption = [f"#{row['id']} seed {row['seed'][:10]}", _probabilities(row, classes)]
+            caption += textwrap.wrap(row["prompt"], 22)[: CAPTION_LINES - 2]
+            for j, text in enumerate(caption):
+                draw.text((x0, y0 + THUMB + 4 + j * line_h), text, fill="black", font=font)
+        y += block
+    draw.text(
+        (8, y + 4),
+        "confusion matrix (rows: prompt class, columns: predicted)",
+        fill="black",
+        font=font,
+    )
+    matrix = summary["confusion_matrix"]["matrix"]
+    draw.text(
+        (8, y + 20), " " * 10 + "".join(f"{c[:8]:>10}" for c in classes), fill="black", font=font
+    )
+    for i, c in enumerate(classes):
+        line = f"{c[:9]:<10}" + "".join(f"{v:>10}" for v in matrix[i])
+        draw.text((8, y + 36 + i * 16), line, fill="black", font=font)
+    return sheet
+
+
+def _data_uri(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _html(
+    picked: dict[str, list[dict[str, str]]],
+    thumbs: dict[str, Image.Image],
+    classes: list[str],
+    summary: dict[str, Any],
+) -> str:
+    e = html.escape
+    matrix = summary["confusion_matrix"]["matrix"]
+    head = "".join(f"<th>{e(c)}</th>" for c in classes)
+    body = "".join(
+        f"<tr><th>{e(c)}</th>" + "".join(f"<td>{v}</td>" for v in matrix[i]) + "</tr>"
+        for i, c in enumerate(classes)
+    )
+    timings = ", ".join(
+        f"{stage} {t.get('seconds', 0):.1f}s" for stage, t in summary.get("timings", {}).items()
+    )
+    sections = []
+    for c in classes:
+        cards = []
+        for r in picked[c]:
+            ok = "ok" if r["predicted"] == r["class"] else "wrong"
+            cards.append(
+                f'<figure class="{ok}"><img src="{_data_uri(thumbs[r["id"]])}" alt="{e(r["name"])}">'
+                f"<figcaption><b>#{e(r['id'])}</b> seed {e(r['seed'])}<br>{e(_probabilities(r, classes))}"
+                f"<br>predicted <b>{e(r['predicted'])}</b><br><i>{e(r['prompt'])}</i></figcaption></figure>"
+            )
+        sections.append(
+            f"<h2>{e(c)} <small>({summary['counts'].get(c, 0)} images, showing {len(picked[c])})</small></h2>"
+            f'<div class="grid">{"".join(cards)}</div>'
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>synthflux report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #aaa; padding: .3em .8em; text-align: right; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ width: {THUMB + 40}px; margin: 0; font-size: 12px; border: 3px solid #ccc; padding: 4px; }}
+figure.ok {{ border-color: #3a3; }} figure.wrong {{ border-color: #c33; }}
+img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-rendering: pixelated; }}
+</style></head><body>
+<h1>synthflux report</h1>
+<p>{summary["images"]} images in {summary["shards"]} shards; accuracy against the prompt labels
+<b>{summary["accuracy"]:.3f}</b> ({summary["correct"]}/{summary["images"]}); backend {e(str(summary.get("backend")))};
+timings: {e(timings)}.</p>
+<h2>Confusion matrix</h2>
+<table><tr><th>prompt \\ predicted</th>{head}</tr>{body}</table>
+{"".join(sections)}
+</body></html>
+"""
