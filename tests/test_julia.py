@@ -1,0 +1,145 @@
+"""The Julia side for real: julia/test/runtests.jl and end-to-end julia/flux_model.jl runs.
+
+They need a Julia that loads Flux and NPZ with `--project=julia`: $SYNTHFLUX_JULIA, or `julia`
+on PATH. CI has none, so they skip there with the reason; tests/test_reference.py keeps the
+golden files, and so the Julia side's expected numbers, checked without Julia.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthflux import reference
+
+REPO = Path(__file__).resolve().parents[1]
+JULIA_PROJECT = REPO / "julia"
+FLUX_MODEL = JULIA_PROJECT / "flux_model.jl"
+GOLDEN = REPO / "tests" / "fixtures" / "golden"
+# Loading Flux takes ~20 s on Julia 1.5; a first run may precompile for minutes.
+TIMEOUT_S = 1200
+
+
+@functools.cache
+def find_julia() -> tuple[str | None, str]:
+    """(executable, "") if it loads Flux and NPZ with --project=julia, else (None, why not)."""
+    name = os.environ.get("SYNTHFLUX_JULIA", "julia")
+    exe = shutil.which(name)
+    if exe is None:
+        return None, f"no Julia: {name!r} is not on PATH (set SYNTHFLUX_JULIA to one with Flux/NPZ)"
+    probe = [exe, f"--project={JULIA_PROJECT}", "-e", "using Flux, NPZ"]
+    try:
+        r = subprocess.run(probe, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, f"{exe} did not load Flux and NPZ within {TIMEOUT_S} s"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"{exe} cannot load Flux and NPZ with --project=julia: {last}"
+    return exe, ""
+
+
+@pytest.fixture(scope="module")
+def julia() -> str:
+    exe, reason = find_julia()
+    if exe is None:
+        pytest.skip(reason)
+    return exe
+
+
+def run_flux_model(julia: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [julia, f"--project={JULIA_PROJECT}", str(FLUX_MODEL), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_julia_runtests(julia: str) -> None:
+    cmd = [julia, f"--project={JULIA_PROJECT}", str(JULIA_PROJECT / "test" / "runtests.jl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "Test Summary" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["gray", "rgb"])
+def test_flux_model_matches_golden(julia: str, tmp_path: Path, case: str) -> None:
+    shards = sorted((GOLDEN / case).glob("shard-*.npz"))
+    out = tmp_path / "pred"
+    r = run_flux_model(
+        julia, "--input", GOLDEN / case, "--weights", GOLDEN / case / "weights.npz",
+        "--output", out, "--batch-size", "4",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    shard_lines = [line for line in lines if line.startswith("shard-")]
+    assert [line.split(":")[0] for line in shard_lines] == [s.name for s in shards]
+    assert any(line.startswith("summary:") for line in lines)
+    for shard in shards:
+        name = reference.probs_path(shard, out).name
+        got, expected = load_npz(out / name), load_npz(GOLDEN / case / "expected" / name)
+        assert got["probs"].dtype == np.float32 and got["ids"].dtype == np.int64
+        assert got["probs"].shape == expected["probs"].shape
+        np.testing.assert_allclose(got["probs"], expected["probs"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got["probs"].sum(axis=1), 1, atol=1e-5)
+        np.testing.assert_array_equal(got["ids"], expected["ids"])
+
+
+def test_flux_model_corrupt_shard_exits_1_and_keeps_outputs(julia: str, tmp_path: Path) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "pred"
+    inputs.mkdir()
+    out.mkdir()
+    shutil.copy(GOLDEN / "gray" / "shard-00000.npz", inputs / "shard-00000.npz")
+    corrupt = inputs / "shard-00001.npz"
+    corrupt.write_bytes((GOLDEN / "gray" / "shard-00001.npz").read_bytes()[:500])
+    stale = out / "shard-00001.probs.npz"
+    stale.write_bytes(b"earlier output")
+    r = run_flux_model(
+        julia, "--input", inputs, "--weights", GOLDEN / "gray" / "weights.npz", "--output", out
+    )
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"flux_model: error: {corrupt}: ")
+    good = load_npz(out / "shard-00000.probs.npz")  # finished before the bad shard
+    expected = load_npz(GOLDEN / "gray" / "expected" / "shard-00000.probs.npz")
+    np.testing.assert_allclose(good["probs"], expected["probs"], atol=1e-5, rtol=0)
+    assert stale.read_bytes() == b"earlier output"
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.probs.npz", stale.name]
+
+
+def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path: Path) -> None:
+    """Julia writes weights.npz when it is missing; numpy reads it, torch reproduces the probs.
+
+    The input is an empty shard plus a real one, as preprocess writes them (zip64 entries).
+    """
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = np.asfortranarray(rng.standard_normal((20, 16, 3, 9)), dtype=np.float32)
+    ids = np.arange(100, 109, dtype=np.int64)
+    np.savez(inputs / "shard-00000.npz", images=images, labels=ids % 2, ids=ids)
+    empty = np.zeros((20, 16, 3, 0), dtype=np.float32, order="F")
+    none = np.zeros(0, np.int64)
+    np.savez(inputs / "shard-00001.npz", images=empty, labels=none, ids=none)
+    weights_path, out = tmp_path / "model" / "weights.npz", tmp_path / "pred"
+
+    r = run_flux_model(
+        julia, "--input", inputs, "--weights", weights_path, "--output", out, "--seed", "3"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "initialised from seed 3" in r.stdout
+    weights = reference.load_weights(weights_path)  # checks names, dtypes, shapes
+    spec = reference.spec_of(weights)
+    assert (spec.width, spec.height, spec.channels, spec.n_classes) == (20, 16, 3, 2)
+    got = load_npz(out / "shard-00000.probs.npz")
+    np.testing.assert_allclose(got["probs"], reference.predict(weights, images), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got["ids"], ids)
+    got_empty = load_npz(out / "shard-00001.probs.npz")
+    assert got_empty["probs"].shape == (0, 2) and got_empty["ids"].shape == (0,)
