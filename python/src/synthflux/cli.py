@@ -80,6 +80,49 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from synthflux.submit import submit_pipeline
+
+    given = {
+        "shards": args.shards,
+        "partition": args.partition,
+        "gpus_per_task": args.gpus_per_task,
+        "cpus_per_task": args.cpus_per_task,
+        "time": args.time,
+        "max_parallel": args.max_parallel,
+        "classify_backend": args.classify_backend,
+        "sif": args.sif,
+        "python": args.python,
+        "sbatch_options": tuple(args.sbatch_option) if args.sbatch_option else None,
+    }
+    lines = submit_pipeline(
+        _config(args),
+        Path(args.config),
+        given,
+        resubmit=args.resubmit_failed,
+        dry=args.dry_run,
+    )
+    for line in lines:
+        print(line)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from synthflux.submit import pipeline_status, status_shards
+
+    cfg = _config(args)
+    status = pipeline_status(cfg, status_shards(cfg, args.shards))
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(f"data: {cfg.data_root}")
+        for line in status.lines():
+            print(line)
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from synthflux.tiny_model import save_tiny_model
 
@@ -218,6 +261,76 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-class", type=int, default=24, metavar="N", help="thumbnails per class (default 24)"
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "submit",
+        help="run the stages on a Slurm cluster as job arrays",
+        description=(
+            "Submit generate as a Slurm job array of N tasks (task i runs `generate --shard "
+            "i/N`), preprocess as an array that starts when all of them succeed, and one "
+            "classify job after that. Batch scripts and logs go to DATA/slurm/. "
+            "See docs/cluster.md."
+        ),
+    )
+    _add_common(p)
+    p.add_argument("--shards", type=int, metavar="N", help="tasks per array (required, "
+                   "except with --resubmit-failed, which reuses the last submission's)")  # fmt: skip
+    p.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
+    p.add_argument(
+        "--gpus-per-task", type=int, metavar="G", help="GPUs for each generate task (default none)"
+    )
+    p.add_argument(
+        "--cpus-per-task", type=int, metavar="C", help="CPUs for each task (default: Slurm's, 1)"
+    )
+    p.add_argument("--time", metavar="T", help="time limit per task, e.g. 2:00:00")
+    p.add_argument(
+        "--max-parallel", type=int, metavar="K", help="run at most K tasks of an array at once"
+    )
+    p.add_argument(
+        "--classify-backend",
+        metavar="B",
+        help="classify backend on the node: docker, local, reference, or apptainer (the "
+        "Julia image as a .sif, see --sif) (default: classify.backend)",
+    )
+    p.add_argument("--sif", metavar="IMAGE", help="Apptainer/Singularity image for classify")
+    p.add_argument(
+        "--python",
+        metavar="PATH",
+        help=f"python that runs synthflux on the nodes (default: this one, {sys.executable})",
+    )
+    p.add_argument(
+        "--sbatch-option",
+        action="append",
+        metavar="OPT",
+        help="extra sbatch option for every job, e.g. --sbatch-option=--account=abc (repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the batch scripts; submit nothing")
+    p.add_argument(
+        "--resubmit-failed",
+        action="store_true",
+        help="resubmit only the shards whose outputs are incomplete (as `status` shows), "
+        "and the stages after them, with the last submission's options",
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "status",
+        help="per-stage, per-shard completion, read from the data",
+        description=(
+            "Show which shards of each stage are complete, from the files in DATA (generate's "
+            "part records, preprocess's shard markers, classify's stage.json), not from the "
+            "scheduler."
+        ),
+    )
+    _add_common(p)
+    p.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="group by N tasks (default: the last submission's, else 1)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "tiny-model",
