@@ -670,7 +670,12 @@ function run_image(o::Options, out::IO)
         load_weights(o.weights)
     else  # gray if every pixel has R == G == B
         c = all(rgb[1, :, :] .== rgb[2, :, :] .== rgb[3, :, :]) ? 1 : 3
-        spec = ArchSpec(size(rgb, 3), size(rgb, 2), c, 2, 3, [8, 16])
+        spec = try
+            ArchSpec(size(rgb, 3), size(rgb, 2), c, 2, 3, [8, 16])
+        catch e
+            e isa ArgumentError || rethrow()
+            throw(InputError(path, "cannot build a model for this image: $(e.msg)"))
+        end
         save_weights(o.weights, init_weights(spec; seed=o.seed))
         println(out, "weights: $(o.weights) did not exist; initialised from seed $(o.seed) ",
                 "for this image's (W, H, C) = ($(spec.width), $(spec.height), $c) and wrote it")

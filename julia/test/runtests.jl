@@ -34,6 +34,18 @@ function write_shard(path; images, labels=nothing, ids=nothing)
     return path
 end
 
+module FakeColorTypes
+struct RGB{T}
+    r::T
+    g::T
+    b::T
+end
+Base.convert(::Type{RGB{Float32}}, c::RGB) = RGB{Float32}(c.r, c.g, c.b)
+red(c::RGB) = c.r
+green(c::RGB) = c.g
+blue(c::RGB) = c.b
+end
+
 @testset "SynthFluxModel" begin
 
 @testset "ArchSpec" begin
@@ -300,6 +312,14 @@ end
     @test_throws ArgumentError image_to_whcn(rgb, spec; std=[0.0])
     @test_throws ArgumentError image_to_whcn(rgb, spec; mean=[0.1, 0.2])
     @test M.is_image_path("a/b.PNG") && M.is_image_path("x.jpeg") && !M.is_image_path("s.npz")
+
+    # Decoded pixels (FileIO's H×W matrix of colours, row = y) land at out[:, y, x]; a stand-in
+    # for ColorTypes keeps this testable without the image packages.
+    img = [FakeColorTypes.RGB{Float32}(y, x, 0) for y in 1:3, x in 1:4]
+    out = M.rgb_array(FakeColorTypes, img)
+    @test size(out) == (3, 3, 4) && out[:, 2, 4] == Float32[2, 4, 0]
+    @test image_to_whcn(out, ArchSpec(4, 3, 3, 2, 3, [2]); mean=[0], std=[1])[4, 2, :, 1] ==
+          Float32[2, 4, 0]
 
     # Without FileIO the image path fails with one line saying what to install.
     if Base.find_package("FileIO") === nothing
