@@ -27,8 +27,9 @@ How the data reaches the container:
   (read-write; OUT = /data/predictions). The container can write nowhere else on the host.
 * Driver inside compose (classify.volume = the named volume, mounted at data_root in the
   driver's own container): the whole volume is mounted read-only at /data, and the classifier
-  writes to /out in the container's own filesystem (OUT = /out, created before start, owned by
-  the container user); after a clean exit the driver copies /out back with the archive API.
+  writes to /out/predictions (OUT) on an anonymous volume at /out, prepared before start with
+  a folder the container user owns; after a clean exit the driver copies it back with the
+  archive API, and the anonymous volume goes with the container.
   Why not a read-write volume subpath for the output: it needs Docker Engine 26+ (API 1.45),
   Debian bookworm ships 20.10, and it would also mean chowning a folder on the shared volume.
   With the copy-back the classifier cannot write to the volume at all, on any engine.
@@ -36,11 +37,14 @@ How the data reaches the container:
 
 Container hardening: the invoking uid:gid, or 65534:65534 (nobody) when the driver is root
 (the staging folder is chowned to it); network_mode "none"; cap_drop ALL;
-no-new-privileges; memory (no extra swap) and CPU limits from [classify]; labels
+no-new-privileges; a read-only root filesystem with a tmpfs /tmp (as compose.yaml's classify
+service); memory (no extra swap) and CPU limits from [classify]; labels
 `synthflux.stage=classify`, `synthflux.run=<id>`, `synthflux.data_root=<path>`. The driver
-creates, attaches, starts and waits, and removes the container itself in a `finally` (never
-auto_remove, which loses the logs of short-lived containers: docker-py #1813, #2427, #3247),
-on success, error, timeout (killed after classify.timeout_s) and Ctrl-C alike.
+creates, attaches, starts and waits, and removes the container (and its anonymous volume)
+itself in a `finally` -- never auto_remove, which loses the logs of short-lived containers
+(docker-py #1813, #2427, #3247) -- on success, error, timeout (killed after
+classify.timeout_s), Ctrl-C and SIGTERM alike; one left by a driver killed outright is
+removed by the next run on the same data root.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ log = logging.getLogger("synthflux")
 
 BACKENDS = ("docker", "local")
 DATA_MOUNT = "/data"  # where the container sees the data root
-VOLUME_OUT = "/out"  # the classifier's output folder in volume mode (copied back)
+VOLUME_OUT = "/out"  # volume mode: an anonymous volume holding the output folder below
+VOLUME_PREDICTIONS = f"{VOLUME_OUT}/predictions"  # ... where the classifier writes
 NOBODY = (65534, 65534)
 LABEL = "synthflux.stage"
 LOG_PREFIX = "julia"
@@ -217,10 +222,6 @@ def ensure_weights(cfg: PipelineConfig, ds: Dataset) -> Path:
             ds.width, ds.height, ds.channels, len(ds.classes), seed=cfg.seed
         )
         reference.save_weights(path, weights)
-        # A temp file is private (0600); the container user must read it like any data file.
-        umask = os.umask(0)
-        os.umask(umask)
-        path.chmod(0o666 & ~umask)
         log.info("classify: no weights yet, initialised random ones (seed %d): %s", cfg.seed, path)
     spec = reference.spec_of(reference.load_weights(path))
     want = (ds.width, ds.height, ds.channels, len(ds.classes))
@@ -318,33 +319,37 @@ def run_local(cfg: PipelineConfig, input_dir: Path, weights: Path, output: Path)
     timeout = cfg.classify.timeout_s
     logs = _LogStream()
     timed_out = threading.Event()
-    # Its own session: Ctrl-C reaches only us, and we kill the whole group (julia may fork).
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    proc: subprocess.Popen[bytes] | None = None
 
     def kill() -> None:
         timed_out.set()
         with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
 
     killer = threading.Timer(timeout, kill)
     killer.daemon = True
-    killer.start()
     try:
+        # Its own session: Ctrl-C reaches only us, and we kill the whole group (julia may
+        # fork). An interrupt while it starts waits until `proc` is set, so it is never lost.
+        with _deferred_interrupts():
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        killer.start()
         assert proc.stdout is not None
         for raw in proc.stdout:
             logs.feed(raw)
         code = proc.wait()
     finally:
         killer.cancel()
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            if proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     tail = logs.close()
     if timed_out.is_set():
         raise _failure(
@@ -405,16 +410,18 @@ def _check_readable(paths: list[Path], dirs: list[Path], user: tuple[int, int]) 
     for path, bits in [*((p, 0o4) for p in paths), *((d, 0o5) for d in dirs)]:
         if not _readable_by(path, *user, bits=bits):
             mode = oct(path.stat().st_mode & 0o777)
+            folder = path if path.is_dir() else path.parent
             raise ClassifyError(
                 f"{path} (mode {mode}) is not readable by the container user {user[0]}:{user[1]}: "
-                f"run `chmod -R a+rX {path}`"
+                f"run `chmod -R a+rX {folder}`"
             )
 
 
 def _out_dir_tar(user: tuple[int, int]) -> bytes:
+    """A tar holding the empty output folder, for put_archive into /out before start."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(VOLUME_OUT.strip("/"))
+        info = tarfile.TarInfo(Path(VOLUME_PREDICTIONS).name)
         # 0777 too, in case the engine does not keep the tar's owner: no one else is in there.
         info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o777, *user
         tar.addfile(info)
@@ -422,8 +429,8 @@ def _out_dir_tar(user: tuple[int, int]) -> bytes:
 
 
 def _copy_out(container: Any, staging: Path, wanted: set[str]) -> None:
-    """Volume mode: fetch the classifier's outputs from /out into the staging folder."""
-    chunks, _ = container.get_archive(VOLUME_OUT)
+    """Volume mode: fetch the classifier's outputs from its /out volume into staging."""
+    chunks, _ = container.get_archive(VOLUME_PREDICTIONS)
     with tempfile.TemporaryFile(dir=staging) as buf:
         for chunk in chunks:
             buf.write(chunk)
@@ -494,9 +501,15 @@ def _plan_container(
         ) from None
     parents = [root / p for p in rel_weights.parents if str(p) != "."]
     _check_readable([*inputs, weights.resolve()], [root, prep, *parents], user)
-    mounts = [Mount(DATA_MOUNT, volume, type="volume", read_only=True)]
+    mounts = [
+        Mount(DATA_MOUNT, volume, type="volume", read_only=True),
+        Mount(VOLUME_OUT, None, type="volume"),  # anonymous: removed with the container
+    ]
     command = _flux_args(
-        f"{DATA_MOUNT}/preprocessed", f"{DATA_MOUNT}/{rel_weights.as_posix()}", VOLUME_OUT, bs
+        f"{DATA_MOUNT}/preprocessed",
+        f"{DATA_MOUNT}/{rel_weights.as_posix()}",
+        VOLUME_PREDICTIONS,
+        bs,
     )
     return _ContainerPlan(mounts, command, copy_back=True)
 
@@ -540,6 +553,9 @@ def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, i
             user=f"{user[0]}:{user[1]}",
             network_mode="none",
             cap_drop=["ALL"],
+            # Nothing in the image is writable; /tmp is a tmpfs (Julia's scratch depot).
+            read_only=True,
+            tmpfs={"/tmp": ""},
             security_opt=["no-new-privileges"],
             mem_limit=cfg.classify.memory,
             memswap_limit=cfg.classify.memory,  # no swap on top of the memory limit
@@ -554,7 +570,7 @@ def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, i
             detach=True,
         )
         if plan.copy_back:
-            container.put_archive("/", _out_dir_tar(user))
+            container.put_archive(VOLUME_OUT, _out_dir_tar(user))
         # Attach before start, as `docker run` does, so no early line is lost.
         stream = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
         timeout = cfg.classify.timeout_s
@@ -609,7 +625,7 @@ def _remove_leftovers(client: Any, cfg: PipelineConfig) -> None:
     One classify per data root at a time; a second one would overwrite the same outputs."""
     for old in client.containers.list(all=True, filters={"label": _labels_of(cfg)}):
         log.warning("classify: removing container %s left by an earlier run", old.name)
-        old.remove(force=True)
+        old.remove(force=True, v=True)
 
 
 def _remove_container(client: Any, container: Any, name: str) -> None:
@@ -619,7 +635,7 @@ def _remove_container(client: Any, container: Any, name: str) -> None:
     import docker
 
     with suppress(docker.errors.DockerException, requests.RequestException):
-        (container or client.containers.get(name)).remove(force=True)
+        (container or client.containers.get(name)).remove(force=True, v=True)
 
 
 # --- reading back and checking the outputs ---------------------------------------------------
@@ -703,22 +719,58 @@ class ClassifySummary:
         return out
 
 
+class _SignalGuard:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, or wait while `deferring` is set."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.deferring:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+_GUARD: _SignalGuard | None = None
+
+
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (docker stop, CI timeouts, kill) cleans up like Ctrl-C instead of leaving the
-    classifier running with nobody to enforce its timeout. Main thread only (a Python rule)."""
+def _interrupts() -> Iterator[None]:
+    """While the classifier runs, SIGTERM (docker stop, CI timeouts, kill) cleans up like Ctrl-C
+    instead of leaving it running with nobody to enforce its timeout. Main thread only: Python
+    delivers signals there; from another thread the caller's own handling applies."""
+    global _GUARD
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    guard = _SignalGuard()
+    previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _GUARD = guard
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _GUARD = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def _deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for a moment (starting a child), then raise a pending one."""
+    guard = _GUARD
+    if guard is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    guard.deferring = True
+    try:
+        yield
+    finally:
+        guard.deferring = False
+        if guard.pending is not None:
+            signum, guard.pending = guard.pending, None
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -790,7 +842,7 @@ def classify(
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage.json").unlink(missing_ok=True)  # not done until this run says so
 
-    with _staging(out) as staging, _terminate_as_interrupt():
+    with _staging(out) as staging, _interrupts():
         run_start = time.monotonic()
         if backend == "docker":
             assert image is not None
