@@ -155,7 +155,8 @@ SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=300
 $node State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Two jobs per CPU: test jobs spend most of their time importing, single-threaded.
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 EOF
 echo "export SLURM_CONF=$CONF" >"$ROOT/env"
 

@@ -53,7 +53,7 @@ class SubmitError(SynthfluxError):
 
 
 class _Template(string.Template):
-    delimiter = "@"  # the scripts are full of shell `$`
+    delimiter = "@"  # the scripts are full of shell `$`; `@@` in a template is a literal `@`
 
 
 def _template(name: str) -> _Template:
@@ -80,10 +80,10 @@ class SubmitOptions:
 
     def __post_init__(self) -> None:
         for name in ("shards", "gpus_per_task", "cpus_per_task", "max_parallel"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "gpus_per_task" else 1):
+            value, least = getattr(self, name), 0 if name == "gpus_per_task" else 1
+            if value is not None and value < least:
                 flag = "--" + name.replace("_", "-")
-                raise SubmitError(f"{flag} must be at least 1, got {value}")
+                raise SubmitError(f"{flag} must be at least {least}, got {value}")
         if self.classify_backend == APPTAINER and not self.sif:
             raise SubmitError(
                 "--classify-backend apptainer needs --sif IMAGE.sif (see docs/cluster.md)"
@@ -519,7 +519,7 @@ def check_not_running(data: Path) -> None:
         )
 
 
-def describe(jobs: list[Submitted], paths: Paths, config: str) -> list[str]:
+def describe(jobs: list[Submitted], paths: Paths, target: str) -> list[str]:
     out = []
     prev = None
     for j in jobs:
@@ -531,8 +531,8 @@ def describe(jobs: list[Submitted], paths: Paths, config: str) -> list[str]:
     out += [
         f"logs:     {paths.slurm}/<stage>-<job>_<task>.log",
         f"follow:   squeue -j {ids}    sacct -X -j {ids}",
-        f"progress: synthflux status {config}",
-        f"failed or cancelled tasks: synthflux submit {config} --resubmit-failed",
+        f"progress: synthflux status {target}",
+        f"failed or cancelled tasks: synthflux submit {target} --resubmit-failed",
     ]
     return out
 
@@ -558,7 +558,7 @@ def submit_pipeline(
     check_not_running(paths.data)
     jobs = submit(plan, paths, opts)
     _record(paths, opts, jobs)
-    return out + describe(jobs, paths, str(config_path))
+    return out + describe(jobs, paths, f"{shlex.quote(str(config_path))} --data {paths.data}")
 
 
 def status_shards(cfg: PipelineConfig, shards: int | None) -> int:

@@ -10,7 +10,7 @@ if [[ -z $runtime ]]; then
     exit 127
 fi
 args=() binds=()
-for arg in "$@"; do
+for arg in "$@@"; do
     case $arg in
     --project=* | *.jl) continue ;;
     esac
@@ -20,4 +20,4 @@ for arg in "$@"; do
         [[ -d $arg ]] && binds+=(--bind "$arg") || binds+=(--bind "$(dirname "$arg")")
     fi
 done
-exec "$runtime" run --cleanenv "${binds[@]}" @{sif} "${args[@]}"
+exec "$runtime" run --cleanenv "${binds[@@]}" @{sif} "${args[@@]}"
