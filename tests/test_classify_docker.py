@@ -225,6 +225,15 @@ def test_timeout_kills_and_removes_the_container(setup: Setup, engine: Any) -> N
     assert containers(engine, fx) == []
 
 
+def test_memory_limit_is_enforced_and_reported(setup: Setup, engine: Any) -> None:
+    fx, _, cfg = setup(memory="128m")
+    control_standin(fx, allocate_mb=400)
+    with pytest.raises(ClassifierFailed, match=r"out of memory: classify.memory = 128m") as err:
+        classify(cfg)
+    assert err.value.exit_code == 137
+    assert containers(engine, fx) == []
+
+
 @pytest.mark.parametrize(
     ("ctl", "message"),
     [

@@ -19,6 +19,7 @@ INPUT/standin-control.json (the file also reaches a container, env does not):
     {"fail": "shard-00001.npz"}      print a few lines, then the error line, exit 3 there
     {"hang": true}                   print a line, then sleep forever (timeout tests)
     {"hold": true}                   wait (<= 120 s) for INPUT/standin-release to appear
+    {"allocate_mb": 400}             touch that much memory first (memory-limit tests)
     {"skip": "shard-00001.npz"}      write no output for that shard (missing output)
     {"malformed": "shard-00001.npz", "kind": "shape" | "nan" | "sum" | "ids" | "garbage"}
 Only Python 3 and NumPy: the test image holds nothing else.
@@ -147,6 +148,9 @@ def main(argv: list[str]) -> int:
     if not os.path.isdir(out):
         die(out, "output folder does not exist")
     print(f"{PROG} (contract stand-in): {len(files)} shards, K = {k}", flush=True)
+    if ctl.get("allocate_mb"):
+        hog = np.ones(int(ctl["allocate_mb"]) * 2**20, dtype=np.uint8)  # ones: really touched
+        print(f"{PROG}: holding {hog.nbytes >> 20} MB", flush=True)
     if ctl.get("hang"):
         print(f"{PROG}: hanging as asked", flush=True)
         while True:

@@ -536,7 +536,6 @@ def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, i
     client = _docker_client()
     name = f"synthflux-classify-{uuid.uuid4().hex[:12]}"
     container = None
-    killer: threading.Timer | None = None
     try:
         _require_image(client, image)
         _remove_leftovers(client, cfg)
@@ -571,32 +570,12 @@ def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, i
         )
         if plan.copy_back:
             container.put_archive(VOLUME_OUT, _out_dir_tar(user))
-        # Attach before start, as `docker run` does, so no early line is lost.
-        stream = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
-        timeout = cfg.classify.timeout_s
-        timed_out = threading.Event()
-
-        def kill() -> None:
-            timed_out.set()
-            with suppress(docker.errors.DockerException, requests.RequestException):
-                container.kill()
-
-        killer = threading.Timer(timeout, kill)
-        killer.daemon = True
-        logs = _LogStream()
-        log.info("classify: container %s (%s) started over %d shards", name, image, len(ds.shards))
-        container.start()
-        killer.start()
-        for out, err in stream:
-            logs.feed(out, "out")
-            logs.feed(err, "err")
-        code = int(container.wait(timeout=60)["StatusCode"])
-        killer.cancel()
-        tail = logs.close() or container.logs(tail=TAIL_LINES).decode(errors="replace").splitlines()
-        if timed_out.is_set():
+        log.info("classify: container %s (%s) over %d shards", name, image, len(ds.shards))
+        code, tail, timed_out = _run_container(container, cfg.classify.timeout_s)
+        if timed_out:
             raise _failure(
-                f"the classifier container timed out after {timeout}s (classify.timeout_s) "
-                "and was killed", code, tail, True,
+                f"the classifier container timed out after {cfg.classify.timeout_s}s "
+                "(classify.timeout_s) and was killed", code, tail, True,
             )  # fmt: skip
         if code != 0:
             container.reload()
@@ -610,10 +589,40 @@ def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, i
     except (docker.errors.DockerException, requests.RequestException) as e:
         raise ClassifyError(f"lost the Docker daemon during the run: {e}") from None
     finally:
-        if killer is not None:
-            killer.cancel()
         _remove_container(client, container, name)
         client.close()
+
+
+def _run_container(container: Any, timeout: int) -> tuple[int, list[str], bool]:
+    """Attach, start, stream its log, kill it at the timeout: (exit code, last lines, timed out)."""
+    import requests
+
+    import docker
+
+    # Attach before start, as `docker run` does, so no early line is lost.
+    stream = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        with suppress(docker.errors.DockerException, requests.RequestException):
+            container.kill()
+
+    killer = threading.Timer(timeout, kill)
+    killer.daemon = True
+    logs = _LogStream()
+    try:
+        container.start()
+        killer.start()
+        for out, err in stream:  # ends when the container stops
+            logs.feed(out, "out")
+            logs.feed(err, "err")
+        code = int(container.wait(timeout=60)["StatusCode"])
+    finally:
+        killer.cancel()
+    # Docker keeps the order within stdout and within stderr, not between the two.
+    tail = logs.close() or container.logs(tail=TAIL_LINES).decode(errors="replace").splitlines()
+    return code, tail, timed_out.is_set()
 
 
 def _labels_of(cfg: PipelineConfig) -> list[str]:
