@@ -17,6 +17,10 @@ from synthflux.errors import ConfigError
 
 # Temp files name their writer, so a later run can remove those a killed process left behind.
 TEMP_TAG = f"{socket.gethostname()}-{os.getpid()}"
+# mkstemp makes 0600 files; data files get what open() would give (the classifier container
+# reads them as another, non-root user). Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def remove_stale_temps(folder: Path) -> int:
@@ -53,6 +57,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMP_TAG}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
