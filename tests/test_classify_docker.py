@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 from classify_data import (
     Fixture,
@@ -33,7 +34,6 @@ from classify_data import (
 )
 from docker_image import ImageBuildError, ensure_image
 
-import docker
 from synthflux.classify import LABEL, ClassifierFailed, classify
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifyError

@@ -79,7 +79,10 @@ from synthflux.storage import atomic_write, read_jsonl, write_json_atomic
 
 log = logging.getLogger("synthflux")
 
-BACKENDS = ("docker", "local")
+# docker/local run julia/flux_model.jl; "reference" runs its PyTorch twin in-process (no Julia
+# needed: demos, laptops, clusters without containers); "none" runs nothing and collects the
+# probabilities another process wrote into DATA/predictions (compose's julia service).
+BACKENDS = ("docker", "local", "reference", "none")
 DATA_MOUNT = "/data"  # where the container sees the data root
 VOLUME_OUT = "/out"  # volume mode: an anonymous volume holding the output folder below
 VOLUME_PREDICTIONS = f"{VOLUME_OUT}/predictions"  # ... where the classifier writes
@@ -398,6 +401,31 @@ def container_user() -> tuple[int, int]:
     return (uid, gid) if uid != 0 else NOBODY
 
 
+def run_reference(ds: Dataset, input_dir: Path, weights: Path, output: Path) -> None:
+    """The PyTorch twin of the Flux CNN (synthflux.reference), same files in and out."""
+    from synthflux import reference
+    from synthflux.progress import Progress
+
+    loaded = reference.load_weights(weights)
+    with Progress("classify (reference)", ds.images) as progress:
+        for shard in ds.shards:
+            reference.predict_shard(input_dir / shard.file, loaded, output)
+            progress.update(len(shard.ids))
+
+
+def collect_existing(ds: Dataset, out: Path, staging: Path) -> None:
+    """Backend "none": take the probabilities already in DATA/predictions, e.g. written by
+    compose's julia service; they are checked like any classifier's output."""
+    for shard in ds.shards:
+        src = out / shard.probs_file
+        if not src.is_file():
+            raise ClassifyError(
+                f"{src} not found: backend 'none' only collects outputs that the classifier "
+                "already wrote (run the julia service or another backend first)"
+            )
+        shutil.copyfile(src, staging / shard.probs_file)
+
+
 def _readable_by(path: Path, uid: int, gid: int, bits: int = 0o4) -> bool:
     """Whether uid:gid has all of `bits` (0o4 read, 0o5 read+search) on path, by its mode."""
     st = path.stat()
@@ -460,9 +488,8 @@ def _plan_container(
     staging: Path,
     user: tuple[int, int],
 ) -> _ContainerPlan:
-    from docker.types import Mount
-
     import docker
+    from docker.types import Mount
 
     root = cfg.data_root.resolve()
     prep = preprocessed_dir(cfg).resolve()
@@ -529,9 +556,8 @@ def _cpu_limit(client: Any, cpus: float) -> float:
 
 def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, image: str) -> None:
     """Create, attach, start, wait for and always remove one container that classifies all shards."""
-    import requests
-
     import docker
+    import requests
 
     client = _docker_client()
     name = f"synthflux-classify-{uuid.uuid4().hex[:12]}"
@@ -595,9 +621,8 @@ def run_docker(cfg: PipelineConfig, ds: Dataset, weights: Path, staging: Path, i
 
 def _run_container(container: Any, timeout: int) -> tuple[int, list[str], bool]:
     """Attach, start, stream its log, kill it at the timeout: (exit code, last lines, timed out)."""
-    import requests
-
     import docker
+    import requests
 
     # Attach before start, as `docker run` does, so no early line is lost.
     stream = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
@@ -639,9 +664,8 @@ def _remove_leftovers(client: Any, cfg: PipelineConfig) -> None:
 
 def _remove_container(client: Any, container: Any, name: str) -> None:
     """Kill and remove it, whatever happened; by name if create() was interrupted."""
-    import requests
-
     import docker
+    import requests
 
     with suppress(docker.errors.DockerException, requests.RequestException):
         (container or client.containers.get(name)).remove(force=True, v=True)
@@ -709,7 +733,12 @@ class ClassifySummary:
         return self.correct / self.images if self.images else 0.0
 
     def lines(self) -> list[str]:
-        where = f"docker image {self.image}" if self.backend == "docker" else "local julia"
+        where = {
+            "docker": f"docker image {self.image}",
+            "local": "local julia",
+            "reference": "the PyTorch reference",
+            "none": "outputs already in place",
+        }[self.backend]
         rate = self.images / max(self.classifier_seconds, 1e-9)
         width = max(len(c) for c in self.classes)
         out = [
@@ -856,8 +885,12 @@ def classify(
         if backend == "docker":
             assert image is not None
             run_docker(cfg, ds, weights, staging, image)
-        else:
+        elif backend == "local":
             run_local(cfg, preprocessed_dir(cfg), weights, staging)
+        elif backend == "reference":
+            run_reference(ds, preprocessed_dir(cfg), weights, staging)
+        else:
+            collect_existing(ds, out, staging)
         classifier_seconds = time.monotonic() - run_start
         k = len(ds.classes)
         probs = {s.file: check_output(staging / s.probs_file, s, k) for s in ds.shards}

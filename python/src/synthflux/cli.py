@@ -211,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument(
         "--backend",
-        choices=["docker", "local"],
+        choices=["docker", "local", "reference", "none"],
         help="docker: run the image with the Docker engine (DOCKER_HOST); local: run "
-        "`julia --project=julia julia/flux_model.jl` here (default: classify.backend, docker)",
+        "`julia --project=julia julia/flux_model.jl` here; reference: the same network in "
+        "PyTorch, in-process (no Julia needed); none: only collect and check the outputs "
+        "another process wrote (default: classify.backend, docker)",
     )
     p.add_argument(
         "--image",
@@ -241,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["docker", "local", "reference"],
+        choices=["docker", "local", "reference", "none"],
         help="classifier backend (default: classify.backend in the config)",
     )
     p.add_argument("--image", metavar="TAG", help="Julia image for the docker backend")

@@ -129,7 +129,8 @@ class PreprocessConfig(_Strict):
 
 
 class ClassifyConfig(_Strict):
-    backend: Literal["docker", "local"] = "docker"
+    # docker/local: julia/flux_model.jl; reference: its PyTorch twin; none: collect outputs.
+    backend: Literal["docker", "local", "reference", "none"] = "docker"
     image: str = "synthflux-julia:latest"
     julia: str = "julia"  # the executable for the local backend
     # weights.npz for the CNN; empty = DATA/model/weights.npz, created from `seed` if missing.

@@ -1,0 +1,67 @@
+"""`synthflux run` and `synthflux report` end to end on the tiny model (reference classifier)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+from PIL import Image
+
+from conftest import run_cli, tree_bytes
+from synthflux.pipeline import run_pipeline
+
+
+def test_run_then_rerun_skips_verified_work_and_from_redoes(write_config):
+    _, cfg = write_config(classify={"backend": "reference"})
+    lines: list[str] = []
+    run_pipeline(cfg, say=lines.append)
+    assert any("8 generated" in line for line in lines)
+    assert any("classified 8 images" in line for line in lines)
+    first = tree_bytes(cfg.data_root, "**/*.npz") | tree_bytes(cfg.data_root, "**/*.png")
+
+    again: list[str] = []
+    run_pipeline(cfg, say=again.append)
+    assert any("8 already done, 0 generated" in line for line in again)
+    assert any("3 already done" in line for line in again)  # 3 output shards reused
+    assert any("classify: predictions are complete and verified; skipped" in line for line in again)
+
+    redo: list[str] = []
+    run_pipeline(cfg, from_stage="preprocess", say=redo.append)
+    assert any("removed" in line and "preprocessed" in line for line in redo)
+    assert any("0 already done" in line and "preprocess" in line for line in redo)
+    assert any("classified 8 images" in line for line in redo)
+    assert first == tree_bytes(cfg.data_root, "**/*.npz") | tree_bytes(cfg.data_root, "**/*.png")
+
+    with open(cfg.data_root / "predictions" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["id"]) for r in rows] == list(range(8))
+    for r in rows:
+        p = np.array([float(r["p_cat"]), float(r["p_dog"])])
+        assert abs(p.sum() - 1) < 1e-5
+        assert r["predicted"] == ("cat", "dog")[int(p.argmax())]
+
+
+def test_report_shows_every_class_with_captions(write_config):
+    path, cfg = write_config(classify={"backend": "reference"})
+    assert run_cli("run", str(path)).returncode == 0
+    result = run_cli("report", str(path), "--per-class", "3")
+    assert result.returncode == 0, result.stderr
+    assert "6 of 8 images shown" in result.stdout
+    page = (cfg.data_root / "report" / "index.html").read_text()
+    summary = json.loads((cfg.data_root / "predictions" / "summary.json").read_text())
+    assert page.count("<figure") == 6 and page.count("data:image/png;base64,") == 6
+    assert 'src="http' not in page  # self-contained
+    assert f"{summary['accuracy']:.3f}" in page
+    for rec in map(
+        json.loads, (cfg.data_root / "generated/manifest.jsonl").read_text().splitlines()[:3]
+    ):
+        assert f"seed {rec['seed']}" in page
+    sheet = Image.open(cfg.data_root / "report" / "contact-sheet.png")
+    assert sheet.width >= 3 * 128 and sheet.height > 2 * 128
+
+
+def test_report_before_classify_is_a_clear_error(write_config):
+    path, _ = write_config()
+    result = run_cli("report", str(path))
+    assert result.returncode == 2 and "run `synthflux classify` first" in result.stderr
