@@ -196,6 +196,20 @@ def test_dry_run_apptainer_matches_golden(
     check_golden("submit-apptainer.txt", text)
 
 
+def test_python_may_be_a_command_line(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from synthflux.cli import main
+
+    config, _ = write_config(tmp_path, tmp_path / "data", tiny_model)
+    python = "apptainer exec --nv '/images/synthflux python.sif' python"
+    assert main(["submit", str(config), "--shards", "2", "--dry-run", "--python", python]) == 0
+    execs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("exec ")]
+    assert len(execs) == 3
+    for line in execs:
+        assert line.startswith(f"exec {python} -m synthflux ")
+
+
 def test_apptainer_shim_passes_only_the_model_arguments(tmp_path: Path) -> None:
     from synthflux.submit import render_apptainer_shim
 

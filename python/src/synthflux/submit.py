@@ -131,9 +131,9 @@ def array_spec(tasks: list[int]) -> str:
 
 def _command(stage: str, paths: Paths, opts: SubmitOptions) -> str:
     q = shlex.quote
-    cmd = (
-        f"{q(opts.python)} -m synthflux {stage} {q(str(paths.config))} --data {q(str(paths.data))}"
-    )
+    # A path, or a command line such as "apptainer exec --nv synthflux-python.sif python".
+    python = q(opts.python) if Path(opts.python).exists() else shlex.join(shlex.split(opts.python))
+    cmd = f"{python} -m synthflux {stage} {q(str(paths.config))} --data {q(str(paths.data))}"
     if stage == "generate":
         return cmd + f' --shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'
     if stage == "preprocess":
@@ -229,16 +229,17 @@ class Status:
             state = "complete" if st.complete else "incomplete"
             head = f"{st.stage:<11} {state:<10}"
             if st.waiting:
-                out.append(f"{head} (waiting for the stage before it)")
+                out.append(f"{head} waiting for the stage before it")
                 continue
             if st.stage != "classify":
                 head += f" {sum(s.complete for s in st.shards)}/{len(st.shards)} tasks done"
-            out.append(head + (f"  ({st.note})" if st.note else ""))
+            out.append((head + (f"  ({st.note})" if st.note else "")).rstrip())
             unit = "images" if st.stage == "generate" else "output shards"
             for s in st.shards:
                 where = f"task {s.index}/{self.shards}" if st.stage != "classify" else "job"
                 mark = "done" if s.complete else "missing"
-                out.append(f"  {where:<12} {s.done:>6}/{s.total:<6} {unit:<13} {mark}")
+                count = f"{s.done}/{s.total}"
+                out.append(f"  {where:<10} {count:>9} {unit:<13} {mark}")
         return out
 
     def to_json(self) -> dict[str, Any]:
