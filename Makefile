@@ -7,6 +7,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 CONFIG ?= examples/tiny.toml
 DATA ?= data
+# The demo classifies with the CNN's PyTorch twin, so it needs neither Julia nor Docker;
+# DEMO_BACKEND=docker (after `make images`) or local (a julia with Flux) runs the Julia CNN.
+DEMO_BACKEND ?= reference
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
@@ -29,8 +32,8 @@ venv: $(BIN)/.stamp ## create or update the virtualenv (.venv)
 
 .PHONY: demo
 demo: $(BIN)/.stamp ## the tiny example end to end on a CPU (data in DATA/demo)
-	$(BIN)/synthflux generate $(CONFIG) --data $(DATA)/demo
-	$(BIN)/synthflux preprocess $(CONFIG) --data $(DATA)/demo
+	$(BIN)/synthflux run $(CONFIG) --data $(DATA)/demo --backend $(DEMO_BACKEND)
+	$(BIN)/synthflux report $(CONFIG) --data $(DATA)/demo
 
 .PHONY: test
 test: $(BIN)/.stamp ## lint, then every test (what CI runs)

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
 from synthflux.storage import atomic_write, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
-CAPTION_LINES = 5
+CAPTION_LINES = 6
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,8 @@ def _thumbnail(cfg: PipelineConfig, row: dict[str, str]) -> Image.Image:
     path = cfg.data_root / "generated" / row["file"]
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB, THUMB))
-            return im
+            # contain() also enlarges: tiny-model images are 32 px; keep their pixels sharp.
+            return ImageOps.contain(im.convert("RGB"), (THUMB, THUMB), Image.Resampling.NEAREST)
     except (OSError, ValueError):  # a missing image still gets its caption
         return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
 
@@ -110,8 +109,9 @@ def _contact_sheet(
                 (x0 - 2, y0 - 2, x0 + THUMB + 1, y0 + THUMB + 1),
                 outline="green" if right else "red",
             )
-            caption = [f"#{row['id']} seed {row['seed'][:10]}", _probabilities(row, classes)]
-            caption += textwrap.wrap(row["prompt"], 22)[: CAPTION_LINES - 2]
+            caption = [f"#{row['id']} {row['name']}", f"seed {row['seed']}"]
+            caption += [_probabilities(row, classes)]
+            caption += textwrap.wrap(row["prompt"], 22)[: CAPTION_LINES - 3]
             for j, text in enumerate(caption):
                 draw.text((x0, y0 + THUMB + 4 + j * line_h), text, fill="black", font=font)
         y += block
