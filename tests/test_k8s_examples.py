@@ -85,6 +85,20 @@ def test_indexed_jobs_follow_the_shard_contract(stage: str) -> None:
         assert sum(s.owns(item) for s in owners) == 1
 
 
+def test_classify_runs_the_julia_image_then_the_report() -> None:
+    """As compose.yaml: flux_model.jl writes the probabilities, `classify --backend none` checks."""
+    job = {doc["metadata"]["name"]: doc for _, doc in documents()}["synthflux-classify"]
+    spec = job["spec"]["template"]["spec"]
+    (julia,) = spec["initContainers"]
+    (report,) = spec["containers"]
+    assert julia["image"].startswith("synthflux-julia:")
+    args = julia["args"]
+    assert args[args.index("--input") + 1] == "/data/preprocessed"
+    assert args[args.index("--output") + 1] == "/data/predictions"
+    parsed = build_parser().parse_args(report["args"])
+    assert (parsed.command, parsed.backend, parsed.data) == ("classify", "none", "/data")
+
+
 def test_all_pods_share_one_data_volume() -> None:
     claims = {
         v["persistentVolumeClaim"]["claimName"]

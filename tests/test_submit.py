@@ -14,7 +14,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,13 @@ import pytest
 import tomli_w
 
 from conftest import BASE_CONFIG, deep_update, run_cli, tree_bytes
-from synthflux.classify import BACKENDS
 from synthflux.config import PipelineConfig, load_config
 
 GOLDEN = Path(__file__).parent / "fixtures" / "slurm"
-STANDIN = Path(__file__).parent / "standin" / "flux_model_standin.py"
 SLURM_CONF = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
 PYTHON = "/opt/venv/bin/python"  # in golden scripts, instead of this machine's interpreter
 WAIT_S = 150
-# The PyTorch reference backend needs no Julia; until classify has it, the local backend runs
-# the flux_model.jl contract stand-in as `julia`.
-CLASSIFY_BACKEND = "reference" if "reference" in BACKENDS else "local"
+CLASSIFY_BACKEND = "reference"  # the PyTorch twin of the Flux CNN: no Julia on the node
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -71,11 +66,7 @@ def write_config(
     folder: Path, data: Path, model: Path, **overrides: Any
 ) -> tuple[Path, PipelineConfig]:
     folder.mkdir(parents=True, exist_ok=True)
-    julia = folder / "julia-standin"
-    julia.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
-    julia.chmod(0o755)
-    raw = deep_update(BASE_CONFIG, {"generate": {"model": str(model)}})
-    raw = deep_update(raw, {"classify": {"julia": str(julia)}, **overrides})
+    raw = deep_update(BASE_CONFIG, {"generate": {"model": str(model)}, **overrides})
     raw["data_root"] = str(data)
     path = folder / "pipeline.toml"
     path.write_text(tomli_w.dumps(raw))
@@ -145,7 +136,7 @@ def assert_same_as_unsharded(data: Path, reference: Path) -> None:
         different = [name for name in want if got[name] != want[name]]
         assert not different, f"{sub}: bytes differ from the unsharded run: {different}"
     summary = json.loads((data / "predictions" / "summary.json").read_text())
-    assert summary["images"] == 8
+    assert (summary["images"], summary["backend"]) == (8, CLASSIFY_BACKEND)
 
 
 def normalise(text: str, tmp: Path) -> str:
