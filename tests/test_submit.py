@@ -334,7 +334,7 @@ def test_failed_task_stops_later_stages_and_resubmit_completes(
     check_golden("resubmit-failed.txt", normalise(plan, tmp_path))
 
     out, new_ids = submit_and_wait(config, "--resubmit-failed")
-    assert re.search(rf"submitted generate +job {new_ids['generate']}: array 1 \(1 tasks\)", out)
+    assert re.search(rf"submitted generate +job {new_ids['generate']}: array 1 \(1 task\)", out)
     states = job_states(list(new_ids.values()))
     assert set(states.values()) == {"COMPLETED"}, states
     # The task resumed: the images its failed run wrote (4 and 7) were kept, not made again.

@@ -511,7 +511,8 @@ def check_not_running(data: Path) -> None:
     previous = read_submission(data)
     if previous is None:
         return
-    busy = _queued([j["id"] for j in previous.get("jobs", {}).values()])
+    ids = sorted((j["id"] for j in previous.get("jobs", {}).values()), key=lambda i: (len(i), i))
+    busy = _queued(ids)
     if busy:
         ids = ",".join(busy)
         raise SubmitError(
@@ -524,7 +525,8 @@ def describe(jobs: list[Submitted], paths: Paths, target: str) -> list[str]:
     out = []
     prev = None
     for j in jobs:
-        what = f"array {array_spec(j.tasks)} ({len(j.tasks)} tasks)" if j.tasks else "1 job"
+        n = len(j.tasks or [])
+        what = f"array {array_spec(j.tasks)} ({n} task{'s' * (n != 1)})" if j.tasks else "1 job"
         after = f", after {prev} succeeds" if prev else ""
         out.append(f"submitted {j.stage:<10} job {j.job_id}: {what}{after}")
         prev = j.stage
