@@ -39,7 +39,14 @@ running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 # Without a slurm.conf, clients spend a minute on a DNS lookup (configless mode): check first.
 node_usable() { [[ -f $CONF ]] && sinfo -h -N -o '%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)'; }
 
-if node_usable; then
+# Every daemon alive and the node usable: nothing to do. (slurmctld keeps calling a node idle
+# for SlurmdTimeout after its slurmd died, so check the daemons themselves too.)
+daemons_alive() {
+    local d
+    for d in mysqld slurmdbd slurmctld slurmd; do running "$ROOT/run/$d.pid" || return 1; done
+    munge -n 2>/dev/null | unmunge >/dev/null 2>&1
+}
+if daemons_alive && node_usable; then
     say "cluster already up: $(sinfo -h -N -o '%N %t %c CPUs %m MB')"
     exit 0
 fi
