@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from conftest import BASE_CONFIG, deep_update, run_cli, tree_bytes
+from conftest import BASE_CONFIG, REPO, deep_update, run_cli, tree_bytes
 from synthflux.config import PipelineConfig, load_config
 
 GOLDEN = Path(__file__).parent / "fixtures" / "slurm"
@@ -140,7 +140,8 @@ def assert_same_as_unsharded(data: Path, reference: Path) -> None:
 
 
 def normalise(text: str, tmp: Path) -> str:
-    return text.replace(str(tmp), "<tmp>").replace(str(Path.cwd()), "<cwd>")
+    """Machine-specific paths -> placeholders; submissions run in the repository (run_cli)."""
+    return text.replace(str(tmp), "<tmp>").replace(str(REPO), "<repo>")
 
 
 def check_golden(name: str, text: str) -> None:
@@ -161,7 +162,9 @@ def dry_run(
     from synthflux.cli import main
 
     config, _ = write_config(tmp_path, tmp_path / "data", tiny_model)
-    assert main(["submit", str(config), "--dry-run", "--python", PYTHON, *args]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)  # as run_cli: --chdir is the folder `submit` ran in
+        assert main(["submit", str(config), "--dry-run", "--python", PYTHON, *args]) == 0
     return normalise(capsys.readouterr().out, tmp_path)
 
 
@@ -326,7 +329,7 @@ def test_failed_task_stops_later_stages_and_resubmit_completes(
     assert status["stages"]["preprocess"]["waiting"]
 
     blocker.rmdir()  # the user fixes the problem
-    plan = cli("submit", str(config), "--resubmit-failed", "--dry-run")
+    plan = cli("submit", str(config), "--resubmit-failed", "--dry-run", "--python", PYTHON)
     assert plan.splitlines()[0] == (
         "resubmitting what the data shows incomplete: "
         "generate tasks 1; preprocess tasks 0-2; classify job"
