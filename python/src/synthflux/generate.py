@@ -14,8 +14,6 @@ Layout under DATA/generated/:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -24,7 +22,6 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +35,7 @@ from synthflux.errors import DataError, ModelError
 from synthflux.progress import Progress, quiet_library_progress
 from synthflux.storage import (
     ShardSpec,
+    file_lock,
     read_jsonl,
     remove_stale_temps,
     sha256_bytes,
@@ -378,23 +376,11 @@ def _scan(
     return done, todo
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Serialise manifest merges of concurrent shards (flock also works on most cluster FS)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def merge_manifest(cfg: PipelineConfig, model: ModelRef) -> tuple[int, bool, dict[str, int]]:
     """Rebuild manifest.jsonl and dropped.jsonl from every part that fits the current config."""
     out = generated_dir(cfg)
     jobs = plan_images(cfg)
-    with _locked(out):
+    with file_lock(out / ".manifest.lock"):
         known = _known_records(out)
         ok, dropped = [], []
         for job in jobs:

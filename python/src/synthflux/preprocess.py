@@ -16,8 +16,6 @@ Layout under DATA/preprocessed/ (the array layout is documented in docs/architec
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import itertools
@@ -44,6 +42,7 @@ from synthflux.progress import Progress
 from synthflux.storage import (
     ShardSpec,
     atomic_write,
+    file_lock,
     remove_stale_temps,
     sha256_file,
     write_json_atomic,
@@ -395,23 +394,13 @@ def _counted(results: Iterable[Any], progress: Progress) -> Iterator[Any]:
         yield r
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    with open(out / ".dataset.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def finish_dataset(cfg: PipelineConfig, summary: PreprocessSummary) -> bool:
     """When every shard has a valid marker, write manifest, rejects, dataset.json, previews."""
     out = preprocessed_dir(cfg)
     pre = cfg.preprocess
     counts = {name: 0 for name in cfg.class_names}
     rejected = {name: 0 for name in cfg.class_names}
-    with _locked(out):
+    with file_lock(out / ".dataset.lock"):
         shards = []  # small per-shard facts only: the rows are streamed from the markers
         for k, records in _shards(cfg):
             info = _shard_done(out, k, _input_key(records, pre))
