@@ -304,6 +304,15 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     assert_same_as_unsharded(data, unsharded)
     assert "nothing to resubmit" in cli("submit", str(config), "--resubmit-failed")
 
+    # A task killed between writing its part and merging the manifest: every shard is done,
+    # but the stage is not, and one generate task (which merges at its end) is resubmitted.
+    manifest = data / "generated" / "manifest.jsonl"
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:5]))
+    status = status_json(config)["stages"]["generate"]
+    assert not status["complete"] and status["note"] == "manifest not merged yet", status
+    plan = cli("submit", str(config), "--resubmit-failed", "--dry-run").splitlines()[0]
+    assert plan.endswith("generate tasks 0; preprocess tasks 0-2; classify job"), plan
+
 
 @pytest.mark.usefixtures("slurm")
 def test_failed_task_stops_later_stages_and_resubmit_completes(

@@ -270,6 +270,7 @@ def _generate_status(cfg: PipelineConfig, n: int) -> StageStatus:
     # The stage's own record, less the two fields that need the model loaded to know.
     model = ModelRef(path="", name=cfg.generate.model, revision="", scheduler="")
     shards = [ShardState(i, 0, 0) for i in range(n)]
+    made: set[int] = set()  # ids with an image (not dropped): what the manifest must list
     for job in plan_images(cfg):
         shard = shards[job.id % n]
         shard.total += 1
@@ -284,10 +285,17 @@ def _generate_status(cfg: PipelineConfig, n: int) -> StageStatus:
             cfg.seed, job.class_name, job.index, attempt
         ):
             continue
-        if rec.get("status") == "dropped" or (out / job.file).is_file():
+        if rec.get("status") == "dropped":
             shard.done += 1
-    complete = all(s.complete for s in shards) and (out / "manifest.jsonl").is_file()
-    return StageStatus("generate", shards, complete)
+        elif (out / job.file).is_file():
+            shard.done += 1
+            made.add(job.id)
+    if not all(s.complete for s in shards):
+        return StageStatus("generate", shards, False)
+    # A task killed between writing its part and merging leaves the manifest behind.
+    manifest = out / "manifest.jsonl"
+    merged = manifest.is_file() and {r["id"] for r in read_jsonl(manifest)} == made
+    return StageStatus("generate", shards, merged, "" if merged else "manifest not merged yet")
 
 
 def _preprocess_status(cfg: PipelineConfig, n: int, generated: bool) -> StageStatus:
@@ -405,7 +413,8 @@ class Plan:
         all_tasks = list(range(status.shards))
         if not gen.complete:
             # A new manifest can change every output shard: preprocess all (verified ones skip).
-            missing = gen.incomplete() or all_tasks
+            # No shard missing means only the manifest merge is: any one task does it at its end.
+            missing = gen.incomplete() or [0]
             return cls({"generate": missing, "preprocess": all_tasks, "classify": None})
         if not pre.complete:
             # All shards done but no dataset.json: any one task writes it at its end.
