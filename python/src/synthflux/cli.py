@@ -365,3 +365,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"synthflux {args.command}: interrupted; re-run to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `synthflux status | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -340,6 +340,16 @@ def _shards(cfg: PipelineConfig) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         yield k, chunk
 
 
+def shard_states(cfg: PipelineConfig) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """Each output shard k with its verified done marker, or None if it is not done (yet).
+
+    The stage's own definition of done, so `synthflux status` agrees with a re-run.
+    """
+    out = preprocessed_dir(cfg)
+    for k, records in _shards(cfg):
+        yield k, _shard_done(out, k, _input_key(records, cfg.preprocess))
+
+
 def preprocess(
     cfg: PipelineConfig, shard: ShardSpec | None = None, workers: int | None = None
 ) -> PreprocessSummary:

@@ -300,17 +300,16 @@ def _generate_status(cfg: PipelineConfig, n: int) -> StageStatus:
 
 def _preprocess_status(cfg: PipelineConfig, n: int, generated: bool) -> StageStatus:
     # The stage's own definition of a finished output shard, so status agrees with a re-run.
-    from synthflux.preprocess import _input_key, _shard_done, _shards, preprocessed_dir
+    from synthflux.preprocess import preprocessed_dir, shard_states
 
     shards = [ShardState(i, 0, 0) for i in range(n)]
     if not generated:
         return StageStatus("preprocess", shards, False, waiting=True)
     out = preprocessed_dir(cfg)
     done_files: list[tuple[str, str]] = []
-    for k, records in _shards(cfg):
+    for k, info in shard_states(cfg):
         task = shards[k % n]
         task.total += 1
-        info = _shard_done(out, k, _input_key(records, cfg.preprocess))
         if info is not None:
             task.done += 1
             done_files.append((info["file"], info["sha256"]))
