@@ -42,6 +42,23 @@ BAD = [
     ({"generate": {"dtype": "int8"}}, "generate.dtype = 'int8'"),
     ({"generate": {"on_flagged": "keep"}}, "generate.on_flagged = 'keep'"),
     ({"generate": {"stepz": 3}}, "generate.stepz"),
+    ({"generate": {"scheduler": "bogus"}}, "generate.scheduler = 'bogus'"),
+    ({"generate": {"max_attempts": 0}}, "generate.max_attempts = 0"),
+    (
+        {
+            "classes": [
+                {"name": "a", "prompts": ["{c}"], "variables": {"c": []}},
+                {"name": "b", "prompts": ["x"]},
+            ]
+        },
+        "variables.c is empty",
+    ),
+    ({"preprocess": {"pad_value": 2}}, "preprocess.pad_value = 2"),
+    ({"preprocess": {"max_pixels": 0}}, "preprocess.max_pixels = 0"),
+    ({"preprocess": {"workers": -1}}, "preprocess.workers = -1"),
+    ({"classify": {"cpus": 0}}, "classify.cpus = 0"),
+    ({"classify": {"batch_size": 0}}, "classify.batch_size = 0"),
+    ({"classify": {"memory": "lots"}}, "classify.memory = 'lots'"),
     ({"preprocess": {"channels": 2}}, "preprocess.channels = 2"),
     ({"preprocess": {"aspect": "squash"}}, "preprocess.aspect = 'squash'"),
     ({"preprocess": {"resample": "magic"}}, "preprocess.resample = 'magic'"),

@@ -65,3 +65,23 @@ def test_report_before_classify_is_a_clear_error(write_config):
     path, _ = write_config()
     result = run_cli("report", str(path))
     assert result.returncode == 2 and "run `synthflux classify` first" in result.stderr
+
+
+def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
+    """preprocess writes an empty shard when every image in it is rejected; classify copes."""
+    from synthflux.classify import classify
+    from synthflux.generate import generate
+    from synthflux.preprocess import preprocess
+
+    _, cfg = write_config(classify={"backend": "reference"})
+    generate(cfg)
+    for rec in map(
+        json.loads, (cfg.data_root / "generated/manifest.jsonl").read_text().splitlines()
+    ):
+        if rec["id"] in (3, 4, 5):  # the whole of output shard 1 (shard_size 3)
+            (cfg.data_root / "generated" / rec["file"]).write_bytes(b"not a png")
+    assert preprocess(cfg).complete
+    summary = classify(cfg)
+    assert (summary.images, summary.shards) == (5, 3)
+    with open(cfg.data_root / "predictions" / "predictions.csv") as f:
+        assert [int(r["id"]) for r in csv.DictReader(f)] == [0, 1, 2, 6, 7]

@@ -199,6 +199,7 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
         ("dog", "changed.png", png_bytes(good)),
         ("dog", "missing.png", None),
         ("dog", "../../outside.png", png_bytes(good)),
+        ("dog", "adir.png", None),  # a folder where the file should be: unreadable
         ("dog", "ok-1.png", png_bytes(good)),
     ]
     data = tmp_path / "data"
@@ -209,7 +210,7 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
     assert summary.complete
     rejects = {r["id"]: r for r in read_jsonl(data / "preprocessed" / "rejects.jsonl")}
     reasons = {i: rejects[i]["reason"] for i in rejects}
-    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert "cannot decode" in reasons[1] or "truncated" in reasons[1]
     assert "empty file" in reasons[2]
     assert "not an image" in reasons[3]
@@ -218,14 +219,15 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
     assert "sha256" in reasons[6]
     assert "not found" in reasons[7]
     assert "outside" in reasons[8]
+    assert "unreadable" in reasons[9]
     assert all(rejects[i]["file"] for i in rejects) and all("\n" not in r for r in reasons.values())
     kept = read_jsonl(data / "preprocessed" / "manifest.jsonl")
-    assert [r["id"] for r in kept] == [0, 9]
+    assert [r["id"] for r in kept] == [0, 10]
     assert set(rejects).isdisjoint(r["id"] for r in kept)
     assert summary.processed == {"cat": 1, "dog": 1}
-    assert summary.rejected == {"cat": 3, "dog": 5}
+    assert summary.rejected == {"cat": 3, "dog": 6}
     dataset = json.loads((data / "preprocessed" / "dataset.json").read_text())
-    assert dataset["counts"] == {"cat": 1, "dog": 1} and dataset["rejected"] == {"cat": 3, "dog": 5}
+    assert dataset["counts"] == {"cat": 1, "dog": 1} and dataset["rejected"] == {"cat": 3, "dog": 6}
 
 
 def test_missing_inputs_are_clear_errors(tmp_path):

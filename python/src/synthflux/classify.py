@@ -698,7 +698,8 @@ def check_output(path: Path, shard: Shard, n_classes: int) -> np.ndarray:
         raise bad("probs has NaN or infinite values")
     if (probs < 0).any():
         raise bad("probs has negative values")
-    worst = float(np.abs(probs.astype(np.float64).sum(axis=1) - 1.0).max())
+    # initial=0: a shard whose every image was rejected has no rows, which is fine.
+    worst = float(np.abs(probs.astype(np.float64).sum(axis=1) - 1.0).max(initial=0.0))
     if worst > SUM_TOLERANCE:
         raise bad(
             f"rows of probs must sum to 1 (within {SUM_TOLERANCE}), worst is off by {worst:.3g}"
@@ -929,7 +930,7 @@ def classify(
             "counts": counts,
             "predicted_counts": {c: int((predicted == i).sum()) for i, c in enumerate(ds.classes)},
             "correct": correct,
-            "accuracy": correct / len(labels),
+            "accuracy": correct / len(labels) if len(labels) else None,
             "confusion_matrix": {
                 "rows": "prompt class",
                 "columns": "predicted class",

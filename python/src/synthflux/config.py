@@ -78,8 +78,10 @@ class GenerateConfig(_Strict):
     # A Hugging Face model id, a local folder, or "tiny" (a random test model built offline).
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
-    # "default" keeps the model's own scheduler; otherwise one of SCHEDULERS (generate.py).
-    scheduler: str = "default"
+    # "default" keeps the model's own scheduler (the names map to diffusers classes in generate.py).
+    scheduler: Literal["default", "ddim", "pndm", "lms", "euler", "euler_a", "dpm++", "unipc"] = (
+        "default"
+    )
     steps: PositiveInt = 25
     guidance_scale: float = Field(7.5, ge=0)
     width: PositiveInt = 512
@@ -136,7 +138,7 @@ class ClassifyConfig(_Strict):
     # weights.npz for the CNN; empty = DATA/model/weights.npz, created from `seed` if missing.
     weights: str = ""
     batch_size: PositiveInt = 64
-    memory: str = "4g"  # container memory limit
+    memory: str = Field("4g", pattern=r"^[0-9]+[bkmgBKMG]?$")  # container memory limit, e.g. 512m
     cpus: float = Field(2.0, gt=0)  # container CPU limit
     timeout_s: PositiveInt = 3600
     # Where the Python driver runs inside compose, the data lives on this named volume.

@@ -140,10 +140,6 @@ def _model_scheduler(folder: Path, wanted: str) -> str:
 def resolve_model(cfg: PipelineConfig) -> ModelRef:
     """Find the model (building the tiny one, or using the Hugging Face cache) without loading it."""
     gen = cfg.generate
-    if gen.scheduler != "default" and gen.scheduler not in SCHEDULERS:
-        raise ModelError(
-            f"generate.scheduler = {gen.scheduler!r} is not one of: default, {', '.join(SCHEDULERS)}"
-        )
     if gen.model == "tiny":
         from synthflux.tiny_model import save_tiny_model
 
@@ -222,7 +218,8 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
             warnings.simplefilter("ignore", FutureWarning)
             pipe = AutoPipelineForText2Image.from_pretrained(model.path, torch_dtype=dtype)
     except Exception as e:
-        raise ModelError(f"cannot load model {model.name!r} from {model.path}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {model.name!r} from {model.path}: {first}") from None
     if gen.scheduler != "default":
         scheduler_cls = getattr(diffusers, SCHEDULERS[gen.scheduler])
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)

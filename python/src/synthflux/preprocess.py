@@ -28,6 +28,8 @@ import time
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.errors import DataError
 from synthflux.progress import Progress
 from synthflux.storage import (
+    TEMP_TAG,
     ShardSpec,
     atomic_write,
     file_lock,
@@ -213,7 +216,8 @@ def process_shard(
     pre = cfg.preprocess
     out = preprocessed_dir(cfg)
     name = shard_name(k)
-    tmp_npy = out / f".{name}.images.npy.tmp"
+    # Named after its writer: two processes on one shard never share it; a dead one's is swept.
+    tmp_npy = out / f".{name}.images.npy.{TEMP_TAG}.rows.tmp"
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     block = np.empty((pre.channels, pre.height, pre.width, APPEND_ROWS), np.float32, order="F")
@@ -368,7 +372,13 @@ def preprocess(
     start = time.monotonic()
     # fork starts workers fastest, but must not copy a process whose torch threads are running.
     ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
-    pool = ctx.Pool(workers, _init_worker, (pre,)) if workers > 1 else None
+    # concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. out of memory)
+    # raises BrokenProcessPool here instead of hanging the run forever.
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(pre,))
+        if workers > 1
+        else None
+    )
     _init_worker(pre)
     try:
         with Progress("preprocess", min(mine * pre.shard_size, n_records)) as progress:
@@ -380,13 +390,19 @@ def preprocess(
                     progress.update(len(records))
                     continue
                 tasks = [(_input_path(gen_dir, r), r.get("sha256")) for r in records]
-                results = pool.imap(_worker, tasks, chunksize=8) if pool else map(_worker, tasks)
-                info = process_shard(k, records, cfg, _counted(results, progress))
+                results = pool.map(_worker, tasks, chunksize=8) if pool else map(_worker, tasks)
+                try:
+                    info = process_shard(k, records, cfg, _counted(results, progress))
+                except BrokenProcessPool:
+                    raise DataError(
+                        "a preprocess worker died (out of memory? try fewer --workers); "
+                        "re-run to resume from the last finished shard"
+                    ) from None
                 summary.shards_done += 1
                 summary.images += info["count"] + len(info["rejects"])
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.monotonic() - start
     summary.complete = finish_dataset(cfg, summary)
     return summary
@@ -491,8 +507,11 @@ def _write_previews(out: Path, infos: Iterable[dict[str, Any]], cfg: PipelineCon
                 continue
             wanted[r["class"]] -= 1
             path = _safe_path(cfg.data_root / "generated", r["file"])
-            assert path is not None  # rows only hold files that were read successfully
-            chw = load_image(path, None, pre) * std + mean  # (C, H, W) back in [0, 1]
+            try:
+                chw = load_image(path or Path(), None, pre) * std + mean  # (C, H, W) in [0, 1]
+            except Rejected as e:  # the source changed since its shard was made: skip it
+                log.warning("preprocess: no preview for %s: %s", r["file"], e)
+                continue
             pixels = (np.clip(chw, 0, 1) * 255).round().astype(np.uint8)
             im = Image.fromarray(pixels[0] if pre.channels == 1 else pixels.transpose(1, 2, 0))
             im = im.resize((pre.width * 4, pre.height * 4), Image.Resampling.NEAREST)

@@ -179,7 +179,7 @@ img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-rendering
 </style></head><body>
 <h1>synthflux report</h1>
 <p>{summary["images"]} images in {summary["shards"]} shards; accuracy against the prompt labels
-<b>{summary["accuracy"]:.3f}</b> ({summary["correct"]}/{summary["images"]}); backend {e(str(summary.get("backend")))};
+<b>{"n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"}</b> ({summary["correct"]}/{summary["images"]}); backend {e(str(summary.get("backend")))};
 timings: {e(timings)}.</p>
 <h2>Confusion matrix</h2>
 <table><tr><th>prompt \\ predicted</th>{head}</tr>{body}</table>

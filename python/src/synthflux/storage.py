@@ -17,7 +17,9 @@ from typing import IO, Any
 from synthflux.errors import ConfigError
 
 # Temp files name their writer, so a later run can remove those a killed process left behind.
-TEMP_TAG = f"{socket.gethostname()}-{os.getpid()}"
+# Dots are replaced so the tag stays one dot-separated field of the temp file's name.
+_HOST = socket.gethostname().replace(".", "_")
+TEMP_TAG = f"{_HOST}-{os.getpid()}"
 # mkstemp makes 0600 files; data files get what open() would give (the classifier container
 # reads them as another, non-root user). Read once: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
@@ -26,12 +28,11 @@ os.umask(_UMASK)
 
 def remove_stale_temps(folder: Path) -> int:
     """Delete temp files under `folder` left by dead processes of this host; return the count."""
-    host = socket.gethostname()
     removed = 0
     for tmp in folder.rglob(".*.tmp"):
         writer = tmp.name.rsplit(".", 3)[-3] if tmp.name.count(".") >= 3 else ""
         w_host, _, w_pid = writer.rpartition("-")
-        if w_host != host or not w_pid.isdigit() or _alive(int(w_pid)):
+        if w_host != _HOST or not w_pid.isdigit() or _alive(int(w_pid)):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
