@@ -49,3 +49,39 @@ bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by 
 .PHONY: clean
 clean: ## remove the demo data and caches (not the virtualenv)
 	rm -rf $(DATA)/demo .pytest_cache tests/.pytest_cache
+
+# --- containers: the images, and every stage in them through compose.yaml (README "Containers")
+PY_IMAGE ?= synthflux-python:latest
+JULIA_IMAGE ?= synthflux-julia:latest
+DATA_VOLUME ?= synthflux-data
+# GPU=0 on a host without NVIDIA GPUs: leaves out compose.gpu.yaml (generate's GPU reservation).
+GPU ?= 1
+# Extra `docker build` flags, e.g. --build-arg BASE_IMAGE=<mirror>/pytorch:… or --network host.
+DOCKER_BUILD_FLAGS ?=
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+# One stage at a time (--no-deps): make stops at the first that fails, with its exit code.
+COMPOSE_RUN = CONFIG="$(abspath $(CONFIG))" PY_IMAGE="$(PY_IMAGE)" JULIA_IMAGE="$(JULIA_IMAGE)" \
+	DATA_VOLUME="$(DATA_VOLUME)" $(COMPOSE) -f compose.yaml $(if $(filter 1,$(GPU)),-f compose.gpu.yaml) \
+	run --rm --no-deps
+
+.PHONY: images
+images: ## build the Python (PY_IMAGE) and Julia (JULIA_IMAGE) images
+	docker build $(DOCKER_BUILD_FLAGS) -f docker/python.Dockerfile -t $(PY_IMAGE) .
+	docker build $(DOCKER_BUILD_FLAGS) -f docker/julia.Dockerfile -t $(JULIA_IMAGE) .
+
+.PHONY: all
+all: images ## images, then every stage in containers on volume DATA_VOLUME; results to DATA/containers
+	$(COMPOSE_RUN) generate
+	$(COMPOSE_RUN) preprocess
+	$(COMPOSE_RUN) classify
+	$(COMPOSE_RUN) collect
+	$(COMPOSE_RUN) report
+	mkdir -p $(DATA)/containers
+	cid=$$(docker create -v $(DATA_VOLUME):/data:ro $(PY_IMAGE)) && { \
+		docker cp $$cid:/data/predictions $(DATA)/containers/ && \
+		docker cp $$cid:/data/report $(DATA)/containers/; rc=$$?; docker rm $$cid >/dev/null; exit $$rc; }
+	@echo "copied predictions/ and report/ from volume $(DATA_VOLUME) to $(DATA)/containers/"
+
+.PHONY: test-images
+test-images: $(BIN)/.stamp ## build docker/python.Dockerfile on a local Debian base and run generate in it
+	cd tests && SYNTHFLUX_TEST_IMAGES=1 ../$(BIN)/pytest test_containers.py
