@@ -1,8 +1,8 @@
 """Generation overhead: `synthflux generate` vs bare diffusers `pipe(...)` calls, side by side.
 
-Both make the same images (same model, batch size, steps, size, per-image generators) in the
-same process; the bare loop keeps the images in memory, synthflux also encodes, hashes and
-writes PNGs + manifest. Rounds alternate the two so that machine noise hits both alike.
+Both load the pipeline and make the same images (same model, batch size, steps, size,
+per-image generators) in the same process; the bare loop keeps the images in memory,
+synthflux also encodes, hashes and writes PNGs + manifest. Rounds alternate the two so that machine noise hits both alike.
 
     python bench/generate_overhead.py                      # tiny model, CPU
     python bench/generate_overhead.py --sd15-shaped        # SD-1.5-shaped UNet, random weights
@@ -15,12 +15,13 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import tomli_w
 
 from synthflux.config import load_config
-from synthflux.generate import generate, image_seed, load_pipeline, plan_images, resolve_model
+from synthflux.generate import generate, image_seed, plan_images, resolve_model
 
 
 def sd15_shaped_model(folder: Path) -> Path:
@@ -63,13 +64,22 @@ def sd15_shaped_model(folder: Path) -> Path:
     return folder
 
 
-def bare(pipe, cfg) -> float:
-    """What a first script would do: pipe(...) per batch, one generator per image."""
+def bare(cfg, model_path: str) -> float:
+    """What a first script would do: load the pipeline, pipe(...) per batch, one generator
+    per image, images kept in memory."""
     import torch
 
     gen = cfg.generate
     jobs = plan_images(cfg)
     start = time.perf_counter()
+    from diffusers import AutoPipelineForText2Image
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = AutoPipelineForText2Image.from_pretrained(model_path, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(jobs), gen.batch_size):
         batch = jobs[i : i + gen.batch_size]
         seeds = [image_seed(cfg.seed, j.class_name, j.index) for j in batch]
@@ -118,12 +128,12 @@ def main() -> None:
     }  # fmt: skip
     (work / "bench.toml").write_text(tomli_w.dumps(raw))
     cfg = load_config(work / "bench.toml")
-    pipe = load_pipeline(cfg, resolve_model(cfg))
-    bare(pipe, cfg)  # warm-up: first calls allocate and pick kernels
+    path = resolve_model(cfg).path
+    bare(cfg, path)  # warm-up: first calls allocate and pick kernels, files get cached
     ours(cfg)
     t_bare, t_ours = [], []
     for _ in range(args.rounds):
-        t_bare.append(bare(pipe, cfg))
+        t_bare.append(bare(cfg, path))
         t_ours.append(ours(cfg))
     b, o = statistics.median(t_bare), statistics.median(t_ours)
     n = args.images
@@ -132,9 +142,8 @@ def main() -> None:
     print(f"bare diffusers pipe(...): {b:8.2f} s  {n / b:8.2f} img/s")
     print(f"synthflux generate:       {o:8.2f} s  {n / o:8.2f} img/s")
     print(f"overhead ratio (synthflux / bare): {o / b:.3f}  (target <= 1.05)")
-    print(
-        "note: synthflux's time includes loading the model once per run; the bare loop's does not"
-    )
+    print("both include loading the pipeline once; synthflux also encodes, hashes and writes")
+    print("every PNG and the manifest, and verifies the model folder and existing files")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -64,7 +64,7 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_write(path: Path, mode: str = "wb", durable: bool = True) -> Iterator[IO[Any]]:
     """Write to a temp file beside `path`, fsync, then rename over it.
 
     Readers never see a half-written file, and a crash leaves the old file intact.
@@ -76,7 +76,8 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -84,8 +85,9 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
+def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """durable=False skips fsync: for files a resume re-verifies anyway (e.g. hashed PNGs)."""
+    with atomic_write(path, "wb", durable) as f:
         f.write(data)
 
 
