@@ -93,7 +93,8 @@ def load_image(path: Path, expected_sha256: str | None, cfg: PreprocessConfig) -
             _check_name(path, im.format)
             im.seek(0)  # animations: the first frame
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation; skip the copy otherwise
+                im = ImageOps.exif_transpose(im)
     except Rejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
