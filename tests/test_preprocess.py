@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tomli_w
 from PIL import Image
@@ -319,9 +320,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     while len(list(out.glob("shard-*.json"))) < 3 and time.monotonic() < deadline:
         assert proc.poll() is None, "preprocess finished before it could be killed"
         time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "dataset.json").exists()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "workers outlived their killed parent"
     result = run_cli("preprocess", str(path))
     assert result.returncode == 0, result.stderr
     assert "already done" in result.stdout

@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -166,9 +167,18 @@ def _worker(task: tuple[str | None, str | None]) -> tuple[np.ndarray | None, str
 _WORKER_CFG: PreprocessConfig
 
 
-def _init_worker(cfg: PreprocessConfig) -> None:
+def _init_worker(cfg: PreprocessConfig, parent: int | None = None) -> None:
     global _WORKER_CFG
     _WORKER_CFG = cfg
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, OOM) would wait for tasks forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 # --- one shard ----------------------------------------------------------------------------
@@ -376,7 +386,9 @@ def preprocess(
     # concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. out of memory)
     # raises BrokenProcessPool here instead of hanging the run forever.
     pool = (
-        ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(pre,))
+        ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(pre, os.getpid())
+        )
         if workers > 1
         else None
     )
