@@ -53,7 +53,8 @@ RUN if [ "$INSTALL_PYTHON" = 1 ]; then \
     && chown "$UID:$GID" /data /cache /cache/huggingface
 
 # Dependencies first, from pyproject.toml alone: this layer (the slow one) is rebuilt only
-# when the requirements change, not on every source edit. (The pins are pyproject's and TORCH's.)
+# when the requirements change, not on every source edit. (The pins are pyproject's and TORCH's;
+# reading it takes Python 3.11+, which both the default base and Debian bookworm have.)
 COPY python/pyproject.toml /src/python/pyproject.toml
 # hadolint ignore=DL3013
 RUN if [ -n "$TORCH" ]; then pip install --no-cache-dir "$TORCH"; fi \

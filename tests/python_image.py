@@ -104,6 +104,16 @@ def wheelhouse() -> Path:
     return folder
 
 
+def _bind(handler: type, key: str) -> http.server.ThreadingHTTPServer:
+    """A server on a port fixed by `key`: the index URL is a build arg, and build args are part
+    of the layer cache key, so a new port per run would rebuild every layer every time."""
+    first = 20000 + int(hashlib.sha256(key.encode()).hexdigest(), 16) % 20000
+    for port in range(first, first + 20):
+        with contextlib.suppress(OSError):
+            return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a cold build, still works
+
+
 @contextlib.contextmanager
 def serve_index(folder: Path) -> Iterator[str]:
     """`folder` as a package index on 127.0.0.1: every project page lists every file in it
@@ -135,7 +145,7 @@ def serve_index(folder: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    server = _bind(Index, folder.name)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -145,9 +155,21 @@ def serve_index(folder: Path) -> Iterator[str]:
         server.server_close()
 
 
+def _image_id(client, tag: str) -> str | None:
+    import docker
+
+    try:
+        return client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def build(client, tag: str = TAG, *, no_cache: bool = False) -> float:
     """Build the image (with the layer cache unless no_cache); return the seconds it took."""
+    import docker
+
     base = base_image(client)
+    before = _image_id(client, tag)
     with serve_index(wheelhouse()) as url:
         cmd = [
             "docker", "build", "--network", "host", "-f", str(DOCKERFILE), "-t", tag,
@@ -169,6 +191,10 @@ def build(client, tag: str = TAG, *, no_cache: bool = False) -> float:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-30:])
         raise BuildError(f"docker build failed ({done.returncode}) after {seconds:.0f}s:\n{tail}")
     log.warning("built %s in %.0fs", tag, seconds)
+    if before is not None and before != _image_id(client, tag):
+        # The replaced build is untagged now; with the vfs storage driver it holds gigabytes.
+        with contextlib.suppress(docker.errors.DockerException):
+            client.images.remove(before)
     return seconds
 
 
