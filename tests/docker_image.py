@@ -91,6 +91,7 @@ def _locked(folder: Path) -> Iterator[None]:
 def rootfs_tarball() -> Path:
     """The debootstrapped rootfs as an uncompressed tar, built once per cache folder."""
     cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"rootfs-{SUITE}-{rootfs_key()}.tar"
     if tarball.is_file():
         return tarball
