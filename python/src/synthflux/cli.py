@@ -26,6 +26,13 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, data_root=args.data)
 
 
+def _print_lines(lines: list[str]) -> int:
+    """A stage's summary on stdout (logs and progress go to stderr)."""
+    for line in lines:
+        print(line)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from synthflux.generate import generate
     from synthflux.storage import ShardSpec
@@ -34,9 +41,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise SynthfluxError(f"--limit must be a positive number of images, got {args.limit}")
     summary = generate(_config(args), shard=shard, limit=args.limit)
-    for line in summary.lines():
-        print(line)
-    return 0
+    return _print_lines(summary.lines())
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -47,18 +52,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise SynthfluxError(f"--workers must be at least 1, got {args.workers}")
     summary = preprocess(_config(args), shard=shard, workers=args.workers)
-    for line in summary.lines():
-        print(line)
-    return 0
+    return _print_lines(summary.lines())
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from synthflux.classify import classify
 
     summary = classify(_config(args), backend=args.backend, image=args.image)
-    for line in summary.lines():
-        print(line)
-    return 0
+    return _print_lines(summary.lines())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
