@@ -303,9 +303,13 @@ class GenerateSummary:
     per_class: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
+        made = (
+            f"{self.generated} generated in {self.seconds:.1f}s ({self.images_per_s:.2f} img/s)"
+            if self.generated
+            else "0 generated (nothing to do)"
+        )
         out = [
-            f"shard {self.shard}: {self.planned} images planned, {self.reused} already done, "
-            f"{self.generated} generated in {self.seconds:.1f}s ({self.images_per_s:.2f} img/s)",
+            f"shard {self.shard}: {self.planned} images planned, {self.reused} already done, {made}"
         ]
         if self.regenerated_flagged or self.dropped:
             out.append(
