@@ -75,7 +75,9 @@ import numpy as np
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifyError, DataError
-from synthflux.storage import atomic_write, read_jsonl, write_json_atomic
+from synthflux.generate import generated_dir, read_manifest
+from synthflux.preprocess import preprocessed_dir, read_dataset
+from synthflux.storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("synthflux")
 
@@ -136,10 +138,6 @@ class Dataset:
         return sum(len(s.ids) for s in self.shards)
 
 
-def preprocessed_dir(cfg: PipelineConfig) -> Path:
-    return cfg.data_root / "preprocessed"
-
-
 def predictions_dir(cfg: PipelineConfig) -> Path:
     return cfg.data_root / "predictions"
 
@@ -148,10 +146,8 @@ def load_dataset(cfg: PipelineConfig) -> Dataset:
     """dataset.json plus each listed shard's ids and labels (the images stay on disk)."""
     prep = preprocessed_dir(cfg)
     meta_path = prep / "dataset.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path} not found: run `synthflux preprocess` first")
+    meta = read_dataset(cfg)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         classes = [str(c) for c in meta["classes"]]
         dims = int(meta["width"]), int(meta["height"]), int(meta["channels"])
         entries = [(str(e["file"]), int(e["count"])) for e in meta["shards"]]
@@ -186,10 +182,8 @@ def load_dataset(cfg: PipelineConfig) -> Dataset:
 
 def join_manifest(cfg: PipelineConfig, ds: Dataset) -> dict[int, dict[str, Any]]:
     """The generation record of every shard image; labels must agree with the shards'."""
-    path = cfg.data_root / "generated" / "manifest.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `synthflux generate` first")
-    by_id = {int(r["id"]): r for r in read_jsonl(path) if "id" in r}
+    path = generated_dir(cfg) / "manifest.jsonl"
+    by_id = {int(r["id"]): r for r in read_manifest(cfg) if "id" in r}
     for shard in ds.shards:
         for image_id, label in zip(shard.ids.tolist(), shard.labels.tolist(), strict=True):
             rec = by_id.get(image_id)

@@ -539,4 +539,7 @@ def read_dataset(cfg: PipelineConfig) -> dict[str, Any]:
     path = preprocessed_dir(cfg) / "dataset.json"
     if not path.is_file():
         raise DataError(f"{path} not found: run `synthflux preprocess` first (to completion)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}); re-run `synthflux preprocess`") from None
