@@ -346,6 +346,13 @@ def _stream_manifest(cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
             yield rec
 
 
+def _count_records(cfg: PipelineConfig) -> int:
+    """Manifest lines, counted without parsing them (the full parse streams later)."""
+    next(_stream_manifest(cfg), None)  # the clear errors for a missing data root / manifest
+    with open(cfg.data_root / "generated" / "manifest.jsonl", "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _shards(cfg: PipelineConfig) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     records = _stream_manifest(cfg)
     for k in itertools.count():
@@ -375,7 +382,7 @@ def preprocess(
     out = preprocessed_dir(cfg)
     gen_dir = cfg.data_root / "generated"
     summary = PreprocessSummary(shard=str(shard))
-    n_records = sum(1 for _ in _stream_manifest(cfg))  # streamed: memory stays flat
+    n_records = _count_records(cfg)
     summary.shards_total = -(-n_records // pre.shard_size)
     mine = sum(1 for k in range(summary.shards_total) if shard.owns(k))
     out.mkdir(parents=True, exist_ok=True)
@@ -393,12 +400,14 @@ def preprocess(
         else None
     )
     _init_worker(pre)
+    verified: dict[int, dict[str, Any]] = {}  # shard -> its marker, checked in this run
     try:
         with Progress("preprocess", min(mine * pre.shard_size, n_records)) as progress:
             for k, records in _shards(cfg):
                 if not shard.owns(k):
                     continue
-                if _shard_done(out, k, _input_key(records, pre)) is not None:
+                if (reused := _shard_done(out, k, _input_key(records, pre))) is not None:
+                    verified[k] = reused
                     summary.shards_reused += 1
                     progress.update(len(records))
                     continue
@@ -411,13 +420,14 @@ def preprocess(
                         "a preprocess worker died (out of memory? try fewer --workers); "
                         "re-run to resume from the last finished shard"
                     ) from None
+                verified[k] = info
                 summary.shards_done += 1
                 summary.images += info["count"] + len(info["rejects"])
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.monotonic() - start
-    summary.complete = finish_dataset(cfg, summary)
+    summary.complete = finish_dataset(cfg, summary, verified)
     return summary
 
 
@@ -433,7 +443,9 @@ def _counted(results: Iterable[Any], progress: Progress) -> Iterator[Any]:
         yield r
 
 
-def finish_dataset(cfg: PipelineConfig, summary: PreprocessSummary) -> bool:
+def finish_dataset(
+    cfg: PipelineConfig, summary: PreprocessSummary, verified: dict[int, dict[str, Any]]
+) -> bool:
     """When every shard has a valid marker, write manifest, rejects, dataset.json, previews."""
     out = preprocessed_dir(cfg)
     pre = cfg.preprocess
@@ -442,7 +454,8 @@ def finish_dataset(cfg: PipelineConfig, summary: PreprocessSummary) -> bool:
     with file_lock(out / ".dataset.lock"):
         shards = []  # small per-shard facts only: the rows are streamed from the markers
         for k, records in _shards(cfg):
-            info = _shard_done(out, k, _input_key(records, pre))
+            # Shards this run wrote or verified are not hashed a second time.
+            info = verified.get(k) or _shard_done(out, k, _input_key(records, pre))
             if info is None:
                 summary.processed, summary.rejected = counts, rejected
                 return False
