@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from synthflux.errors import ConfigError
+from synthflux.errors import ConfigError, DataError
 
 # Temp files name their writer, so a later run can remove those a killed process left behind.
 # Dots are replaced so the tag stays one dot-separated field of the temp file's name.
@@ -105,8 +105,6 @@ def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a JSON-lines file; a malformed line is an error naming the file and line."""
-    from synthflux.errors import DataError
-
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
