@@ -85,3 +85,24 @@ def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
     assert (summary.images, summary.shards) == (5, 3)
     with open(cfg.data_root / "predictions" / "predictions.csv") as f:
         assert [int(r["id"]) for r in csv.DictReader(f)] == [0, 1, 2, 6, 7]
+
+
+def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config):
+    """Same ids and labels but other pixels (a preprocess setting changed): old predictions
+    no longer count, for `run` and for `status` alike."""
+    from synthflux.config import load_config
+    from synthflux.submit import pipeline_status
+
+    path, cfg = write_config(classify={"backend": "reference"})
+    run_pipeline(cfg, say=lambda _: None)
+    assert pipeline_status(cfg, 1).stages["classify"].complete
+    again: list[str] = []
+    run_pipeline(cfg, say=again.append)
+    assert any("skipped" in line for line in again)
+    assert pipeline_status(cfg, 1).stages["classify"].complete  # a skipped re-run is still complete
+
+    _, changed = write_config(classify={"backend": "reference"}, preprocess={"mean": [0.25]})
+    lines: list[str] = []
+    run_pipeline(changed, say=lines.append)
+    assert any("classified 8 images" in line for line in lines)
+    assert load_config(path).preprocess.mean == [0.25]

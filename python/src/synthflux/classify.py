@@ -869,6 +869,7 @@ def classify(
         raise ClassifyError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
     image = (image or cfg.classify.image) if backend == "docker" else None
     ds = load_dataset(cfg)
+    inputs = _inputs(cfg)
     records = join_manifest(cfg, ds)
     weights = ensure_weights(cfg, ds)
     out = predictions_dir(cfg)
@@ -954,6 +955,28 @@ def classify(
             "backend": backend,
             "image": image,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inputs": inputs,
         },
     )
     return summary
+
+
+def _inputs(cfg: PipelineConfig) -> list[list[str]]:
+    """The shards (file, sha256) as dataset.json lists them: what the predictions belong to."""
+    return [[str(s["file"]), str(s["sha256"])] for s in read_dataset(cfg)["shards"]]
+
+
+def is_current(cfg: PipelineConfig) -> bool:
+    """True when the predictions were made from exactly the current shards' bytes, finished,
+    and every probs file still passes the output checks. `run` and `status` both ask this."""
+    out = predictions_dir(cfg)
+    try:
+        stage = json.loads((out / "stage.json").read_text(encoding="utf-8"))
+        if stage.get("inputs") != _inputs(cfg) or not (out / "predictions.csv").is_file():
+            return False
+        ds = load_dataset(cfg)
+        for shard in ds.shards:
+            check_output(out / shard.probs_file, shard, len(ds.classes))
+    except (OSError, ValueError, AttributeError, DataError, ClassifyError):
+        return False
+    return True

@@ -32,23 +32,6 @@ def reset_from(cfg: PipelineConfig, stage: str) -> list[Path]:
     return removed
 
 
-def classify_is_current(cfg: PipelineConfig) -> bool:
-    """True when predictions exist for exactly the current shards and pass the output checks."""
-    from synthflux.classify import check_output, load_dataset, predictions_dir
-    from synthflux.errors import SynthfluxError
-
-    out = predictions_dir(cfg)
-    if not (out / "stage.json").is_file() or not (out / "predictions.csv").is_file():
-        return False
-    try:
-        ds = load_dataset(cfg)
-        for shard in ds.shards:
-            check_output(out / shard.probs_file, shard, len(ds.classes))
-    except SynthfluxError:
-        return False
-    return True
-
-
 def run_pipeline(
     cfg: PipelineConfig,
     *,
@@ -57,7 +40,7 @@ def run_pipeline(
     image: str | None = None,
     say: Callable[[str], None] = print,
 ) -> None:
-    from synthflux.classify import classify
+    from synthflux.classify import classify, is_current
     from synthflux.generate import generate
     from synthflux.preprocess import preprocess
 
@@ -77,7 +60,7 @@ def run_pipeline(
     if not pre.complete:
         raise DataError("preprocess did not complete; re-run to resume before classifying")
 
-    if classify_is_current(cfg):
+    if is_current(cfg):
         say(
             "classify: predictions are complete and verified; skipped (use --from classify to redo)"
         )

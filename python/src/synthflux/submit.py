@@ -42,7 +42,6 @@ from synthflux.storage import read_jsonl, write_json_atomic
 
 log = logging.getLogger("synthflux")
 
-STAGES = ("generate", "preprocess", "classify")
 SUBMISSION = "submission.json"  # DATA/slurm/: the last submission's options and job ids
 APPTAINER = "apptainer"  # the --classify-backend handled here (classify sees "local")
 MODEL_KEYS = ("model_revision", "scheduler")  # record fields status cannot know cheaply
@@ -325,19 +324,16 @@ def _preprocess_status(cfg: PipelineConfig, n: int, generated: bool) -> StageSta
 
 
 def _classify_status(cfg: PipelineConfig, preprocessed: bool) -> StageStatus:
-    out = cfg.data_root / "predictions"
     dataset = cfg.data_root / "preprocessed" / "dataset.json"
     if not preprocessed:
         return StageStatus("classify", [ShardState(0, 0, 0)], False, waiting=True)
+    from synthflux.classify import is_current
+
     shard_files = [s["file"] for s in json.loads(dataset.read_text())["shards"]]
-    since = dataset.stat().st_mtime  # outputs older than the dataset belong to an earlier one
-
-    def fresh(path: Path) -> bool:
-        return path.is_file() and path.stat().st_mtime >= since
-
-    probs = sum(fresh(out / f.replace(".npz", ".probs.npz")) for f in shard_files)
-    complete = fresh(out / "stage.json") and probs == len(shard_files)
-    note = "" if complete or probs < len(shard_files) else "stage.json not written yet"
+    # The same question `run` asks: predictions made from exactly these shards' bytes.
+    complete = is_current(cfg)
+    probs = len(shard_files) if complete else 0
+    note = "" if complete else "no predictions for the current shards yet"
     return StageStatus("classify", [ShardState(0, probs, len(shard_files))], complete, note)
 
 
