@@ -273,10 +273,10 @@ def _matches(record: dict[str, Any], base: dict[str, Any], global_seed: int) -> 
     )
 
 
-def _embedded_record(path: Path) -> dict[str, Any] | None:
-    """The record inside a PNG we wrote, or None if the file is not a whole PNG of ours."""
+def _embedded_record(data: bytes) -> dict[str, Any] | None:
+    """The record inside a PNG we wrote, or None if the bytes are not a whole PNG of ours."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             text = im.text.get(PNG_KEY)  # type: ignore[attr-defined]
             im.load()  # decodes every row: a truncated file fails here
         return json.loads(text) if text else None
@@ -358,27 +358,39 @@ def _scan(
     known = _known_records(out)
     done: dict[int, dict[str, Any]] = {}
     todo: list[ImageJob] = []
-    for job in jobs:
-        base = base_record(job, cfg, model)
-        rec = known.get(job.id)
-        path = out / job.file
-        if (
-            rec is not None
-            and _matches(rec, base, cfg.seed)
-            and (
-                rec.get("status") == "dropped"
-                or (path.is_file() and sha256_file(path) == rec.get("sha256"))
-            )
-        ):
-            done[job.id] = rec
-            continue
-        if path.is_file():  # written before a crash, not yet in a part file
-            emb = _embedded_record(path)
-            if emb is not None and _matches(emb, base, cfg.seed):
-                done[job.id] = {**emb, "status": "ok", "sha256": sha256_file(path)}
-                continue
-        todo.append(job)
+    with Progress("verify existing", len(jobs)) as progress:  # a resume hashes every file
+        for job in jobs:
+            rec = _verified(job, known.get(job.id), cfg, model, out)
+            if rec is None:
+                todo.append(job)
+            else:
+                done[job.id] = rec
+            progress.update()
     return done, todo
+
+
+def _verified(
+    job: ImageJob, rec: dict[str, Any] | None, cfg: PipelineConfig, model: ModelRef, out: Path
+) -> dict[str, Any] | None:
+    """The job's record if its image is already made and intact (each PNG is read once)."""
+    base = base_record(job, cfg, model)
+    if rec is not None and rec.get("status") == "dropped" and _matches(rec, base, cfg.seed):
+        return rec
+    try:
+        data = (out / job.file).read_bytes()
+    except OSError:
+        return None
+    if (
+        rec is not None
+        and _matches(rec, base, cfg.seed)
+        and sha256_bytes(data) == rec.get("sha256")
+    ):
+        return rec
+    # Written before a crash, not yet in a part file: trust only a whole PNG carrying our record.
+    emb = _embedded_record(data)
+    if emb is not None and _matches(emb, base, cfg.seed):
+        return {**emb, "status": "ok", "sha256": sha256_bytes(data)}
+    return None
 
 
 def merge_manifest(cfg: PipelineConfig, model: ModelRef) -> tuple[int, bool, dict[str, int]]:
