@@ -106,3 +106,17 @@ def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config)
     run_pipeline(changed, say=lines.append)
     assert any("classified 8 images" in line for line in lines)
     assert load_config(path).preprocess.mean == [0.25]
+
+
+def test_report_on_predictions_from_another_config_is_a_clear_error(write_config):
+    path, cfg = write_config(classify={"backend": "reference"})
+    assert run_cli("run", str(path)).returncode == 0
+    summary_path = cfg.data_root / "predictions" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps(summary | {"classes": ["cat", "bird"]}))
+    result = run_cli("report", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lacks columns ['p_bird']" in result.stderr
+    summary_path.write_text("{not json")
+    result = run_cli("report", str(path))
+    assert result.returncode == 2 and "unreadable predictions" in result.stderr

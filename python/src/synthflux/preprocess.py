@@ -472,8 +472,8 @@ def finish_dataset(
         write_jsonl_atomic(
             out / "rejects.jsonl", (r for i in _read_markers(markers) for r in i["rejects"])
         )
-        for stale in out.glob("shard-*.npz"):  # left from a larger earlier dataset
-            if int(stale.stem.split("-")[1]) >= len(shards):
+        for stale in out.glob("shard-[0-9]*.npz"):  # left from a larger earlier dataset
+            if stale.stem[6:].isdigit() and int(stale.stem[6:]) >= len(shards):
                 stale.unlink()
                 stale.with_suffix(".json").unlink(missing_ok=True)
         dataset = {

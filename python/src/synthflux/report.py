@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
+from synthflux.generate import generated_dir
 from synthflux.storage import atomic_write, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
@@ -42,15 +43,31 @@ def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
         raise DataError(
             f"{pred} has no summary.json/predictions.csv: run `synthflux classify` first"
         )
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    with open(csv_path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        wanted = {"id", "name", "class", "prompt", "seed", "file", "predicted"}
+        wanted |= {f"p_{c}" for c in summary["classes"]}
+        missing = wanted - set(reader.fieldnames or [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{pred}: unreadable predictions ({e}); re-run `synthflux classify`"
+        ) from None
+    if missing:
+        raise DataError(
+            f"{csv_path} lacks columns {sorted(missing)} (another config?); re-run `synthflux classify`"
+        )
     return summary, rows
 
 
 def _thumbnail(cfg: PipelineConfig, row: dict[str, str]) -> Image.Image:
-    path = cfg.data_root / "generated" / row["file"]
+    root = generated_dir(cfg).resolve()
+    path = (root / row["file"]).resolve()
     try:
+        if not path.is_relative_to(root):  # never open a path outside generated/
+            raise ValueError(path)
         with Image.open(path) as im:
             # contain() also enlarges: tiny-model images are 32 px; keep their pixels sharp.
             return ImageOps.contain(im.convert("RGB"), (THUMB, THUMB), Image.Resampling.NEAREST)
