@@ -287,3 +287,22 @@ def test_example_configs_are_valid():
     for name in ("tiny", "sd15", "sd-turbo"):
         cfg = load_config(REPO / "examples" / f"{name}.toml")
         assert len(cfg.classes) == 2
+
+
+def test_local_model_revision_is_cached_and_follows_file_changes(
+    write_config, tiny_model, tmp_path
+):
+    import shutil
+
+    from synthflux.generate import resolve_model
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_model, model)
+    _, cfg = write_config(generate={"model": str(model)})
+    first = resolve_model(cfg).revision
+    cache = cfg.data_root / "models" / "revisions.json"
+    assert json.loads(cache.read_text())[str(model.resolve())]["revision"] == first
+    assert resolve_model(cfg).revision == first  # served from the cache
+    config = model / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"norm_num_groups": 4', '"norm_num_groups": 2'))
+    assert resolve_model(cfg).revision != first

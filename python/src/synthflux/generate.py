@@ -122,11 +122,36 @@ class ModelRef:
     scheduler: str
 
 
-def _hash_folder(folder: Path) -> str:
+def _hash_folder(folder: Path, cache: Path) -> str:
+    """A local model's revision: the sha256 of its files' hashes.
+
+    Hashing a multi-GB model costs seconds, so the result is cached (in `cache`, under the
+    data root, never in the model folder) keyed by every file's size and mtime.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256(
+        "\n".join(
+            f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}"
+            for f in files
+        ).encode()
+    ).hexdigest()
+    try:
+        cached = json.loads(cache.read_text()).get(str(folder.resolve()), {})
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("key") == key:
+        return str(cached["revision"])
+    log.info("generate: hashing the model files in %s (cached for later runs)", folder)
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for f in files:
         h.update(f.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(f).encode())
-    return "sha256:" + h.hexdigest()
+    revision = "sha256:" + h.hexdigest()
+    # A cache that cannot be written costs time only.
+    with contextlib.suppress(OSError, ValueError), file_lock(cache.with_suffix(".lock")):
+        entries = json.loads(cache.read_text()) if cache.is_file() else {}
+        entries[str(folder.resolve())] = {"key": key, "revision": revision}
+        write_json_atomic(cache, entries)
+    return revision
 
 
 def _model_scheduler(folder: Path, wanted: str) -> str:
@@ -142,12 +167,16 @@ def _model_scheduler(folder: Path, wanted: str) -> str:
 def resolve_model(cfg: PipelineConfig) -> ModelRef:
     """Find the model (building the tiny one, or using the Hugging Face cache) without loading it."""
     gen = cfg.generate
+    cache = cfg.data_root / "models" / "revisions.json"
     if gen.model == "tiny":
         from synthflux.tiny_model import save_tiny_model
 
         folder = save_tiny_model(cfg.data_root / "models" / "tiny")
         return ModelRef(
-            str(folder), "tiny", _hash_folder(folder), _model_scheduler(folder, gen.scheduler)
+            str(folder),
+            "tiny",
+            _hash_folder(folder, cache),
+            _model_scheduler(folder, gen.scheduler),
         )
     local = Path(gen.model).expanduser()
     if local.is_dir():
@@ -157,13 +186,16 @@ def resolve_model(cfg: PipelineConfig) -> ModelRef:
                 "point it at a diffusers pipeline saved with save_pretrained"
             )
         return ModelRef(
-            str(local), gen.model, _hash_folder(local), _model_scheduler(local, gen.scheduler)
+            str(local),
+            gen.model,
+            _hash_folder(local, cache),
+            _model_scheduler(local, gen.scheduler),
         )
     if gen.model.startswith((".", "/", "~")) or gen.model.count("/") > 1:
         raise ModelError(f"generate.model = {gen.model!r}: no such folder")
     folder = Path(_download(gen.model, gen.revision))
     # A Hub snapshot folder is named after its commit: the exact revision we used.
-    revision = folder.name if folder.parent.name == "snapshots" else _hash_folder(folder)
+    revision = folder.name if folder.parent.name == "snapshots" else _hash_folder(folder, cache)
     return ModelRef(str(folder), gen.model, revision, _model_scheduler(folder, gen.scheduler))
 
 
