@@ -120,3 +120,20 @@ def test_report_on_predictions_from_another_config_is_a_clear_error(write_config
     summary_path.write_text("{not json")
     result = run_cli("report", str(path))
     assert result.returncode == 2 and "unreadable predictions" in result.stderr
+
+
+def test_backend_none_collects_and_checks_what_another_process_wrote(write_config):
+    import pytest
+
+    from synthflux.classify import classify
+    from synthflux.errors import ClassifyError
+
+    _, cfg = write_config(classify={"backend": "reference"})
+    run_pipeline(cfg, say=lambda _: None)
+    csv_path = cfg.data_root / "predictions" / "predictions.csv"
+    before = csv_path.read_bytes()
+    assert classify(cfg, backend="none").images == 8
+    assert csv_path.read_bytes() == before
+    (cfg.data_root / "predictions" / "shard-00001.probs.npz").unlink()
+    with pytest.raises(ClassifyError, match=r"shard-00001\.probs\.npz not found"):
+        classify(cfg, backend="none")

@@ -417,7 +417,10 @@ def collect_existing(ds: Dataset, out: Path, staging: Path) -> None:
                 f"{src} not found: backend 'none' only collects outputs that the classifier "
                 "already wrote (run the julia service or another backend first)"
             )
-        shutil.copyfile(src, staging / shard.probs_file)
+        try:  # same file system: a link, not a copy of every file
+            os.link(src, staging / shard.probs_file)
+        except OSError:
+            shutil.copyfile(src, staging / shard.probs_file)
 
 
 def _readable_by(path: Path, uid: int, gid: int, bits: int = 0o4) -> bool:

@@ -43,12 +43,12 @@ from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.errors import DataError
 from synthflux.progress import Progress
 from synthflux.storage import (
-    TEMP_TAG,
     ShardSpec,
     atomic_write,
     file_lock,
     remove_stale_temps,
     sha256_file,
+    temp_path,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -227,13 +227,12 @@ def process_shard(
     pre = cfg.preprocess
     out = preprocessed_dir(cfg)
     name = shard_name(k)
-    # Named after its writer: two processes on one shard never share it; a dead one's is swept.
-    tmp_npy = out / f".{name}.images.npy.{TEMP_TAG}.rows.tmp"
+    # Private to this writer: two processes on one shard never share it; a dead one's is swept.
+    tmp_npy = temp_path(out / f"{name}.images.npy")
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     block = np.empty((pre.channels, pre.height, pre.width, APPEND_ROWS), np.float32, order="F")
     filled = 0
-    tmp_npy.unlink(missing_ok=True)
     with NpyAppendArray(str(tmp_npy), rewrite_header_on_append=False) as npy:
         for rec, (pixels, reason) in zip(records, images, strict=True):
             if pixels is None:

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -42,12 +43,17 @@ def remove_stale_temps(folder: Path) -> int:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, but another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
+
+
+def temp_path(path: Path) -> Path:
+    """A private temp name beside `path`, in the pattern remove_stale_temps recognises."""
+    return path.parent / f".{path.name}.{TEMP_TAG}.{secrets.token_hex(4)}.tmp"
 
 
 @contextlib.contextmanager
