@@ -34,6 +34,27 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
+def unavailable(reason: str) -> None:
+    """Skip a test whose infrastructure is missing, except in CI, which must provide it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so this must work (see .ci/run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A docker-py client of a running engine (.ci/start-docker.sh starts one)."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as e:
+        unavailable(f"no Docker engine answers ({e})")
+    yield client
+    client.close()
+
+
 def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():

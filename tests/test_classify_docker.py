@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from classify_data import (
 )
 from docker_image import ImageBuildError, ensure_image
 
+from conftest import unavailable
 from synthflux.classify import LABEL, ClassifierFailed, classify
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifyError
@@ -41,21 +42,9 @@ from synthflux.errors import ClassifyError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set, so this must work (see .ci/start-docker.sh)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as e:
-        _unavailable(f"no Docker engine answers ({e})")
-    yield client
-    client.close()
+def engine(docker_engine: Any) -> Any:
+    return docker_engine
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ def image(engine: Any) -> str:
     try:
         return ensure_image(engine)
     except ImageBuildError as e:
-        _unavailable(f"cannot build the stand-in image: {e}")
+        unavailable(f"cannot build the stand-in image: {e}")
         raise
 
 
@@ -304,7 +293,7 @@ def test_named_volume_mode(tmp_path: Path, engine: Any, image: str) -> None:
     try:
         root = Path(volume.attrs["Mountpoint"])
         if not os.access(root, os.W_OK):
-            _unavailable(f"cannot write the volume's folder {root} (needs root)")
+            unavailable(f"cannot write the volume's folder {root} (needs root)")
         fx = make_data(root)
         _, cfg = write_config(tmp_path, root, fx.classes, image=image, volume=volume.name)
         control_standin(fx, hold=True)

@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from synthflux.config import PipelineConfig
+from synthflux.config import BACKENDS, PipelineConfig
 from synthflux.errors import ClassifyError, DataError
 from synthflux.generate import generated_dir, read_manifest
 from synthflux.preprocess import preprocessed_dir, read_dataset
@@ -81,10 +81,6 @@ from synthflux.storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("synthflux")
 
-# docker/local run julia/flux_model.jl; "reference" runs its PyTorch twin in-process (no Julia
-# needed: demos, laptops, clusters without containers); "none" runs nothing and collects the
-# probabilities another process wrote into DATA/predictions (compose's julia service).
-BACKENDS = ("docker", "local", "reference", "none")
 DATA_MOUNT = "/data"  # where the container sees the data root
 VOLUME_OUT = "/out"  # volume mode: an anonymous volume holding the output folder below
 VOLUME_PREDICTIONS = f"{VOLUME_OUT}/predictions"  # ... where the classifier writes

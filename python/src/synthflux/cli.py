@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synthflux import __version__
+from synthflux.config import BACKENDS, STAGES
 from synthflux.errors import SynthfluxError
 
 log = logging.getLogger("synthflux")
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument(
         "--backend",
-        choices=["docker", "local", "reference", "none"],
+        choices=BACKENDS,
         help="docker: run the image with the Docker engine (DOCKER_HOST); local: run "
         "`julia --project=julia julia/flux_model.jl` here; reference: the same network in "
         "PyTorch, in-process (no Julia needed); none: only collect and check the outputs "
@@ -239,12 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         dest="from_stage",
-        choices=["generate", "preprocess", "classify"],
+        choices=STAGES,
         help="redo from this stage: its outputs and later stages' are deleted first",
     )
     p.add_argument(
         "--backend",
-        choices=["docker", "local", "reference", "none"],
+        choices=BACKENDS,
         help="classifier backend (default: classify.backend in the config)",
     )
     p.add_argument("--image", metavar="TAG", help="Julia image for the docker backend")

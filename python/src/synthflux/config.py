@@ -10,7 +10,7 @@ import re
 import string
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -25,6 +25,12 @@ else:  # pragma: no cover
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 PositiveInt = Annotated[int, Field(gt=0)]
+STAGES = ("generate", "preprocess", "classify")
+# docker/local run julia/flux_model.jl; "reference" runs its PyTorch twin in-process (no Julia
+# needed: demos, laptops, clusters without containers); "none" runs nothing and collects the
+# probabilities another process wrote into DATA/predictions (compose's julia service).
+Backend = Literal["docker", "local", "reference", "none"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class _Strict(BaseModel):
@@ -131,8 +137,7 @@ class PreprocessConfig(_Strict):
 
 
 class ClassifyConfig(_Strict):
-    # docker/local: julia/flux_model.jl; reference: its PyTorch twin; none: collect outputs.
-    backend: Literal["docker", "local", "reference", "none"] = "docker"
+    backend: Backend = "docker"
     image: str = "synthflux-julia:latest"
     julia: str = "julia"  # the executable for the local backend
     # weights.npz for the CNN; empty = DATA/model/weights.npz, created from `seed` if missing.

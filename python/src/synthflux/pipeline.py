@@ -12,12 +12,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from synthflux.config import PipelineConfig
+from synthflux.config import STAGES, PipelineConfig
 from synthflux.errors import DataError
 
 log = logging.getLogger("synthflux")
 
-STAGES = ("generate", "preprocess", "classify")
 OUTPUT_DIRS = {"generate": "generated", "preprocess": "preprocessed", "classify": "predictions"}
 
 
