@@ -50,7 +50,6 @@ from synthflux.storage import (
     sha256_file,
     temp_path,
     write_json_atomic,
-    write_jsonl_atomic,
 )
 
 log = logging.getLogger("synthflux")
@@ -464,13 +463,16 @@ def finish_dataset(
                 rejected[r["class"]] += 1
             shards.append({"file": info["file"], "count": info["count"], "sha256": info["sha256"]})
         markers = [out / Path(s["file"]).with_suffix(".json").name for s in shards]
-        write_jsonl_atomic(
-            out / "manifest.jsonl",
-            ({**r, "shard": i["file"]} for i in _read_markers(markers) for r in i["rows"]),
-        )
-        write_jsonl_atomic(
-            out / "rejects.jsonl", (r for i in _read_markers(markers) for r in i["rejects"])
-        )
+        # One pass over the markers writes both lists (markers hold every row: read them once).
+        with (
+            atomic_write(out / "manifest.jsonl", "w") as manifest,
+            atomic_write(out / "rejects.jsonl", "w") as rejects,
+        ):
+            for info in _read_markers(markers):
+                for r in info["rows"]:
+                    manifest.write(json.dumps({**r, "shard": info["file"]}, sort_keys=True) + "\n")
+                for r in info["rejects"]:
+                    rejects.write(json.dumps(r, sort_keys=True) + "\n")
         for stale in out.glob("shard-[0-9]*.npz"):  # left from a larger earlier dataset
             if stale.stem[6:].isdigit() and int(stale.stem[6:]) >= len(shards):
                 stale.unlink()
