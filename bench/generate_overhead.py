@@ -21,7 +21,9 @@ from pathlib import Path
 import tomli_w
 
 from synthflux.config import load_config
-from synthflux.generate import generate, image_seed, plan_images, resolve_model
+from synthflux import generate
+from synthflux.diffusion import resolve_model
+from synthflux.records import image_seed, plan_images
 
 
 def sd15_shaped_model(folder: Path) -> Path:
@@ -101,7 +103,7 @@ def bare(cfg, model_path: str) -> float:
 def ours(cfg) -> float:
     shutil.rmtree(cfg.data_root / "generated", ignore_errors=True)
     start = time.perf_counter()
-    generate(cfg)
+    generate.run(cfg)
     return time.perf_counter() - start
 
 

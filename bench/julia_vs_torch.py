@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from synthflux import reference
+from synthflux.weights import init_weights, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 JULIA_PROJECT = REPO / "julia"
@@ -93,12 +94,12 @@ def main() -> int:
     images = np.asfortranarray(
         np.random.default_rng(0).standard_normal((size, size, c, n)), dtype=np.float32
     )
-    weights = reference.init_weights(size, size, c, seed=0)
+    weights = init_weights(size, size, c, seed=0)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         weights_path = root / "weights.npz"
-        reference.save_weights(weights_path, weights)
+        save_weights(weights_path, weights)
         write_shards(root / "shards", images, shard_size=1000)
 
         # torch, in process: warm up on one batch, then time the forward pass over all images.

@@ -52,10 +52,10 @@ print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resour
     "synthflux": """
 import sys, json, time, resource, shutil
 from synthflux.config import load_config
-from synthflux.preprocess import preprocess
+from synthflux import preprocess
 cfg = load_config(sys.argv[2]); shutil.rmtree(cfg.data_root / "preprocessed", ignore_errors=True)
 t = time.perf_counter()
-preprocess(cfg, workers=int(sys.argv[3]))
+preprocess.run(cfg, workers=int(sys.argv[3]))
 rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 print(json.dumps({"s": time.perf_counter() - t, "rss": rss}))
 """,

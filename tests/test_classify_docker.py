@@ -35,9 +35,10 @@ from classify_data import (
 from docker_image import ImageBuildError, ensure_image
 
 from conftest import unavailable
-from synthflux.classify import LABEL, ClassifierFailed, classify
+from synthflux import classify
+from synthflux.backends.docker import LABEL
 from synthflux.config import PipelineConfig
-from synthflux.errors import ClassifyError
+from synthflux.errors import ClassifierFailed, ClassifyError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def wait_for_container(engine: Any, fx: Fixture, alive: Callable[[], bool]) -> A
 
 
 class Background:
-    """classify(cfg) on a thread, so the test can look at the container while it runs."""
+    """classify.run(cfg) on a thread, so the test can look at the container while it runs."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.result: Any = None
@@ -99,7 +100,7 @@ class Background:
 
     def _run(self, cfg: PipelineConfig) -> None:
         try:
-            self.result = classify(cfg)
+            self.result = classify.run(cfg)
         except BaseException as e:
             self.error = e
 
@@ -122,7 +123,7 @@ def test_success_over_several_shards(setup: Setup, engine: Any) -> None:
     # What a driver killed with SIGKILL leaves: its container, which the next run removes.
     labels = {LABEL: "classify", "synthflux.data_root": str(fx.root.resolve())}
     leftover = engine.containers.create(cfg.classify.image, ["--help"], labels=labels)
-    summary = classify(cfg)
+    summary = classify.run(cfg)
     check_success(fx, summary)
     assert summary.backend == "docker" and summary.image == cfg.classify.image
     out = fx.root / "predictions"
@@ -184,7 +185,7 @@ def test_nonzero_exit_carries_code_and_last_lines(setup: Setup, engine: Any, cap
     fx, _, cfg = setup()
     control_standin(fx, fail="shard-00001.npz")
     with caplog.at_level("INFO", logger="synthflux"), pytest.raises(ClassifierFailed) as err:
-        classify(cfg)
+        classify.run(cfg)
     e = err.value
     assert e.exit_code == 3 and not e.timed_out
     first = str(e).splitlines()[0]
@@ -207,7 +208,7 @@ def test_timeout_kills_and_removes_the_container(setup: Setup, engine: Any) -> N
     control_standin(fx, hang=True)
     start = time.monotonic()
     with pytest.raises(ClassifierFailed, match=r"timed out after 2s .* was killed") as err:
-        classify(cfg)
+        classify.run(cfg)
     assert time.monotonic() - start < 30
     assert err.value.timed_out and err.value.exit_code == 137
     assert "flux_model: hanging as asked" in err.value.log_tail
@@ -218,7 +219,7 @@ def test_memory_limit_is_enforced_and_reported(setup: Setup, engine: Any) -> Non
     fx, _, cfg = setup(memory="128m")
     control_standin(fx, allocate_mb=400)
     with pytest.raises(ClassifierFailed, match=r"out of memory: classify.memory = 128m") as err:
-        classify(cfg)
+        classify.run(cfg)
     assert err.value.exit_code == 137
     assert containers(engine, fx) == []
 
@@ -237,7 +238,7 @@ def test_bad_or_missing_output_names_the_shard(
     fx, _, cfg = setup()
     control_standin(fx, **ctl)
     with pytest.raises(ClassifyError, match=message):
-        classify(cfg)
+        classify.run(cfg)
     assert containers(engine, fx) == []
     out = fx.root / "predictions"
     assert not (out / "summary.json").exists() and not (out / "stage.json").exists()
@@ -251,7 +252,7 @@ def test_daemon_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     fx = make_data(tmp_path / "data")
     _, cfg = write_config(tmp_path, fx.root, fx.classes, backend="docker")
     with pytest.raises(ClassifyError) as err:
-        classify(cfg)
+        classify.run(cfg)
     message = str(err.value)
     assert f"cannot reach the Docker daemon at unix://{sock}" in message
     assert "start Docker" in message and "DOCKER_HOST" in message
@@ -262,7 +263,7 @@ def test_image_missing(setup: Setup, engine: Any) -> None:
     with pytest.raises(
         ClassifyError, match=r"'synthflux-test-julia:no-such-tag' not found: run `make images`"
     ):
-        classify(cfg)
+        classify.run(cfg)
     assert containers(engine, fx) == []
 
 
@@ -325,5 +326,5 @@ def test_unreadable_input_fails_before_any_container(setup: Setup, engine: Any) 
     shard.chmod(0o600)  # the container runs as nobody: it could not read this
     with pytest.raises(ClassifyError, match=r"shard-00001\.npz \(mode 0o600\) is not readable .*"
                        r"65534:65534: run `chmod -R a\+rX .*preprocessed`"):  # fmt: skip
-        classify(cfg)
+        classify.run(cfg)
     assert containers(engine, fx) == []

@@ -28,9 +28,9 @@ from classify_data import (
     write_config,
 )
 
-from synthflux.classify import ClassifierFailed, classify
+from synthflux import classify
 from synthflux.config import PipelineConfig
-from synthflux.errors import ClassifyError, DataError
+from synthflux.errors import ClassifierFailed, ClassifyError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def standin_processes(data_root: Path) -> list[psutil.Process]:
 def test_success_over_several_shards(setup) -> None:
     fx, _, cfg = setup()
     assert len(fx.shard_files) == 4  # 10 images in shards of 3: the last one is short
-    summary = classify(cfg)
+    summary = classify.run(cfg)
     check_success(fx, summary)
     assert summary.backend == "local" and summary.image is None
     # The default weights were created from the seed, readable like any data file.
@@ -76,9 +76,9 @@ def test_success_over_several_shards(setup) -> None:
 
 def test_reruns_replace_previous_outputs(setup) -> None:
     fx, _, cfg = setup()
-    classify(cfg)
+    classify.run(cfg)
     first = (fx.root / "predictions" / "predictions.csv").read_bytes()
-    summary = classify(cfg)
+    summary = classify.run(cfg)
     check_success(fx, summary)
     assert (fx.root / "predictions" / "predictions.csv").read_bytes() == first
 
@@ -87,7 +87,7 @@ def test_nonzero_exit_carries_code_and_last_lines(setup, caplog) -> None:
     fx, _, cfg = setup()
     control_standin(fx, fail="shard-00002.npz")
     with caplog.at_level("INFO", logger="synthflux"), pytest.raises(ClassifierFailed) as err:
-        classify(cfg)
+        classify.run(cfg)
     e = err.value
     assert e.exit_code == 3 and not e.timed_out
     assert "flux_model: error: shard-00002.npz: simulated failure" in str(e).splitlines()[0]
@@ -107,7 +107,7 @@ def test_timeout_kills_the_classifier(setup) -> None:
     control_standin(fx, hang=True)
     start = time.monotonic()
     with pytest.raises(ClassifierFailed, match=r"timed out after 1s") as err:
-        classify(cfg)
+        classify.run(cfg)
     assert time.monotonic() - start < 15
     assert err.value.timed_out
     assert "flux_model: hanging as asked" in err.value.log_tail
@@ -126,48 +126,48 @@ def test_malformed_output_names_the_shard(setup, kind: str) -> None:
         "garbage": "not a readable .npz",
     }[kind]
     with pytest.raises(ClassifyError, match=rf"shard-00001\.npz.*{expected}"):
-        classify(cfg)
+        classify.run(cfg)
     out = fx.root / "predictions"
     assert not (out / "stage.json").exists() and not (out / "summary.json").exists()
 
 
 def test_missing_output_names_the_shard_even_with_an_old_one_present(setup) -> None:
     fx, _, cfg = setup()
-    classify(cfg)  # leaves a good shard-00003.probs.npz from this first run
+    classify.run(cfg)  # leaves a good shard-00003.probs.npz from this first run
     control_standin(fx, skip="shard-00003.npz")
     with pytest.raises(ClassifyError, match=r"shard-00003\.npz.*missing"):
-        classify(cfg)
+        classify.run(cfg)
     assert not (fx.root / "predictions" / "stage.json").exists()
 
 
 def test_missing_julia_and_missing_project(setup, monkeypatch, tmp_path) -> None:
     _, _, cfg = setup(julia=str(tmp_path / "no-such-julia"))
     with pytest.raises(ClassifyError, match="is not an executable on PATH"):
-        classify(cfg)
+        classify.run(cfg)
     _, _, cfg = setup()
     monkeypatch.setenv("SYNTHFLUX_JULIA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(ClassifyError, match="no flux_model.jl in .*SYNTHFLUX_JULIA_DIR"):
-        classify(cfg)
+        classify.run(cfg)
 
 
 def test_weights_checks(setup, tmp_path) -> None:
-    from synthflux import reference
+    from synthflux.weights import init_weights, save_weights
 
     _, _, cfg = setup(weights=str(tmp_path / "missing.npz"))
     with pytest.raises(ClassifyError, match="missing.npz'?: no such file"):
-        classify(cfg)
+        classify.run(cfg)
     wrong = tmp_path / "wrong.npz"
-    reference.save_weights(wrong, reference.init_weights(16, 16, 1, 2, seed=0))
+    save_weights(wrong, init_weights(16, 16, 1, 2, seed=0))
     _, _, cfg = setup(weights=str(wrong))
     with pytest.raises(ClassifyError, match="for 16x16x1 images and 2 classes.*8x8x1"):
-        classify(cfg)
+        classify.run(cfg)
 
 
 def test_missing_inputs_say_which_stage_to_run(setup) -> None:
     fx, _, cfg = setup()
     (fx.root / "preprocessed" / "dataset.json").unlink()
     with pytest.raises(DataError, match="run `synthflux preprocess` first"):
-        classify(cfg)
+        classify.run(cfg)
 
 
 def test_cli_prints_summary_and_one_line_errors(setup) -> None:
@@ -225,6 +225,6 @@ def test_three_classes(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SYNTHFLUX_JULIA_DIR", str(jdir))
     fx = make_data(tmp_path / "data", classes=("cat", "dog", "fox"), per_class=4, shard_size=5)
     _, cfg = write_config(tmp_path, fx.root, fx.classes, backend="local", julia=str(exe))
-    summary = classify(cfg)
+    summary = classify.run(cfg)
     check_success(fx, summary)
     assert np.array(summary.confusion).shape == (3, 3)

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli, tree_bytes
+from synthflux import generate
 from synthflux.config import load_config
 from synthflux.errors import ModelError
-from synthflux.generate import PNG_KEY, generate, image_seed, plan_images
+from synthflux.records import PNG_KEY, image_seed, plan_images
 from synthflux.storage import ShardSpec, sha256_file
 
 
@@ -35,8 +36,8 @@ def manifest(data: Path) -> list[dict]:
 def test_same_config_twice_gives_identical_bytes(write_config, tmp_path):
     _, cfg_a = write_config(data=tmp_path / "a")
     _, cfg_b = write_config(data=tmp_path / "b", name="b.toml")
-    summary = generate(cfg_a)
-    generate(cfg_b)
+    summary = generate.run(cfg_a)
+    generate.run(cfg_b)
     assert summary.generated == 8 and summary.manifest_complete
     a, b = generated(tmp_path / "a"), generated(tmp_path / "b")
     assert len(a) == 9 and a == b
@@ -51,8 +52,8 @@ def test_same_config_twice_gives_identical_bytes(write_config, tmp_path):
 def test_a_different_seed_changes_the_images(write_config, tmp_path):
     _, cfg_a = write_config(data=tmp_path / "a")
     _, cfg_b = write_config(data=tmp_path / "b", name="b.toml", seed=8)
-    generate(cfg_a)
-    generate(cfg_b)
+    generate.run(cfg_a)
+    generate.run(cfg_b)
     a, b = generated(tmp_path / "a"), generated(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(a[k] != b[k] for k in a if k.endswith(".png"))
@@ -66,8 +67,8 @@ def test_batch_size_does_not_change_the_images(write_config, tmp_path):
     """
     _, cfg_1 = write_config(data=tmp_path / "b1", generate={"batch_size": 1})
     _, cfg_5 = write_config(data=tmp_path / "b5", name="b5.toml", generate={"batch_size": 5})
-    generate(cfg_1)
-    generate(cfg_5)
+    generate.run(cfg_1)
+    generate.run(cfg_5)
     m1, m5 = manifest(tmp_path / "b1"), manifest(tmp_path / "b5")
     assert [r["seed"] for r in m1] == [r["seed"] for r in m5]
     for r in m1:
@@ -80,8 +81,8 @@ def test_batch_size_does_not_change_the_images(write_config, tmp_path):
 def test_shards_union_equals_unsharded_run(write_config, tmp_path):
     _, whole = write_config(data=tmp_path / "whole")
     _, sharded = write_config(data=tmp_path / "sharded", name="s.toml")
-    generate(whole)
-    summaries = [generate(sharded, shard=ShardSpec(i, 3)) for i in range(3)]
+    generate.run(whole)
+    summaries = [generate.run(sharded, shard=ShardSpec(i, 3)) for i in range(3)]
     assert [s.planned for s in summaries] == [3, 3, 2]
     assert [s.manifest_complete for s in summaries] == [False, False, True]
     assert generated(tmp_path / "whole") == generated(tmp_path / "sharded")
@@ -90,21 +91,21 @@ def test_shards_union_equals_unsharded_run(write_config, tmp_path):
 def test_limit_then_resume_equals_one_run(write_config, tmp_path):
     _, whole = write_config(data=tmp_path / "whole")
     _, parts = write_config(data=tmp_path / "parts", name="p.toml")
-    generate(whole)
-    first = generate(parts, limit=3)
+    generate.run(whole)
+    first = generate.run(parts, limit=3)
     assert (first.generated, first.remaining, first.manifest_images) == (3, 5, 3)
-    second = generate(parts)
+    second = generate.run(parts)
     assert (second.reused, second.generated) == (3, 5)
     assert generated(tmp_path / "whole") == generated(tmp_path / "parts")
 
 
 def test_corrupted_image_is_regenerated(write_config, tmp_path):
     _, cfg = write_config()
-    generate(cfg)
+    generate.run(cfg)
     before = generated(cfg.data_root)
     victim = cfg.data_root / "generated" / manifest(cfg.data_root)[2]["file"]
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
-    again = generate(cfg)
+    again = generate.run(cfg)
     assert (again.reused, again.generated) == (7, 1)
     assert generated(cfg.data_root) == before
 
@@ -113,7 +114,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(write_config, tmp_path):
     many = {"images_per_class": 30, "generate": {"batch_size": 2}}
     path, cfg = write_config(data=tmp_path / "killed", **many)
     _, reference = write_config(data=tmp_path / "reference", name="ref.toml", **many)
-    generate(reference)
+    generate.run(reference)
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "synthflux", "generate", str(path)],
@@ -141,7 +142,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(write_config, tmp_path):
 
 def test_manifest_schema_and_embedded_records(write_config):
     _, cfg = write_config()
-    generate(cfg)
+    generate.run(cfg)
     records = manifest(cfg.data_root)
     jobs = plan_images(cfg)
     assert [r["id"] for r in records] == [j.id for j in jobs] == list(range(8))
@@ -205,7 +206,7 @@ def test_flagged_images_are_never_written_silently(write_config, monkeypatch, po
     monkeypatch.setattr(
         gen_mod, "load_pipeline", lambda c, m: FlaggingPipe(real_load(c, m), flagged)
     )
-    summary = generate(cfg)
+    summary = generate.run(cfg)
     records = {r["id"]: r for r in manifest(cfg.data_root)}
     dropped_path = cfg.data_root / "generated" / "dropped.jsonl"
     dropped = [json.loads(line) for line in dropped_path.read_text().splitlines()]
@@ -225,13 +226,13 @@ def test_flagged_images_are_never_written_silently(write_config, monkeypatch, po
         for i in (1, 5):
             assert not (cfg.data_root / "generated" / jobs[i].file).exists()
     # A re-run remembers the outcome instead of generating again.
-    again = generate(cfg)
+    again = generate.run(cfg)
     assert again.generated == 0 and again.reused == 8
 
 
 def test_model_tiny_builds_the_model_under_the_data_root(write_config):
     _, cfg = write_config(images_per_class=1, generate={"model": "tiny"})
-    summary = generate(cfg)
+    summary = generate.run(cfg)
     assert summary.generated == 2
     assert (cfg.data_root / "models" / "tiny" / "model_index.json").is_file()
     assert manifest(cfg.data_root)[0]["model"] == "tiny"
@@ -240,11 +241,11 @@ def test_model_tiny_builds_the_model_under_the_data_root(write_config):
 def test_missing_local_model_is_a_clear_error(write_config, tmp_path):
     _, cfg = write_config(generate={"model": str(tmp_path / "no-such-model")})
     with pytest.raises(ModelError, match="no such folder"):
-        generate(cfg)
+        generate.run(cfg)
     (tmp_path / "empty").mkdir()
     _, cfg = write_config(generate={"model": str(tmp_path / "empty")})
     with pytest.raises(ModelError, match="without model_index.json"):
-        generate(cfg)
+        generate.run(cfg)
     assert not (cfg.data_root / "generated").exists()
 
 
@@ -275,10 +276,10 @@ def test_bad_shard_spec(write_config, bad):
 
 
 def test_png_bytes_are_deterministic_for_the_same_pixels():
-    from synthflux.generate import _to_png
+    from synthflux.generate import to_png
 
     pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
-    a, b = _to_png(pixels, {"id": 1}), _to_png(pixels, {"id": 1})
+    a, b = to_png(pixels, {"id": 1}), to_png(pixels, {"id": 1})
     assert a == b
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(a))), pixels)
 
@@ -294,7 +295,7 @@ def test_local_model_revision_is_cached_and_follows_file_changes(
 ):
     import shutil
 
-    from synthflux.generate import resolve_model
+    from synthflux.diffusion import resolve_model
 
     model = tmp_path / "my-model"
     shutil.copytree(tiny_model, model)

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from synthflux import reference
+from synthflux.layout import probs_file
+from synthflux.weights import load_weights, spec_of
 
 REPO = Path(__file__).resolve().parents[1]
 JULIA_PROJECT = REPO / "julia"
@@ -83,7 +85,7 @@ def test_flux_model_matches_golden(julia: str, tmp_path: Path, case: str) -> Non
     assert [line.split(":")[0] for line in shard_lines] == [s.name for s in shards]
     assert any(line.startswith("summary:") for line in lines)
     for shard in shards:
-        name = reference.probs_path(shard, out).name
+        name = probs_file(shard.name)
         got, expected = load_npz(out / name), load_npz(GOLDEN / case / "expected" / name)
         assert got["probs"].dtype == np.float32 and got["ids"].dtype == np.int64
         assert got["probs"].shape == expected["probs"].shape
@@ -135,8 +137,8 @@ def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert "initialised from seed 3" in r.stdout
-    weights = reference.load_weights(weights_path)  # checks names, dtypes, shapes
-    spec = reference.spec_of(weights)
+    weights = load_weights(weights_path)  # checks names, dtypes, shapes
+    spec = spec_of(weights)
     assert (spec.width, spec.height, spec.channels, spec.n_classes) == (20, 16, 3, 2)
     got = load_npz(out / "shard-00000.probs.npz")
     np.testing.assert_allclose(got["probs"], reference.predict(weights, images), atol=1e-5, rtol=0)

@@ -69,19 +69,17 @@ def test_report_before_classify_is_a_clear_error(write_config):
 
 def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
     """preprocess writes an empty shard when every image in it is rejected; classify copes."""
-    from synthflux.classify import classify
-    from synthflux.generate import generate
-    from synthflux.preprocess import preprocess
+    from synthflux import classify, generate, preprocess
 
     _, cfg = write_config(classify={"backend": "reference"})
-    generate(cfg)
+    generate.run(cfg)
     for rec in map(
         json.loads, (cfg.data_root / "generated/manifest.jsonl").read_text().splitlines()
     ):
         if rec["id"] in (3, 4, 5):  # the whole of output shard 1 (shard_size 3)
             (cfg.data_root / "generated" / rec["file"]).write_bytes(b"not a png")
-    assert preprocess(cfg).complete
-    summary = classify(cfg)
+    assert preprocess.run(cfg).complete
+    summary = classify.run(cfg)
     assert (summary.images, summary.shards) == (5, 3)
     with open(cfg.data_root / "predictions" / "predictions.csv") as f:
         assert [int(r["id"]) for r in csv.DictReader(f)] == [0, 1, 2, 6, 7]
@@ -91,7 +89,7 @@ def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config)
     """Same ids and labels but other pixels (a preprocess setting changed): old predictions
     no longer count, for `run` and for `status` alike."""
     from synthflux.config import load_config
-    from synthflux.submit import pipeline_status
+    from synthflux.status import pipeline_status
 
     path, cfg = write_config(classify={"backend": "reference"})
     run_pipeline(cfg, say=lambda _: None)
@@ -125,15 +123,15 @@ def test_report_on_predictions_from_another_config_is_a_clear_error(write_config
 def test_backend_none_collects_and_checks_what_another_process_wrote(write_config):
     import pytest
 
-    from synthflux.classify import classify
+    from synthflux import classify
     from synthflux.errors import ClassifyError
 
     _, cfg = write_config(classify={"backend": "reference"})
     run_pipeline(cfg, say=lambda _: None)
     csv_path = cfg.data_root / "predictions" / "predictions.csv"
     before = csv_path.read_bytes()
-    assert classify(cfg, backend="none").images == 8
+    assert classify.run(cfg, backend="none").images == 8
     assert csv_path.read_bytes() == before
     (cfg.data_root / "predictions" / "shard-00001.probs.npz").unlink()
     with pytest.raises(ClassifyError, match=r"shard-00001\.probs\.npz not found"):
-        classify(cfg, backend="none")
+        classify.run(cfg, backend="none")

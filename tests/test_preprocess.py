@@ -18,9 +18,10 @@ import tomli_w
 from PIL import Image
 
 from conftest import BASE_CONFIG, REPO, deep_update, run_cli, tree_bytes
+from synthflux import preprocess
 from synthflux.config import PipelineConfig, PreprocessConfig, load_config
 from synthflux.errors import DataError
-from synthflux.preprocess import load_image, preprocess
+from synthflux.images import load_image
 
 
 def png_bytes(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -207,7 +208,7 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
     make_dataset(data, files, sha={6: "0" * 64})
     (data / "generated" / "dog" / "adir.png").mkdir()
     _, cfg = config_for(tmp_path, data, width=8, height=8, shard_size=4, max_pixels=20_000)
-    summary = preprocess(cfg, workers=2)
+    summary = preprocess.run(cfg, workers=2)
     assert summary.complete
     rejects = {r["id"]: r for r in read_jsonl(data / "preprocessed" / "rejects.jsonl")}
     reasons = {i: rejects[i]["reason"] for i in rejects}
@@ -234,11 +235,11 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
 def test_missing_inputs_are_clear_errors(tmp_path):
     _, cfg = config_for(tmp_path, tmp_path / "nope")
     with pytest.raises(DataError, match="does not exist"):
-        preprocess(cfg)
+        preprocess.run(cfg)
     (tmp_path / "empty").mkdir()
     path, cfg = config_for(tmp_path, tmp_path / "empty")
     with pytest.raises(DataError, match="manifest.jsonl not found"):
-        preprocess(cfg)
+        preprocess.run(cfg)
     result = run_cli("preprocess", str(path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "run `synthflux generate` first" in result.stderr
@@ -252,7 +253,7 @@ def test_shard_layout_dtype_and_range(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, files)
     _, cfg = config_for(tmp_path, data, width=12, height=10, shard_size=3, mean=[0.5], std=[0.25])
-    preprocess(cfg, workers=1)
+    preprocess.run(cfg, workers=1)
     out = data / "preprocessed"
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["layout"] == "WHCN" and dataset["shape"] == [12, 10, 1]
@@ -292,7 +293,7 @@ def test_same_bytes_whatever_the_workers_and_shard_split(tmp_path):
         from synthflux.storage import ShardSpec
 
         summaries = [
-            preprocess(cfg, shard=ShardSpec.parse(s) if s else None, workers=w) for s, w in runs
+            preprocess.run(cfg, shard=ShardSpec.parse(s) if s else None, workers=w) for s, w in runs
         ]
         assert summaries[-1].complete
         roots[label] = tree_bytes(data / "preprocessed")
@@ -307,7 +308,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     make_dataset(killed_data, files)
     _, ref_cfg = config_for(tmp_path, ref_data, name="ref.toml", shard_size=100)
     path, _ = config_for(tmp_path, killed_data, name="killed.toml", shard_size=100)
-    preprocess(ref_cfg, workers=1)
+    preprocess.run(ref_cfg, workers=1)
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "synthflux", "preprocess", str(path), "--workers", "2"],
@@ -338,11 +339,11 @@ def test_corrupted_shard_is_redone(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, noise_pngs(6))
     _, cfg = config_for(tmp_path, data, shard_size=3)
-    preprocess(cfg, workers=1)
+    preprocess.run(cfg, workers=1)
     before = tree_bytes(data / "preprocessed")
     shard = data / "preprocessed" / "shard-00001.npz"
     shard.write_bytes(shard.read_bytes()[:-10])
-    again = preprocess(cfg, workers=1)
+    again = preprocess.run(cfg, workers=1)
     assert (again.shards_reused, again.shards_done) == (1, 1)
     assert tree_bytes(data / "preprocessed") == before
 
@@ -350,8 +351,8 @@ def test_corrupted_shard_is_redone(tmp_path):
 PEAK_RSS = """
 import resource, sys
 from synthflux.config import load_config
-from synthflux.preprocess import preprocess
-preprocess(load_config(sys.argv[1]), workers=1)
+from synthflux import preprocess
+preprocess.run(load_config(sys.argv[1]), workers=1)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

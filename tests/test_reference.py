@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthflux import reference
+from synthflux import contracts, reference
 from synthflux.errors import DataError
+from synthflux.weights import check_weights, init_weights, load_weights, save_weights, spec_of
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CASES = ["gray", "rgb"]
@@ -49,7 +50,7 @@ def max_pool_2x2(x: np.ndarray) -> np.ndarray:
 
 
 def numpy_forward(weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    spec = reference.spec_of(weights)
+    spec = spec_of(weights)
     x = images.astype(np.float64)
     for i in range(1, len(spec.block_channels) + 1):
         x = flux_conv(x, weights[f"conv{i}_weight"].astype(np.float64), weights[f"conv{i}_bias"])
@@ -69,7 +70,7 @@ def random_images(rng: np.random.Generator, w: int, h: int, c: int, n: int) -> n
 
 @pytest.mark.parametrize("case", CASES)
 def test_reference_matches_golden(case: str) -> None:
-    weights = reference.load_weights(GOLDEN / case / "weights.npz")
+    weights = load_weights(GOLDEN / case / "weights.npz")
     shards = golden_shards(case)
     assert shards
     for shard in shards:
@@ -83,7 +84,7 @@ def test_reference_matches_golden(case: str) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_golden_files_follow_the_contract(case: str) -> None:
     weights = load_npz(GOLDEN / case / "weights.npz")
-    spec = reference.check_weights(weights)
+    spec = check_weights(weights)
     assert (spec.width, spec.height) == (
         12,
         10,
@@ -127,7 +128,7 @@ def test_make_golden_reproduces_committed_files(tmp_path: Path) -> None:
     [(12, 10, 1, 2, 3, (4, 6)), (9, 14, 3, 3, 5, (3,)), (16, 8, 2, 2, 3, (2, 3, 4))],
 )
 def test_torch_reference_agrees_with_independent_numpy(w, h, c, k, kernel, blocks) -> None:
-    weights = reference.init_weights(w, h, c, k, seed=5, channels_per_block=blocks, kernel=kernel)
+    weights = init_weights(w, h, c, k, seed=5, channels_per_block=blocks, kernel=kernel)
     weights["dense_weight"] *= 8  # sharpen, so errors show in the probabilities
     images = random_images(np.random.default_rng(0), w, h, c, 5)
     np.testing.assert_allclose(
@@ -141,7 +142,7 @@ def test_torch_reference_agrees_with_independent_numpy(w, h, c, k, kernel, block
 @pytest.mark.parametrize("case", CASES)
 def test_golden_catches_a_missing_kernel_flip(case: str) -> None:
     """Cross-correlating instead of convolving must move the golden probs far beyond 1e-5."""
-    weights = reference.load_weights(GOLDEN / case / "weights.npz")
+    weights = load_weights(GOLDEN / case / "weights.npz")
     unflipped = dict(weights)
     for name in weights:
         if name.endswith("_weight") and name.startswith("conv"):
@@ -153,7 +154,7 @@ def test_golden_catches_a_missing_kernel_flip(case: str) -> None:
 
 def test_image_axes_are_width_then_height() -> None:
     """images[x, y]: a feature in the left columns must reach the output through column x."""
-    weights = reference.init_weights(12, 10, 1, seed=1, channels_per_block=(4,))
+    weights = init_weights(12, 10, 1, seed=1, channels_per_block=(4,))
     weights["dense_weight"] *= 8
     images = np.zeros((12, 10, 1, 2), dtype=np.float32, order="F")
     images[:4, :, 0, 0] = 3.0  # left columns
@@ -169,7 +170,7 @@ def test_image_axes_are_width_then_height() -> None:
 @pytest.mark.parametrize(("w", "h", "c", "k"), [(64, 64, 1, 2), (32, 48, 3, 2), (7, 5, 2, 4)])
 def test_shapes_and_rows_sum_to_one(w: int, h: int, c: int, k: int) -> None:
     blocks = (8, 16) if min(w, h) >= 4 else (8,)
-    weights = reference.init_weights(w, h, c, k, seed=0, channels_per_block=blocks)
+    weights = init_weights(w, h, c, k, seed=0, channels_per_block=blocks)
     images = random_images(np.random.default_rng(1), w, h, c, 7)
     probs = reference.predict(weights, images, batch_size=3)  # uneven batches
     assert probs.shape == (7, k) and probs.dtype == np.float32
@@ -178,7 +179,7 @@ def test_shapes_and_rows_sum_to_one(w: int, h: int, c: int, k: int) -> None:
 
 
 def test_predict_is_batch_size_independent() -> None:
-    weights = reference.init_weights(20, 12, 3, seed=4)
+    weights = init_weights(20, 12, 3, seed=4)
     images = random_images(np.random.default_rng(2), 20, 12, 3, 10)
     np.testing.assert_allclose(
         reference.predict(weights, images, batch_size=1),
@@ -188,9 +189,9 @@ def test_predict_is_batch_size_independent() -> None:
 
 
 def test_init_is_deterministic_per_seed_and_differs_across_seeds() -> None:
-    a = reference.init_weights(16, 12, 3, seed=7)
-    b = reference.init_weights(16, 12, 3, seed=7)
-    c = reference.init_weights(16, 12, 3, seed=8)
+    a = init_weights(16, 12, 3, seed=7)
+    b = init_weights(16, 12, 3, seed=7)
+    c = init_weights(16, 12, 3, seed=8)
     assert a.keys() == b.keys() == c.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
@@ -204,7 +205,7 @@ def test_init_does_not_touch_global_rng() -> None:
     np.random.seed(123)
     expected = np.random.random()
     np.random.seed(123)
-    reference.init_weights(8, 8, 1, seed=0)
+    init_weights(8, 8, 1, seed=0)
     assert np.random.random() == expected
 
 
@@ -218,18 +219,18 @@ def test_init_does_not_touch_global_rng() -> None:
 )
 def test_bad_arch_is_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        reference.init_weights(12, 10, 1, **kwargs)
+        init_weights(12, 10, 1, **kwargs)
 
 
 # --- weights.npz and shard I/O --------------------------------------------------------------
 
 
 def test_save_load_round_trip_is_atomic(tmp_path: Path) -> None:
-    weights = reference.init_weights(12, 10, 3, seed=1)
+    weights = init_weights(12, 10, 3, seed=1)
     path = tmp_path / "model" / "weights.npz"
-    reference.save_weights(path, weights)
+    save_weights(path, weights)
     assert [p.name for p in path.parent.iterdir()] == ["weights.npz"]  # no temp file left
-    loaded = reference.load_weights(path)
+    loaded = load_weights(path)
     for name in weights:
         np.testing.assert_array_equal(loaded[name], weights[name])
         assert loaded[name].dtype == weights[name].dtype
@@ -258,17 +259,17 @@ def _save_raw(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     ],
 )
 def test_load_weights_rejects_what_does_not_fit(tmp_path: Path, mutate, match: str) -> None:
-    weights = reference.init_weights(12, 10, 1, seed=0)
+    weights = init_weights(12, 10, 1, seed=0)
     mutate(weights)
     path = _save_raw(tmp_path / "weights.npz", weights)
     with pytest.raises(DataError, match=match) as info:
-        reference.load_weights(path)
+        load_weights(path)
     assert str(path) in str(info.value)
 
 
 def test_predict_shard_writes_what_julia_writes(tmp_path: Path) -> None:
     shard = golden_shards("gray")[1]
-    weights = reference.load_weights(GOLDEN / "gray" / "weights.npz")
+    weights = load_weights(GOLDEN / "gray" / "weights.npz")
     out = reference.predict_shard(shard, weights, tmp_path / "pred")
     assert out == tmp_path / "pred" / "shard-00001.probs.npz"
     got, expected = load_npz(out), load_npz(GOLDEN / "gray" / "expected" / out.name)
@@ -295,7 +296,7 @@ def test_bad_shards_are_rejected(tmp_path: Path, mutate, match: str) -> None:
     data = load_npz(golden_shards("gray")[0])
     mutate(data)
     shard = _save_raw(tmp_path / "shard-00000.npz", data)
-    weights = reference.load_weights(GOLDEN / "gray" / "weights.npz")
+    weights = load_weights(GOLDEN / "gray" / "weights.npz")
     with pytest.raises(DataError, match=match):
         reference.predict_shard(shard, weights, tmp_path / "pred")
     assert not (tmp_path / "pred" / "shard-00000.probs.npz").exists()
@@ -305,4 +306,4 @@ def test_truncated_shard_is_a_data_error(tmp_path: Path) -> None:
     shard = tmp_path / "shard-00000.npz"
     shard.write_bytes(golden_shards("gray")[0].read_bytes()[:300])
     with pytest.raises(DataError, match="shard-00000.npz"):
-        reference.read_shard(shard)
+        contracts.read_shard(shard)

@@ -205,7 +205,7 @@ def test_python_may_be_a_command_line(
 
 
 def test_apptainer_shim_passes_only_the_model_arguments(tmp_path: Path) -> None:
-    from synthflux.submit import render_apptainer_shim
+    from synthflux.slurm import render_apptainer_shim
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -260,13 +260,12 @@ def test_status_of_an_empty_data_root(tmp_path: Path, tiny_model: Path) -> None:
 @pytest.fixture(scope="module")
 def unsharded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     """The same config run here in one process, unsharded: what every cluster run must equal."""
-    from synthflux.generate import generate
-    from synthflux.preprocess import preprocess
+    from synthflux import generate, preprocess
 
     root = tmp_path_factory.mktemp("unsharded")
     _, cfg = write_config(root, root / "data", tiny_model)
-    generate(cfg)
-    preprocess(cfg, workers=1)
+    generate.run(cfg)
+    preprocess.run(cfg, workers=1)
     return root / "data"
 
 

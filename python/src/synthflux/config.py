@@ -25,7 +25,6 @@ else:  # pragma: no cover
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 PositiveInt = Annotated[int, Field(gt=0)]
-STAGES = ("generate", "preprocess", "classify")
 # docker/local run julia/flux_model.jl; "reference" runs its PyTorch twin in-process (no Julia
 # needed: demos, laptops, clusters without containers); "none" runs nothing and collects the
 # probabilities another process wrote into DATA/predictions (compose's julia service).

@@ -19,3 +19,34 @@ class DataError(SynthfluxError):
 
 class ClassifyError(SynthfluxError):
     """The classifier (container or local julia) failed or wrote bad output."""
+
+
+class ClassifierFailed(ClassifyError):
+    """The classifier exited non-zero or timed out; carries its exit code and last log lines."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None,
+        log_tail: list[str],
+        timed_out: bool = False,
+        prefix: str = "julia",
+    ) -> None:
+        shown = "".join(f"\n  {prefix} | {line}" for line in log_tail)
+        more = f"; last {len(log_tail)} log lines:{shown}" if log_tail else "; it printed nothing"
+        super().__init__(message + more)
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+        self.timed_out = timed_out
+
+
+class SubmitError(SynthfluxError):
+    """Slurm is missing or refused a submission, or the submit options are invalid."""
+
+
+class Rejected(Exception):
+    """An input image preprocess cannot use; its message is the one-line reason.
+
+    Not a SynthfluxError: a rejected image is quarantined (rejects.jsonl), not a failed run.
+    """

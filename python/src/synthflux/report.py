@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
-from synthflux.generate import generated_dir
+from synthflux.layout import DataLayout
 from synthflux.storage import atomic_write, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
@@ -37,8 +37,9 @@ class Report:
 
 
 def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    pred = cfg.data_root / "predictions"
-    summary_path, csv_path = pred / "summary.json", pred / "predictions.csv"
+    layout = DataLayout(cfg.data_root)
+    pred = layout.predictions
+    summary_path, csv_path = layout.summary, layout.predictions_csv
     if not summary_path.is_file() or not csv_path.is_file():
         raise DataError(
             f"{pred} has no summary.json/predictions.csv: run `synthflux classify` first"
@@ -63,11 +64,10 @@ def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
 
 
 def _thumbnail(cfg: PipelineConfig, row: dict[str, str]) -> Image.Image:
-    root = generated_dir(cfg).resolve()
-    path = (root / row["file"]).resolve()
+    path = DataLayout(cfg.data_root).inside_generated(row["file"])
     try:
-        if not path.is_relative_to(root):  # never open a path outside generated/
-            raise ValueError(path)
+        if path is None:  # never open a path outside generated/
+            raise ValueError(row["file"])
         with Image.open(path) as im:
             # contain() also enlarges: tiny-model images are 32 px; keep their pixels sharp.
             return ImageOps.contain(im.convert("RGB"), (THUMB, THUMB), Image.Resampling.NEAREST)
@@ -84,7 +84,7 @@ def build_report(cfg: PipelineConfig, per_class: int = 24) -> Report:
     summary, rows = _load(cfg)
     classes: list[str] = summary["classes"]
     picked = {c: [r for r in rows if r["class"] == c][:per_class] for c in classes}
-    out = cfg.data_root / "report"
+    out = DataLayout(cfg.data_root).report
     thumbs = {r["id"]: _thumbnail(cfg, r) for group in picked.values() for r in group}
     sheet = _contact_sheet(picked, thumbs, classes, summary)
     sheet_path = out / "contact-sheet.png"

@@ -1,4 +1,4 @@
-"""Cluster batch submission: the pipeline as Slurm job arrays, and its status from the data.
+"""`synthflux submit`: the pipeline as Slurm job arrays, one job per stage (pipeline.STAGES).
 
 `synthflux submit CONFIG --shards N` submits three jobs, each waiting for the previous one:
 
@@ -6,10 +6,9 @@
     preprocess  array 0..N-1, task i runs `synthflux preprocess ... --shard i/N`   (afterok)
     classify    one job running `synthflux classify CONFIG --data DATA`              (afterok)
 
-`synthflux status CONFIG` reads completion from the files the stages write -- generate's part
-records, preprocess's shard markers, classify's stage.json -- never from the scheduler, and
-`submit --resubmit-failed` resubmits exactly the shards status calls incomplete, plus the
-stages after them. Every stage resumes from what it wrote, so a task simply runs again.
+`synthflux status CONFIG` (synthflux.status) reads completion from the files the stages write,
+never from the scheduler, and `submit --resubmit-failed` resubmits exactly the shards status
+calls incomplete, plus the stages after them. Every stage resumes from what it wrote, so a task simply runs again.
 
 Why plain sbatch scripts rendered from a template, not submitit: a task here is a command line
 (`synthflux generate --shard i/N`), not a Python callable, so submitit's pickling, its result
@@ -37,18 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from synthflux.config import PipelineConfig
-from synthflux.errors import DataError, SynthfluxError
-from synthflux.storage import read_jsonl, write_json_atomic
+from synthflux.errors import DataError, SubmitError
+from synthflux.layout import DataLayout
+from synthflux.pipeline import STAGES
+from synthflux.status import Status, pipeline_status
+from synthflux.storage import write_json_atomic
 
 log = logging.getLogger("synthflux")
 
-SUBMISSION = "submission.json"  # DATA/slurm/: the last submission's options and job ids
 APPTAINER = "apptainer"  # the --classify-backend handled here (classify sees "local")
-MODEL_KEYS = ("model_revision", "scheduler")  # record fields status cannot know cheaply
-
-
-class SubmitError(SynthfluxError):
-    """Slurm is missing or refused a submission, or the submit options are invalid."""
 
 
 class _Template(string.Template):
@@ -111,7 +107,7 @@ class Paths:
 
     @property
     def slurm(self) -> Path:
-        return self.data / "slurm"
+        return DataLayout(self.data).slurm
 
 
 def array_spec(tasks: list[int]) -> str:
@@ -187,163 +183,6 @@ def render_apptainer_shim(sif: str) -> str:
     return _template("apptainer-julia.sh").substitute(sif=shlex.quote(sif))
 
 
-# --- status: completion read from the data --------------------------------------------------
-
-
-@dataclass
-class ShardState:
-    index: int
-    done: int  # images (generate) or output shards (preprocess, classify) complete
-    total: int
-
-    @property
-    def complete(self) -> bool:
-        return self.done >= self.total
-
-
-@dataclass
-class StageStatus:
-    stage: str
-    shards: list[ShardState]
-    complete: bool
-    note: str = ""
-    waiting: bool = False  # the stage before is incomplete, so this one's shards are unknown
-
-    def incomplete(self) -> list[int]:
-        return [s.index for s in self.shards if not s.complete]
-
-
-@dataclass
-class Status:
-    shards: int
-    stages: dict[str, StageStatus]
-
-    @property
-    def complete(self) -> bool:
-        return all(s.complete for s in self.stages.values())
-
-    def lines(self) -> list[str]:
-        out = []
-        for st in self.stages.values():
-            state = "complete" if st.complete else "incomplete"
-            head = f"{st.stage:<11} {state:<10}"
-            if st.waiting:
-                out.append(f"{head} waiting for the stage before it")
-                continue
-            if st.stage != "classify":
-                head += f" {sum(s.complete for s in st.shards)}/{len(st.shards)} tasks done"
-            out.append((head + (f"  ({st.note})" if st.note else "")).rstrip())
-            unit = "images" if st.stage == "generate" else "output shards"
-            for s in st.shards:
-                where = f"task {s.index}/{self.shards}" if st.stage != "classify" else "job"
-                mark = "done" if s.complete else "missing"
-                count = f"{s.done}/{s.total}"
-                out.append(f"  {where:<10} {count:>9} {unit:<13} {mark}")
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "complete": self.complete,
-            "stages": {
-                name: {
-                    "complete": st.complete,
-                    "note": st.note,
-                    "waiting": st.waiting,
-                    "incomplete": st.incomplete(),
-                    "shards": [asdict(s) for s in st.shards],
-                }
-                for name, st in self.stages.items()
-            },
-        }
-
-
-def _generate_status(cfg: PipelineConfig, n: int) -> StageStatus:
-    from synthflux.generate import ModelRef, base_record, generated_dir, image_seed, plan_images
-
-    out = generated_dir(cfg)
-    records: dict[int, dict[str, Any]] = {}
-    for part in sorted((out / "parts").glob("part-*.jsonl")):
-        for rec in read_jsonl(part):
-            records[rec["id"]] = rec
-    # The stage's own record, less the two fields that need the model loaded to know.
-    model = ModelRef(path="", name=cfg.generate.model, revision="", scheduler="")
-    shards = [ShardState(i, 0, 0) for i in range(n)]
-    made: set[int] = set()  # ids with an image (not dropped): what the manifest must list
-    for job in plan_images(cfg):
-        shard = shards[job.id % n]
-        shard.total += 1
-        rec = records.get(job.id)
-        if rec is None:
-            continue
-        base = base_record(job, cfg, model)
-        if any(rec.get(k) != v for k, v in base.items() if k not in MODEL_KEYS):
-            continue  # made under another config: generate will make it again
-        attempt = rec.get("attempt")
-        if not isinstance(attempt, int) or rec.get("seed") != image_seed(
-            cfg.seed, job.class_name, job.index, attempt
-        ):
-            continue
-        if rec.get("status") == "dropped":
-            shard.done += 1
-        elif (out / job.file).is_file():
-            shard.done += 1
-            made.add(job.id)
-    if not all(s.complete for s in shards):
-        return StageStatus("generate", shards, False)
-    # A task killed between writing its part and merging leaves the manifest behind.
-    manifest = out / "manifest.jsonl"
-    merged = manifest.is_file() and {r["id"] for r in read_jsonl(manifest)} == made
-    return StageStatus("generate", shards, merged, "" if merged else "manifest not merged yet")
-
-
-def _preprocess_status(cfg: PipelineConfig, n: int, generated: bool) -> StageStatus:
-    # The stage's own definition of a finished output shard, so status agrees with a re-run.
-    from synthflux.preprocess import preprocessed_dir, shard_states
-
-    shards = [ShardState(i, 0, 0) for i in range(n)]
-    if not generated:
-        return StageStatus("preprocess", shards, False, waiting=True)
-    out = preprocessed_dir(cfg)
-    done_files: list[tuple[str, str]] = []
-    for k, info in shard_states(cfg):
-        task = shards[k % n]
-        task.total += 1
-        if info is not None:
-            task.done += 1
-            done_files.append((info["file"], info["sha256"]))
-    try:
-        dataset = json.loads((out / "dataset.json").read_text())
-        listed = [(s["file"], s["sha256"]) for s in dataset["shards"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = None
-    shards_done = all(s.complete for s in shards)
-    complete = shards_done and listed == done_files
-    note = "" if complete or not shards_done else "dataset.json not written yet"
-    return StageStatus("preprocess", shards, complete, note)
-
-
-def _classify_status(cfg: PipelineConfig, preprocessed: bool) -> StageStatus:
-    dataset = cfg.data_root / "preprocessed" / "dataset.json"
-    if not preprocessed:
-        return StageStatus("classify", [ShardState(0, 0, 0)], False, waiting=True)
-    from synthflux.classify import is_current
-
-    shard_files = [s["file"] for s in json.loads(dataset.read_text())["shards"]]
-    # The same question `run` asks: predictions made from exactly these shards' bytes.
-    complete = is_current(cfg)
-    probs = len(shard_files) if complete else 0
-    note = "" if complete else "no predictions for the current shards yet"
-    return StageStatus("classify", [ShardState(0, probs, len(shard_files))], complete, note)
-
-
-def pipeline_status(cfg: PipelineConfig, shards: int) -> Status:
-    gen = _generate_status(cfg, shards)
-    pre = _preprocess_status(cfg, shards, gen.complete)
-    cls = _classify_status(cfg, pre.complete)
-    return Status(shards, {"generate": gen, "preprocess": pre, "classify": cls})
-
-
 # --- submission ----------------------------------------------------------------------------
 
 
@@ -380,8 +219,9 @@ def _queued(job_ids: list[str]) -> list[str]:
     return [j for j in job_ids if j in in_queue]
 
 
-def read_submission(data: Path) -> dict[str, Any] | None:
-    path = data / "slurm" / SUBMISSION
+def read_submission(layout: DataLayout) -> dict[str, Any] | None:
+    """The last submission's options and job ids (DATA/slurm/submission.json), if any."""
+    path = layout.submission
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -398,25 +238,24 @@ class Plan:
 
     @classmethod
     def full(cls, shards: int) -> Plan:
-        return cls(
-            {"generate": list(range(shards)), "preprocess": list(range(shards)), "classify": None}
-        )
+        return cls({st.name: list(range(shards)) if st.sharded else None for st in STAGES})
 
     @classmethod
     def failed(cls, status: Status) -> Plan:
-        gen, pre = status.stages["generate"], status.stages["preprocess"]
-        all_tasks = list(range(status.shards))
-        if not gen.complete:
-            # A new manifest can change every output shard: preprocess all (verified ones skip).
-            # No shard missing means only the manifest merge is: any one task does it at its end.
-            missing = gen.incomplete() or [0]
-            return cls({"generate": missing, "preprocess": all_tasks, "classify": None})
-        if not pre.complete:
-            # All shards done but no dataset.json: any one task writes it at its end.
-            return cls({"preprocess": pre.incomplete() or [0], "classify": None})
-        if not status.stages["classify"].complete:
-            return cls({"classify": None})
-        return cls({})
+        """The first incomplete stage's incomplete tasks, and every stage after it whole.
+
+        A stage whose every task is done but which is not complete (a task was killed before
+        its final merge) needs just one task: any task merges at its end. A new result can
+        change every input of the stages after it, so they run whole (verified work skips).
+        """
+        tasks: dict[str, list[int] | None] = {}
+        for st in STAGES:
+            state = status.stages[st.name]
+            if tasks:
+                tasks[st.name] = list(range(status.shards)) if st.sharded else None
+            elif not state.complete:
+                tasks[st.name] = (state.incomplete() or [0]) if st.sharded else None
+        return cls(tasks)
 
 
 @dataclass
@@ -477,7 +316,7 @@ def submit(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[Submitted]:
 
 def _record(paths: Paths, opts: SubmitOptions, jobs: list[Submitted]) -> None:
     write_json_atomic(
-        paths.slurm / SUBMISSION,
+        DataLayout(paths.data).submission,
         {
             "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": str(paths.config),
@@ -494,7 +333,7 @@ def plan_submission(
     data = cfg.data_root.resolve()
     paths = Paths(config_path.resolve(), data, Path.cwd())
     given = {k: v for k, v in given.items() if v is not None}
-    previous = read_submission(data)
+    previous = read_submission(DataLayout(data))
     if resubmit:
         if previous is None and "shards" not in given:
             raise SubmitError(
@@ -512,7 +351,7 @@ def plan_submission(
 
 
 def check_not_running(data: Path) -> None:
-    previous = read_submission(data)
+    previous = read_submission(DataLayout(data))
     if previous is None:
         return
     ids = sorted((j["id"] for j in previous.get("jobs", {}).values()), key=lambda i: (len(i), i))
@@ -566,13 +405,3 @@ def submit_pipeline(
     jobs = submit(plan, paths, opts)
     _record(paths, opts, jobs)
     return out + describe(jobs, paths, f"{shlex.quote(str(config_path))} --data {paths.data}")
-
-
-def status_shards(cfg: PipelineConfig, shards: int | None) -> int:
-    """--shards, else the last submission's, else 1 (status is the same data either way)."""
-    if shards is not None:
-        if shards < 1:
-            raise SubmitError(f"--shards must be at least 1, got {shards}")
-        return shards
-    previous = read_submission(cfg.data_root)
-    return int(previous["options"]["shards"]) if previous else 1

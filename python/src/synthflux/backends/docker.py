@@ -1,0 +1,316 @@
+"""Backend "docker": one locked-down container of `classify.image` classifies every shard.
+
+The driver creates, attaches, starts, waits for and always removes the container itself, with
+the Docker SDK. The container runs as a non-root user with no network, no capabilities,
+no-new-privileges, a read-only root filesystem, memory/CPU limits and a timeout; it can read
+the shards and weights and write only the job's output folder. docs/classify.md has the image
+contract, the two ways the data reaches the container and why.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synthflux.backends.job import Job
+from synthflux.backends.supervise import TAIL_LINES, LogStream, Watchdog, failure
+from synthflux.config import PipelineConfig
+from synthflux.errors import ClassifyError
+from synthflux.layout import DataLayout, probs_file
+from synthflux.storage import atomic_write
+
+log = logging.getLogger("synthflux")
+
+DATA_MOUNT = "/data"  # where the container sees the data root
+VOLUME_OUT = "/out"  # volume mode: an anonymous volume holding the output folder below
+VOLUME_PREDICTIONS = f"{VOLUME_OUT}/predictions"  # ... where the classifier writes
+NOBODY = (65534, 65534)
+LABEL = "synthflux.stage"
+
+
+def run(cfg: PipelineConfig, job: Job) -> None:
+    """Create, attach, start, wait for and always remove one container for every shard."""
+    import docker
+    import requests
+
+    image = cfg.classify.image
+    client = _client()
+    name = f"synthflux-classify-{uuid.uuid4().hex[:12]}"
+    container = None
+    try:
+        _require_image(client, image)
+        _remove_leftovers(client, cfg)
+        user = container_user()
+        plan = _plan(cfg, client, job, user)
+        if os.geteuid() == 0 and not plan.copy_back:
+            os.chown(job.output, *user)  # the bind-mounted output must be writable for nobody
+        container = _create(client, cfg, plan, user, name)
+        if plan.copy_back:
+            container.put_archive(VOLUME_OUT, _out_dir_tar(user))
+        log.info("classify: container %s (%s) over %d shards", name, image, len(job.shards))
+        code, tail, timed_out = _attach_and_wait(container, cfg.classify.timeout_s)
+        _check_exit(container, cfg, code, tail, timed_out)
+        if plan.copy_back:
+            _copy_out(container, job.output, {probs_file(s) for s in job.shards})
+    except docker.errors.APIError as e:
+        raise ClassifyError(f"Docker refused: {e.explanation or e}") from None
+    except (docker.errors.DockerException, requests.RequestException) as e:
+        raise ClassifyError(f"lost the Docker daemon during the run: {e}") from None
+    finally:
+        _remove_container(client, container, name)
+        client.close()
+
+
+# --- the engine and the image --------------------------------------------------------------
+
+
+def _client() -> Any:
+    import docker
+
+    where = os.environ.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as e:
+        raise ClassifyError(
+            f"cannot reach the Docker daemon at {where}: start Docker (or .ci/start-docker.sh), "
+            f"or set DOCKER_HOST to a running one; or use --backend local ({e})"
+        ) from None
+    return client
+
+
+def _require_image(client: Any, image: str) -> None:
+    import docker
+
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise ClassifyError(
+            f"Docker image {image!r} not found: run `make images` (or `docker build -f "
+            f"docker/julia.Dockerfile -t {image} .`), or pass --image TAG"
+        ) from None
+
+
+def container_user() -> tuple[int, int]:
+    """Who the classifier runs as: the invoking user, never root (then nobody)."""
+    uid, gid = os.getuid(), os.getgid()
+    return (uid, gid) if uid != 0 else NOBODY
+
+
+def _cpu_limit(client: Any, cpus: float) -> float:
+    # The engine refuses a limit above its CPU count; a laptop with fewer cores still runs.
+    available = float(client.info().get("NCPU") or cpus)
+    if cpus > available:
+        log.info(
+            "classify: classify.cpus = %g but the engine has %g CPUs; using %g",
+            cpus, available, available,
+        )  # fmt: skip
+    return min(cpus, available)
+
+
+# --- what the container sees -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    mounts: list[Any]
+    command: list[str]
+    copy_back: bool  # volume mode: the output is copied out of the container's /out
+
+
+def _plan(cfg: PipelineConfig, client: Any, job: Job, user: tuple[int, int]) -> _Plan:
+    """Bind mounts of the job's folders (driver on the host), or the named volume read-only
+    and an anonymous /out (driver inside compose, classify.volume set)."""
+    from docker.types import Mount
+
+    inputs = job.inputs.resolve()
+    shards = [inputs / s for s in job.shards]
+    weights = job.weights.resolve()
+    root = cfg.data_root.resolve()
+    if not cfg.classify.volume:
+        # Inside, the shards keep their place under the data root (/data/preprocessed).
+        input_mount = f"{DATA_MOUNT}/{job.inputs.relative_to(cfg.data_root).as_posix()}"
+        _check_readable([*shards, weights], [inputs], user)
+        inside = DataLayout(Path(DATA_MOUNT))  # the same layout, as the container sees it
+        weights_mount = str(inside.default_weights)
+        output_mount = str(inside.predictions)
+        mounts = [
+            Mount(input_mount, str(inputs), type="bind", read_only=True),
+            Mount(weights_mount, str(weights), type="bind", read_only=True),
+            Mount(output_mount, str(job.output.resolve()), type="bind"),
+        ]
+        return _Plan(mounts, job.args(input_mount, weights_mount, output_mount), copy_back=False)
+    _require_volume(client, cfg.classify.volume)
+    input_mount = f"{DATA_MOUNT}/{_relative(inputs, root, 'the shards')}"
+    rel_weights = _relative(weights, root, "with classify.volume the weights")
+    parents = [root / p for p in Path(rel_weights).parents if str(p) != "."]
+    _check_readable([*shards, weights], [root, inputs, *parents], user)
+    mounts = [
+        Mount(DATA_MOUNT, cfg.classify.volume, type="volume", read_only=True),
+        Mount(VOLUME_OUT, None, type="volume"),  # anonymous: removed with the container
+    ]
+    command = job.args(input_mount, f"{DATA_MOUNT}/{rel_weights}", VOLUME_PREDICTIONS)
+    return _Plan(mounts, command, copy_back=True)
+
+
+def _relative(path: Path, root: Path, what: str) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        raise ClassifyError(
+            f"{path} is not under the data root {root}: {what} must be on the volume"
+        ) from None
+
+
+def _require_volume(client: Any, volume: str) -> None:
+    import docker
+
+    try:
+        client.volumes.get(volume)
+    except docker.errors.NotFound:
+        raise ClassifyError(f"classify.volume = {volume!r}: no such Docker volume") from None
+
+
+def _readable_by(path: Path, uid: int, gid: int, bits: int = 0o4) -> bool:
+    """Whether uid:gid has all of `bits` (0o4 read, 0o5 read+search) on path, by its mode."""
+    st = path.stat()
+    shift = 6 if uid == st.st_uid else 3 if gid == st.st_gid else 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def _check_readable(paths: list[Path], dirs: list[Path], user: tuple[int, int]) -> None:
+    """Fail before starting when the container user could not read its inputs."""
+    for path, bits in [*((p, 0o4) for p in paths), *((d, 0o5) for d in dirs)]:
+        if not _readable_by(path, *user, bits=bits):
+            mode = oct(path.stat().st_mode & 0o777)
+            folder = path if path.is_dir() else path.parent
+            raise ClassifyError(
+                f"{path} (mode {mode}) is not readable by the container user {user[0]}:{user[1]}: "
+                f"run `chmod -R a+rX {folder}`"
+            )
+
+
+def _out_dir_tar(user: tuple[int, int]) -> bytes:
+    """A tar holding the empty output folder, for put_archive into /out before start."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(Path(VOLUME_PREDICTIONS).name)
+        # 0777 too, in case the engine does not keep the tar's owner: no one else is in there.
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o777, *user
+        tar.addfile(info)
+    return buf.getvalue()
+
+
+def _copy_out(container: Any, output: Path, wanted: set[str]) -> None:
+    """Volume mode: fetch the classifier's outputs from its /out volume into `output`."""
+    chunks, _ = container.get_archive(VOLUME_PREDICTIONS)
+    with tempfile.TemporaryFile(dir=output) as buf:
+        for chunk in chunks:
+            buf.write(chunk)
+        buf.seek(0)
+        with tarfile.open(fileobj=buf, mode="r:") as tar:
+            for member in tar:
+                name = Path(member.name).name
+                src = tar.extractfile(member) if member.isfile() and name in wanted else None
+                if src is None:  # nothing else, and no paths from the tar
+                    continue
+                with atomic_write(output / name) as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+# --- the container's life -------------------------------------------------------------------
+
+
+def _create(client: Any, cfg: PipelineConfig, plan: _Plan, user: tuple[int, int], name: str) -> Any:
+    cpus = _cpu_limit(client, cfg.classify.cpus)
+    threads = str(max(1, int(cpus)))
+    return client.containers.create(
+        cfg.classify.image,
+        command=plan.command,
+        name=name,
+        user=f"{user[0]}:{user[1]}",
+        network_mode="none",
+        cap_drop=["ALL"],
+        # Nothing in the image is writable; /tmp is a tmpfs (Julia's scratch depot).
+        read_only=True,
+        tmpfs={"/tmp": ""},
+        security_opt=["no-new-privileges"],
+        mem_limit=cfg.classify.memory,
+        memswap_limit=cfg.classify.memory,  # no swap on top of the memory limit
+        nano_cpus=int(cpus * 1e9),
+        mounts=plan.mounts,
+        labels={**_labels(cfg), "synthflux.run": name},
+        # BLAS and Julia would otherwise size their thread pools by the host's cores.
+        environment={"JULIA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads},
+        detach=True,
+    )
+
+
+def _attach_and_wait(container: Any, timeout: int) -> tuple[int, list[str], bool]:
+    """Attach, start, stream its log, kill it at the timeout: (exit code, last lines, timed out)."""
+    import docker
+    import requests
+
+    # Attach before start, as `docker run` does, so no early line is lost.
+    stream = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
+
+    def kill() -> None:
+        with suppress(docker.errors.DockerException, requests.RequestException):
+            container.kill()
+
+    logs = LogStream()
+    container.start()
+    with Watchdog(timeout, kill) as dog:
+        for out, err in stream:  # ends when the container stops
+            logs.feed(out, "out")
+            logs.feed(err, "err")
+        code = int(container.wait(timeout=60)["StatusCode"])
+    # Docker keeps the order within stdout and within stderr, not between the two.
+    tail = logs.close() or container.logs(tail=TAIL_LINES).decode(errors="replace").splitlines()
+    return code, tail, dog.fired
+
+
+def _check_exit(
+    container: Any, cfg: PipelineConfig, code: int, tail: list[str], timed_out: bool
+) -> None:
+    if timed_out:
+        raise failure(
+            f"the classifier container timed out after {cfg.classify.timeout_s}s "
+            "(classify.timeout_s) and was killed", code, tail, True,
+        )  # fmt: skip
+    if code != 0:
+        container.reload()
+        oom = container.attrs.get("State", {}).get("OOMKilled")
+        why = f" (out of memory: classify.memory = {cfg.classify.memory})" if oom else ""
+        raise failure(f"the classifier container exited with code {code}{why}", code, tail)
+
+
+def _labels(cfg: PipelineConfig) -> dict[str, str]:
+    return {LABEL: "classify", "synthflux.data_root": str(cfg.data_root.resolve())}
+
+
+def _remove_leftovers(client: Any, cfg: PipelineConfig) -> None:
+    """A driver killed outright (SIGKILL, power loss) cannot remove its container: do it now.
+    One classify per data root at a time; a second one would overwrite the same outputs."""
+    filters = {"label": [f"{k}={v}" for k, v in _labels(cfg).items()]}
+    for old in client.containers.list(all=True, filters=filters):
+        log.warning("classify: removing container %s left by an earlier run", old.name)
+        old.remove(force=True, v=True)
+
+
+def _remove_container(client: Any, container: Any, name: str) -> None:
+    """Kill and remove it, whatever happened; by name if create() was interrupted."""
+    import docker
+    import requests
+
+    with suppress(docker.errors.DockerException, requests.RequestException):
+        (container or client.containers.get(name)).remove(force=True, v=True)

@@ -1,0 +1,231 @@
+"""The Python <-> Julia boundary: the files the classifier reads and writes, one reader each.
+
+* a shard `shard-NNNNN.npz`: `images` float32 (W, H, C, N) Fortran order (Flux's WHCN),
+  `labels` and `ids` int64 (N,)
+* `dataset.json`: the preprocessed dataset (shape, normalisation, classes, shards + sha256)
+* a shard's marker `shard-NNNNN.json`: its rows and rejects, written last (done marker)
+* a `shard-NNNNN.probs.npz`: `probs` float32 (N, K), rows summing to 1, and the shard's `ids`
+
+`weights.npz` has its own module, synthflux.weights. docs/architecture.md shows the layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict, cast
+
+import numpy as np
+
+from synthflux.config import PipelineConfig
+from synthflux.errors import ClassifyError, DataError
+from synthflux.layout import DataLayout, probs_file, shard_index
+
+LAYOUT = "WHCN"  # numpy (W, H, C, N) in Fortran order == Flux's WHCN == C-order (N, C, H, W)
+SUM_TOLERANCE = 1e-5  # how far a row of probabilities may be from summing to 1
+# What np.load raises for a missing, truncated or non-npz file.
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+# --- dataset.json and the shard markers ---------------------------------------------------
+
+RowRecord = TypedDict("RowRecord", {"id": int, "row": int, "label": int, "class": str, "file": str})
+RejectRecord = TypedDict("RejectRecord", {"id": int, "file": str, "reason": str, "class": str})
+
+
+class ShardMarker(TypedDict):
+    """preprocessed/shard-NNNNN.json: what one output shard holds, written after its .npz."""
+
+    shard: int
+    file: str
+    count: int
+    sha256: str
+    input_key: str  # sha256 of the input records and the preprocess settings
+    rows: list[RowRecord]
+    rejects: list[RejectRecord]
+
+
+class ShardEntry(TypedDict):
+    file: str
+    count: int
+    sha256: str
+
+
+class DatasetInfo(TypedDict):
+    """preprocessed/dataset.json, written when every shard is done."""
+
+    layout: str
+    order: str
+    dtype: str
+    width: int
+    height: int
+    channels: int
+    shape: list[int]
+    normalization: dict[str, object]
+    preprocess: dict[str, object]
+    classes: list[str]
+    counts: dict[str, int]
+    rejected: dict[str, int]
+    images: int
+    shards: list[ShardEntry]
+
+
+def read_dataset(layout: DataLayout) -> DatasetInfo:
+    """dataset.json; a clear error if preprocessing is not complete."""
+    path = layout.dataset
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `synthflux preprocess` first (to completion)")
+    try:
+        return cast(DatasetInfo, json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}); re-run `synthflux preprocess`") from None
+
+
+def read_marker(path: Path) -> ShardMarker | None:
+    """A shard's done marker, or None if it is missing or unreadable (the shard is redone)."""
+    try:
+        return cast(ShardMarker, json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str  # "shard-00000.npz"
+    path: Path
+    ids: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def probs_file(self) -> str:
+        return probs_file(self.file)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    classes: list[str]
+    width: int
+    height: int
+    channels: int
+    shards: list[Shard]
+
+    @property
+    def images(self) -> int:
+        return sum(len(s.ids) for s in self.shards)
+
+
+def load_dataset(cfg: PipelineConfig) -> Dataset:
+    """dataset.json plus each listed shard's ids and labels (the images stay on disk)."""
+    layout = DataLayout(cfg.data_root)
+    meta_path = layout.dataset
+    meta = read_dataset(layout)
+    try:
+        classes = [str(c) for c in meta["classes"]]
+        dims = int(meta["width"]), int(meta["height"]), int(meta["channels"])
+        entries = [(str(e["file"]), int(e["count"])) for e in meta["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+    if classes != cfg.class_names:
+        raise DataError(
+            f"{meta_path} has classes {classes} but the config has {cfg.class_names}: "
+            "re-run generate and preprocess for this config"
+        )
+    if not entries:
+        raise DataError(f"{meta_path} lists no shards: re-run `synthflux preprocess`")
+    shards = []
+    for name, count in entries:
+        if shard_index(name) is None:
+            raise DataError(f"{meta_path}: shard file {name!r} is not named shard-NNNNN.npz")
+        path = layout.preprocessed / name
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                ids, labels = z["ids"], z["labels"]
+        except FileNotFoundError:
+            raise DataError(f"{path} is listed in dataset.json but missing") from None
+        except (*UNREADABLE, KeyError) as e:
+            raise DataError(f"{path}: cannot read ids/labels ({e})") from None
+        if ids.shape != (count,) or labels.shape != (count,):
+            raise DataError(
+                f"{path}: dataset.json says {count} images, the shard has ids {ids.shape}"
+            )
+        shards.append(Shard(name, path, ids.astype(np.int64), labels.astype(np.int64)))
+    return Dataset(classes, *dims, shards)
+
+
+def read_shard(
+    path: Path, shape: tuple[int, int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, ids) of a shard, checked as the Julia side checks it.
+
+    `shape` is the (W, H, C) the images must have (the weights' input), if known.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("images", "labels", "ids") if k in z.files}
+    except UNREADABLE as e:
+        raise DataError(f"{path}: not a readable .npz shard ({e})") from None
+    for name in ("images", "labels", "ids"):
+        if name not in arrays:
+            raise DataError(f"{path}: missing array `{name}`")
+    images, labels, ids = arrays["images"], arrays["labels"], arrays["ids"]
+    if images.dtype != np.float32 or images.ndim != 4:
+        raise DataError(
+            f"{path}: `images` must be float32 (W, H, C, N), got {images.dtype} {images.shape}"
+        )
+    n = images.shape[3]
+    for name, a in (("labels", labels), ("ids", ids)):
+        if a.dtype != np.int64 or a.shape != (n,):
+            raise DataError(f"{path}: `{name}` must be int64 ({n},), got {a.dtype} {a.shape}")
+    if shape is not None and images.shape[:3] != shape:
+        raise DataError(
+            f"{path}: images are (W, H, C) = {images.shape[:3]} but the weights expect {shape}"
+        )
+    if not np.isfinite(images).all():
+        raise DataError(f"{path}: `images` holds NaN or Inf")
+    return images, labels, ids
+
+
+# --- the classifier's output -------------------------------------------------------------------
+
+
+def check_probs(path: Path, shard: Shard, n_classes: int) -> np.ndarray:
+    """The (N, K) probabilities of one shard, or a ClassifyError naming the shard."""
+
+    def bad(problem: str) -> ClassifyError:
+        return ClassifyError(f"classifier output for {shard.file} ({path.name}): {problem}")
+
+    if not path.is_file():
+        raise bad("missing: the classifier did not write it")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not {"probs", "ids"} <= set(z.files):
+                raise bad(f"needs arrays probs and ids, has {sorted(z.files)}")
+            probs, ids = z["probs"], z["ids"]
+    except ClassifyError:
+        raise
+    except Exception as e:  # zipfile, numpy and OS errors all mean "not a readable .npz"
+        raise bad(f"not a readable .npz ({type(e).__name__}: {e})") from None
+    n = len(shard.ids)
+    if probs.dtype != np.float32 or probs.shape != (n, n_classes):
+        raise bad(f"probs must be float32 ({n}, {n_classes}), got {probs.dtype} {probs.shape}")
+    if not np.isfinite(probs).all():
+        raise bad("probs has NaN or infinite values")
+    if (probs < 0).any():
+        raise bad("probs has negative values")
+    # initial=0: a shard whose every image was rejected has no rows, which is fine.
+    worst = float(np.abs(probs.astype(np.float64).sum(axis=1) - 1.0).max(initial=0.0))
+    if worst > SUM_TOLERANCE:
+        raise bad(
+            f"rows of probs must sum to 1 (within {SUM_TOLERANCE}), worst is off by {worst:.3g}"
+        )
+    if ids.dtype != np.int64 or ids.shape != (n,):
+        raise bad(f"ids must be int64 ({n},), got {ids.dtype} {ids.shape}")
+    if not np.array_equal(ids, shard.ids):
+        first = int(np.flatnonzero(ids != shard.ids)[0])
+        raise bad(f"ids differ from the shard's at row {first}: {ids[first]} != {shard.ids[first]}")
+    return probs

@@ -1,0 +1,185 @@
+"""The diffusion model: find it (the tiny test model, a local folder or the Hugging Face Hub),
+name its exact revision for the manifest, pick the device, and load the pipeline.
+
+Resolving never loads weights; loading happens only when there are images to make.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from synthflux.config import PipelineConfig
+from synthflux.errors import ModelError
+from synthflux.layout import DataLayout
+from synthflux.progress import quiet_library_progress
+from synthflux.records import ModelRef
+from synthflux.storage import file_lock, sha256_file, write_json_atomic
+
+log = logging.getLogger("synthflux")
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def _hash_folder(folder: Path, cache: Path) -> str:
+    """A local model's revision: the sha256 of its files' hashes.
+
+    Hashing a multi-GB model costs seconds, so the result is cached (in `cache`, under the
+    data root, never in the model folder) keyed by every file's size and mtime.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256(
+        "\n".join(
+            f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}"
+            for f in files
+        ).encode()
+    ).hexdigest()
+    try:
+        cached = json.loads(cache.read_text()).get(str(folder.resolve()), {})
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("key") == key:
+        return str(cached["revision"])
+    log.info("generate: hashing the model files in %s (cached for later runs)", folder)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(f).encode())
+    revision = "sha256:" + h.hexdigest()
+    # A cache that cannot be written costs time only.
+    with contextlib.suppress(OSError, ValueError), file_lock(cache.with_suffix(".lock")):
+        entries = json.loads(cache.read_text()) if cache.is_file() else {}
+        entries[str(folder.resolve())] = {"key": key, "revision": revision}
+        write_json_atomic(cache, entries)
+    return revision
+
+
+def _model_scheduler(folder: Path, wanted: str) -> str:
+    if wanted != "default":
+        return SCHEDULERS[wanted]
+    try:
+        cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        return str(cfg["_class_name"])
+    except (OSError, KeyError, ValueError):
+        return "default"
+
+
+def resolve_model(cfg: PipelineConfig) -> ModelRef:
+    """Find the model (building the tiny one, or using the Hugging Face cache) without loading it."""
+    gen = cfg.generate
+    layout = DataLayout(cfg.data_root)
+    cache = layout.revisions
+    if gen.model == "tiny":
+        from synthflux.tiny_model import save_tiny_model
+
+        folder = save_tiny_model(layout.tiny_model)
+        return ModelRef(
+            str(folder),
+            "tiny",
+            _hash_folder(folder, cache),
+            _model_scheduler(folder, gen.scheduler),
+        )
+    local = Path(gen.model).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ModelError(
+                f"generate.model = {gen.model!r} is a folder without model_index.json; "
+                "point it at a diffusers pipeline saved with save_pretrained"
+            )
+        return ModelRef(
+            str(local),
+            gen.model,
+            _hash_folder(local, cache),
+            _model_scheduler(local, gen.scheduler),
+        )
+    if gen.model.startswith((".", "/", "~")) or gen.model.count("/") > 1:
+        raise ModelError(f"generate.model = {gen.model!r}: no such folder")
+    folder = Path(_download(gen.model, gen.revision))
+    # A Hub snapshot folder is named after its commit: the exact revision we used.
+    revision = folder.name if folder.parent.name == "snapshots" else _hash_folder(folder, cache)
+    return ModelRef(str(folder), gen.model, revision, _model_scheduler(folder, gen.scheduler))
+
+
+def _download(model_id: str, revision: str | None) -> str:
+    """Resolve a Hub id to a local snapshot (downloading it unless HF_HUB_OFFLINE is set)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its warnings repeat what our one-line error says
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return str(DiffusionPipeline.download(model_id, revision=revision))
+    except Exception as e:  # huggingface_hub raises many types; all mean "cannot get it"
+        hint = (
+            "it is not in the local cache and HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE to "
+            "allow downloads, or set generate.model to a local folder"
+            if offline
+            else "check the id, run `huggingface-cli login` if the model is gated, or set "
+            "generate.model to a local folder (or HF_HOME to a cache that has it)"
+        )
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot get model {model_id!r}: {hint} ({type(e).__name__}: {reason})"
+        ) from None
+
+
+def pick_device(cfg: PipelineConfig) -> tuple[str, Any]:
+    import torch
+
+    gen = cfg.generate
+    device = gen.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            "generate.device = 'cuda' but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'"
+        )
+    dtype = gen.dtype
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import diffusers
+    from diffusers import AutoPipelineForText2Image
+
+    device, dtype = pick_device(cfg)
+    gen = cfg.generate
+    quiet_library_progress()
+    try:
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older lack `dtype`
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = AutoPipelineForText2Image.from_pretrained(model.path, torch_dtype=dtype)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {model.name!r} from {model.path}: {first}") from None
+    if gen.scheduler != "default":
+        scheduler_cls = getattr(diffusers, SCHEDULERS[gen.scheduler])
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    if gen.attention_slicing:
+        pipe.enable_attention_slicing()
+    if gen.cpu_offload and device == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if gen.compile:
+        import torch
+
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,190 @@
+"""Every folder and file name under the data root, in one place.
+
+No other module builds a data path by hand: a stage asks `DataLayout(root)` for its inputs and
+outputs, so the layout below is the whole truth about what lives where (docs/architecture.md).
+
+    DATA/models/tiny/                    the tiny test pipeline; revisions.json: hash cache
+    DATA/generated/<class>/<name>.png    generate: images, parts/, manifest.jsonl, dropped.jsonl
+    DATA/preprocessed/shard-NNNNN.npz    preprocess: shards + .json markers, manifest.jsonl,
+                                         rejects.jsonl, dataset.json, previews/
+    DATA/model/weights.npz               the CNN's default weights
+    DATA/predictions/                    classify: shard-NNNNN.probs.npz, predictions.csv,
+                                         summary.json
+    DATA/report/                         report: index.html, contact-sheet.png
+    DATA/slurm/                          submit: batch scripts, job logs, submission.json
+
+Every stage folder holds a `stage.json`, written last: the stage's done marker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from synthflux.storage import ShardSpec
+
+SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.npz$")
+STAGE_FILE = "stage.json"
+STAGE_FOLDERS = {"generate": "generated", "preprocess": "preprocessed", "classify": "predictions"}
+
+
+def shard_file(k: int) -> str:
+    """Output shard k's file name: shard-00003.npz."""
+    return f"shard-{k:05d}.npz"
+
+
+def shard_index(name: str) -> int | None:
+    """The k of a shard file name, or None if `name` is not one (shard-old.npz, x.probs.npz)."""
+    match = SHARD_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
+def probs_file(shard: str) -> str:
+    """shard-00003.npz -> shard-00003.probs.npz, the name the classifier writes."""
+    return shard.removesuffix(".npz") + ".probs.npz"
+
+
+def marker_file(shard: str) -> str:
+    """shard-00003.npz -> shard-00003.json, the shard's done marker."""
+    return shard.removesuffix(".npz") + ".json"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    # --- models -------------------------------------------------------------------------------
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def tiny_model(self) -> Path:
+        return self.models / "tiny"
+
+    @property
+    def revisions(self) -> Path:
+        """Local models' revision hashes, cached by file size and mtime."""
+        return self.models / "revisions.json"
+
+    # --- generate -----------------------------------------------------------------------------
+    @property
+    def generated(self) -> Path:
+        return self.root / "generated"
+
+    def image(self, file: str) -> Path:
+        """A generated image by its manifest `file` (relative to generated/)."""
+        return self.generated / file
+
+    def inside_generated(self, file: str) -> Path | None:
+        """The image's path, or None if `file` points outside generated/ (never opened)."""
+        root = self.generated.resolve()
+        path = (root / file).resolve()
+        return path if path.is_relative_to(root) else None
+
+    @property
+    def parts(self) -> Path:
+        return self.generated / "parts"
+
+    def part(self, shard: ShardSpec) -> Path:
+        """The records one `generate --shard I/N` made (its done marker)."""
+        return self.parts / f"part-{shard.tag}.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.generated / "manifest.jsonl"
+
+    @property
+    def dropped(self) -> Path:
+        return self.generated / "dropped.jsonl"
+
+    @property
+    def manifest_lock(self) -> Path:
+        return self.generated / ".manifest.lock"
+
+    # --- preprocess ---------------------------------------------------------------------------
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed"
+
+    def shard(self, k: int) -> Path:
+        return self.preprocessed / shard_file(k)
+
+    def shard_marker(self, k: int) -> Path:
+        return self.preprocessed / marker_file(shard_file(k))
+
+    def shard_rows(self, k: int) -> Path:
+        """The streamed image rows of shard k before they are packed (a temp name is added)."""
+        return self.preprocessed / f"shard-{k:05d}.images.npy"
+
+    @property
+    def preprocessed_manifest(self) -> Path:
+        return self.preprocessed / "manifest.jsonl"
+
+    @property
+    def rejects(self) -> Path:
+        return self.preprocessed / "rejects.jsonl"
+
+    @property
+    def dataset(self) -> Path:
+        return self.preprocessed / "dataset.json"
+
+    @property
+    def dataset_lock(self) -> Path:
+        return self.preprocessed / ".dataset.lock"
+
+    @property
+    def previews(self) -> Path:
+        return self.preprocessed / "previews"
+
+    def preview(self, class_name: str, image_id: int) -> Path:
+        return self.previews / f"{class_name}-{image_id:06d}.png"
+
+    # --- classify -----------------------------------------------------------------------------
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def default_weights(self) -> Path:
+        return self.model / "weights.npz"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    def probs(self, shard: str) -> Path:
+        return self.predictions / probs_file(shard)
+
+    @property
+    def predictions_csv(self) -> Path:
+        return self.predictions / "predictions.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.predictions / "summary.json"
+
+    STAGING_PREFIX = ".classify-"  # predictions/.classify-XXXX: one run's raw outputs
+
+    # --- report and cluster -------------------------------------------------------------------
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def submission(self) -> Path:
+        return self.slurm / "submission.json"
+
+    # --- done markers -------------------------------------------------------------------------
+    def stage_folder(self, stage: str) -> Path:
+        """Where a stage writes its outputs (what `run --from STAGE` removes)."""
+        return self.root / STAGE_FOLDERS[stage]
+
+    def stage_marker(self, stage: str) -> Path:
+        """A stage's stage.json: its timings and, for some, what its outputs were made from."""
+        return self.stage_folder(stage) / STAGE_FILE
