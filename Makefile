@@ -35,11 +35,21 @@ demo: $(BIN)/.stamp ## the tiny example end to end on a CPU (data in DATA/demo)
 	$(BIN)/synthflux run $(CONFIG) --data $(DATA)/demo --backend $(DEMO_BACKEND)
 	$(BIN)/synthflux report $(CONFIG) --data $(DATA)/demo
 
-.PHONY: test
-test: $(BIN)/.stamp ## lint, then every test (what CI runs)
+.PHONY: lint
+lint: $(BIN)/.stamp ## ruff (lint + format) and mypy
 	$(BIN)/ruff check --config python/pyproject.toml python/src tests bench
 	$(BIN)/ruff format --check --config python/pyproject.toml python/src tests bench
+	cd python && ../$(BIN)/mypy
+
+.PHONY: test
+test: lint ## lint, then every test (what CI runs)
 	cd tests && ../$(BIN)/pytest
+
+# What needs no Docker engine, Slurm cluster or Julia, and nothing marked slow.
+FAST := not docker and not slurm and not julia and not slow
+.PHONY: test-fast
+test-fast: lint ## lint, then the tests that need no Docker, Slurm or Julia (a minute or two)
+	cd tests && ../$(BIN)/pytest -m "$(FAST)"
 
 .PHONY: bench
 bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by side)

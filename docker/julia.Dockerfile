@@ -2,7 +2,7 @@
 #
 #   docker build -f docker/julia.Dockerfile -t synthflux-julia .        (or: make images)
 #
-# Its contract with the classify driver (python/src/synthflux/classify.py): the ENTRYPOINT
+# Its contract with the classify driver (python/src/synthflux/backends/docker.py, docs/classify.md): the ENTRYPOINT
 # below, so the command is only flux_model.jl's own arguments (--input/--weights/--output/
 # --batch-size); the data is mounted under /data; it runs as any non-root uid with no
 # network and no capabilities, so the depot is world-readable and fully precompiled here.

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomli_w
 
-from synthflux.config import PipelineConfig, load_config
+from conftest import save_config
+from synthflux.config import PipelineConfig
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "flux_model_standin.py"
 
@@ -116,9 +116,7 @@ def write_config(
         "classes": [{"name": c, "prompts": [f"a photo of a {c}"]} for c in classes],
         "classify": {"batch_size": 4, "memory": "512m", "cpus": 1.0, **classify},
     }
-    path = folder / "pipeline.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path, load_config(path)
+    return save_config(folder / "pipeline.toml", raw)
 
 
 def control_standin(fx: Fixture, **ctl: Any) -> None:

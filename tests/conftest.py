@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+def save_config(path: Path, raw: dict[str, Any]) -> tuple[Path, PipelineConfig]:
+    """Write `raw` as TOML to `path`; return it with its validated config."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(raw))
+    return path, load_config(path)
+
+
+def tiny_config(
+    folder: Path, data: Path, model: Path, name: str = "pipeline.toml", **overrides: Any
+) -> tuple[Path, PipelineConfig]:
+    """BASE_CONFIG on the tiny model, with `overrides`, saved as folder/name."""
+    raw = deep_update(BASE_CONFIG, {"generate": {"model": str(model)}})
+    raw = deep_update(raw, overrides)
+    raw["data_root"] = str(data)
+    return save_config(folder / name, raw)
+
+
 @pytest.fixture
 def write_config(tmp_path: Path, tiny_model: Path):
     """write_config(data=..., **overrides) -> (config path, validated config)."""
@@ -80,14 +98,26 @@ def write_config(tmp_path: Path, tiny_model: Path):
     def _write(
         data: Path | None = None, name: str = "pipeline.toml", **overrides: Any
     ) -> tuple[Path, PipelineConfig]:
-        raw = deep_update(BASE_CONFIG, {"generate": {"model": str(tiny_model)}})
-        raw = deep_update(raw, overrides)
-        raw["data_root"] = str(data or tmp_path / "data")
-        path = tmp_path / name
-        path.write_text(tomli_w.dumps(raw))
-        return path, load_config(path)
+        return tiny_config(tmp_path, data or tmp_path / "data", tiny_model, name, **overrides)
 
     return _write
+
+
+def run_until_held(args: list[str], hold: str, timeout: float = 120) -> subprocess.Popen[bytes]:
+    """Start `python -m synthflux ARGS` with SYNTHFLUX_TEST_HOLD=hold and return it once it
+    has stopped itself there (storage.hold_point): the test then kills it at that moment."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synthflux", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "SYNTHFLUX_TEST_HOLD": hold},
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+        assert proc.poll() is None, f"the run ended before reaching {hold}"
+        assert time.monotonic() < deadline, f"the run did not reach {hold} in {timeout} s"
+        time.sleep(0.02)
+    return proc
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):

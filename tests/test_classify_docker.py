@@ -42,6 +42,8 @@ from synthflux.errors import ClassifierFailed, ClassifyError
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.docker
+
 
 @pytest.fixture(scope="module")
 def engine(docker_engine: Any) -> Any:

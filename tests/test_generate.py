@@ -5,16 +5,13 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli, tree_bytes
+from conftest import REPO, run_cli, run_until_held, tree_bytes
 from synthflux import generate
 from synthflux.config import load_config
 from synthflux.errors import ModelError
@@ -88,6 +85,7 @@ def test_shards_union_equals_unsharded_run(write_config, tmp_path):
     assert generated(tmp_path / "whole") == generated(tmp_path / "sharded")
 
 
+@pytest.mark.slow
 def test_limit_then_resume_equals_one_run(write_config, tmp_path):
     _, whole = write_config(data=tmp_path / "whole")
     _, parts = write_config(data=tmp_path / "parts", name="p.toml")
@@ -110,27 +108,19 @@ def test_corrupted_image_is_regenerated(write_config, tmp_path):
     assert generated(cfg.data_root) == before
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(write_config, tmp_path):
     many = {"images_per_class": 30, "generate": {"batch_size": 2}}
     path, cfg = write_config(data=tmp_path / "killed", **many)
     _, reference = write_config(data=tmp_path / "reference", name="ref.toml", **many)
     generate.run(reference)
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "synthflux", "generate", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    out = cfg.data_root / "generated"
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("*/*.png"))) < 10 and time.monotonic() < deadline:
-        assert proc.poll() is None, "generate finished before it could be killed"
-        time.sleep(0.05)
+    proc = run_until_held(["generate", str(path)], hold="image:10")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    out = cfg.data_root / "generated"
     made = len(list(out.glob("*/*.png")))
-    assert 10 <= made < 60, made
+    assert made == 10, made
     assert not (out / "manifest.jsonl").exists()
 
     result = run_cli("generate", str(path))

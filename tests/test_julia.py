@@ -27,6 +27,8 @@ GOLDEN = REPO / "tests" / "fixtures" / "golden"
 # Loading Flux takes ~20 s on Julia 1.5; a first run may precompile for minutes.
 TIMEOUT_S = 1200
 
+pytestmark = pytest.mark.julia
+
 
 @functools.cache
 def find_julia() -> tuple[str | None, str]:

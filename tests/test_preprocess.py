@@ -8,18 +8,23 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-import tomli_w
 from PIL import Image
 
-from conftest import BASE_CONFIG, REPO, deep_update, run_cli, tree_bytes
+from conftest import (
+    BASE_CONFIG,
+    deep_update,
+    run_cli,
+    run_until_held,
+    save_config,
+    tree_bytes,
+)
 from synthflux import preprocess
-from synthflux.config import PipelineConfig, PreprocessConfig, load_config
+from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.errors import DataError
 from synthflux.images import load_image
 
@@ -59,9 +64,7 @@ def config_for(
     tmp_path: Path, data: Path, name: str = "pre.toml", **pre
 ) -> tuple[Path, PipelineConfig]:
     raw = deep_update(BASE_CONFIG, {"preprocess": pre}) | {"data_root": str(data)}
-    path = tmp_path / name
-    path.write_text(tomli_w.dumps(raw))
-    return path, load_config(path)
+    return save_config(tmp_path / name, raw)
 
 
 def noise_pngs(n: int, size: int = 24, seed: int = 0) -> list[tuple[str, str, bytes]]:
@@ -301,6 +304,7 @@ def test_same_bytes_whatever_the_workers_and_shard_split(tmp_path):
     assert roots["w1"] == roots["w2"] == roots["split"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     files = noise_pngs(1500, size=48)
     ref_data, killed_data = tmp_path / "ref", tmp_path / "killed"
@@ -310,17 +314,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     path, _ = config_for(tmp_path, killed_data, name="killed.toml", shard_size=100)
     preprocess.run(ref_cfg, workers=1)
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "synthflux", "preprocess", str(path), "--workers", "2"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = run_until_held(["preprocess", str(path), "--workers", "2"], hold="shard:3")
     out = killed_data / "preprocessed"
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("shard-*.json"))) < 3 and time.monotonic() < deadline:
-        assert proc.poll() is None, "preprocess finished before it could be killed"
-        time.sleep(0.02)
+    assert len(list(out.glob("shard-*.json"))) == 3
     workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
@@ -357,6 +353,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     peaks = {}

@@ -307,3 +307,26 @@ def test_truncated_shard_is_a_data_error(tmp_path: Path) -> None:
     shard.write_bytes(golden_shards("gray")[0].read_bytes()[:300])
     with pytest.raises(DataError, match="shard-00000.npz"):
         contracts.read_shard(shard)
+
+
+def test_the_default_cnn_is_the_same_in_both_languages() -> None:
+    """Each language states the default network once; they must agree (CI has no Julia, so
+    julia/src/arch.jl is read as text)."""
+    import re
+
+    from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_CLASSES, DEFAULT_KERNEL
+
+    text = (Path(__file__).resolve().parents[1] / "julia" / "src" / "arch.jl").read_text()
+
+    def const(name: str) -> str:
+        found = re.findall(rf"^const {name} = (.+?)(?:\s*#.*)?$", text, re.MULTILINE)
+        assert len(found) == 1, f"julia/src/arch.jl must define {name} once"
+        return found[0]
+
+    assert int(const("DEFAULT_KERNEL")) == DEFAULT_KERNEL
+    assert int(const("DEFAULT_CLASSES")) == DEFAULT_CLASSES
+    blocks = const("DEFAULT_BLOCKS")
+    assert tuple(int(v) for v in blocks.strip("[]").split(",")) == DEFAULT_BLOCKS
+    # ... and no other Julia file spells out a network shape with literal numbers.
+    for path in (Path(__file__).resolve().parents[1] / "julia" / "src").glob("*.jl"):
+        assert not re.search(r"ArchSpec\([^)]*\[\d", path.read_text()), path

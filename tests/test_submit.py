@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
-from conftest import BASE_CONFIG, REPO, deep_update, run_cli, tree_bytes
-from synthflux.config import PipelineConfig, load_config
+from conftest import REPO, run_cli, tiny_config, tree_bytes
+from synthflux.config import load_config
 
 GOLDEN = Path(__file__).parent / "fixtures" / "slurm"
 SLURM_CONF = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
@@ -60,17 +59,6 @@ def slurm() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must run the Slurm tests, but: {problem}")
     pytest.skip(problem)
-
-
-def write_config(
-    folder: Path, data: Path, model: Path, **overrides: Any
-) -> tuple[Path, PipelineConfig]:
-    folder.mkdir(parents=True, exist_ok=True)
-    raw = deep_update(BASE_CONFIG, {"generate": {"model": str(model)}, **overrides})
-    raw["data_root"] = str(data)
-    path = folder / "pipeline.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path, load_config(path)
 
 
 def cli(*args: str) -> str:
@@ -161,7 +149,7 @@ def dry_run(
 ) -> str:
     from synthflux.cli import main
 
-    config, _ = write_config(tmp_path, tmp_path / "data", tiny_model)
+    config, _ = tiny_config(tmp_path, tmp_path / "data", tiny_model)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)  # as run_cli: --chdir is the folder `submit` ran in
         assert main(["submit", str(config), "--dry-run", "--python", PYTHON, *args]) == 0
@@ -195,7 +183,7 @@ def test_python_may_be_a_command_line(
 ) -> None:
     from synthflux.cli import main
 
-    config, _ = write_config(tmp_path, tmp_path / "data", tiny_model)
+    config, _ = tiny_config(tmp_path, tmp_path / "data", tiny_model)
     python = "apptainer exec --nv '/images/synthflux python.sif' python"
     assert main(["submit", str(config), "--shards", "2", "--dry-run", "--python", python]) == 0
     execs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("exec ")]
@@ -229,7 +217,7 @@ def test_apptainer_shim_passes_only_the_model_arguments(tmp_path: Path) -> None:
 
 
 def test_submit_errors_are_one_line(tmp_path: Path, tiny_model: Path) -> None:
-    config, _ = write_config(tmp_path, tmp_path / "data", tiny_model)
+    config, _ = tiny_config(tmp_path, tmp_path / "data", tiny_model)
     no_slurm = {"PATH": str(tmp_path / "empty")}
     cases = [
         ((), {}, "--shards N is required"),
@@ -246,7 +234,7 @@ def test_submit_errors_are_one_line(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def test_status_of_an_empty_data_root(tmp_path: Path, tiny_model: Path) -> None:
-    config, _ = write_config(tmp_path, tmp_path / "data", tiny_model)
+    config, _ = tiny_config(tmp_path, tmp_path / "data", tiny_model)
     status = status_json(config)
     assert status["shards"] == 1 and not status["complete"]
     assert status["stages"]["generate"]["incomplete"] == [0]
@@ -263,7 +251,7 @@ def unsharded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Pat
     from synthflux import generate, preprocess
 
     root = tmp_path_factory.mktemp("unsharded")
-    _, cfg = write_config(root, root / "data", tiny_model)
+    _, cfg = tiny_config(root, root / "data", tiny_model)
     generate.run(cfg)
     preprocess.run(cfg, workers=1)
     return root / "data"
@@ -277,12 +265,13 @@ def submit_and_wait(config: Path, *args: str) -> tuple[str, dict[str, str]]:
     return out, ids
 
 
+@pytest.mark.slurm
 @pytest.mark.usefixtures("slurm")
 def test_three_shards_through_all_stages_equal_the_unsharded_run(
     tmp_path: Path, tiny_model: Path, request: pytest.FixtureRequest
 ) -> None:
     data = tmp_path / "data"
-    config, _ = write_config(tmp_path, data, tiny_model)
+    config, _ = tiny_config(tmp_path, data, tiny_model)
     out = cli("submit", str(config), "--shards", "3", "--classify-backend", CLASSIFY_BACKEND)
     unsharded = request.getfixturevalue("unsharded")  # made here while the jobs run
     ids = job_ids(data)
@@ -313,12 +302,13 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     assert plan.endswith("generate tasks 0; preprocess tasks 0-2; classify job"), plan
 
 
+@pytest.mark.slurm
 @pytest.mark.usefixtures("slurm")
 def test_failed_task_stops_later_stages_and_resubmit_completes(
     tmp_path: Path, tiny_model: Path, unsharded: Path
 ) -> None:
     data = tmp_path / "data"
-    config, _ = write_config(tmp_path, data, tiny_model)
+    config, _ = tiny_config(tmp_path, data, tiny_model)
     # Shard 1/3 owns ids 1, 4 and 7; a folder where image 1 goes fails its task, even as root.
     blocker = data / "generated" / "cat" / "cat-000001.png"
     blocker.mkdir(parents=True)
@@ -355,12 +345,13 @@ def test_failed_task_stops_later_stages_and_resubmit_completes(
     assert_same_as_unsharded(data, unsharded)
 
 
+@pytest.mark.slurm
 @pytest.mark.usefixtures("slurm")
 def test_cancelled_task_is_resubmitted_alone(
     tmp_path: Path, tiny_model: Path, unsharded: Path
 ) -> None:
     data = tmp_path / "data"
-    config, _ = write_config(tmp_path, data, tiny_model)
+    config, _ = tiny_config(tmp_path, data, tiny_model)
     cli("submit", str(config), "--shards", "3", "--classify-backend", CLASSIFY_BACKEND)
     ids = job_ids(data)
     gen = ids["generate"]

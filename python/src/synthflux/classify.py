@@ -32,6 +32,7 @@ from synthflux.config import PipelineConfig
 from synthflux.contracts import Dataset, check_probs, load_dataset, read_dataset
 from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
+from synthflux.metrics import summarize
 from synthflux.records import ManifestRecord, read_manifest
 from synthflux.stages import ShardState, Stage, StageState
 from synthflux.storage import atomic_write, write_json_atomic
@@ -260,19 +261,9 @@ def _summarise(
 ) -> ClassifySummary:
     """Accuracy, confusion matrix and mean probabilities into summary.json; the summary."""
     layout = DataLayout(cfg.data_root)
-    k = len(ds.classes)
     labels = np.concatenate([s.labels for s in ds.shards])
     all_probs = np.concatenate([probs[s.file] for s in ds.shards])
-    predicted = all_probs.argmax(axis=1)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    correct = int(np.trace(confusion))
-    counts = {c: int((labels == i).sum()) for i, c in enumerate(ds.classes)}
-    mean_probs = {
-        c: ({d: float(all_probs[labels == i, j].mean()) for j, d in enumerate(ds.classes)}
-            if counts[c] else None)
-        for i, c in enumerate(ds.classes)
-    }  # fmt: skip
+    scores = summarize(labels, all_probs, ds.classes, rows="prompt class")
     timings: dict[str, Any] = {}
     for stage in ("generate", "preprocess"):
         if (timing := _stage_timing(layout.stage_marker(stage))) is not None:
@@ -284,32 +275,12 @@ def _summarise(
     }
     backend = cfg.classify.backend
     image = cfg.classify.image if backend == "docker" else None
-    write_json_atomic(
-        layout.summary,
-        {
-            "images": len(labels),
-            "shards": len(ds.shards),
-            "classes": ds.classes,
-            "counts": counts,
-            "predicted_counts": {c: int((predicted == i).sum()) for i, c in enumerate(ds.classes)},
-            "correct": correct,
-            "accuracy": correct / len(labels) if len(labels) else None,
-            "confusion_matrix": {
-                "rows": "prompt class",
-                "columns": "predicted class",
-                "classes": ds.classes,
-                "matrix": confusion.tolist(),
-            },
-            "mean_probabilities": mean_probs,
-            "timings": timings,
-            "backend": backend,
-            "image": image,
-            "weights": str(weights),
-        },
-    )
+    extra = {"backend": backend, "image": image, "weights": str(weights), "timings": timings}
+    write_json_atomic(layout.summary, {**scores, "shards": len(ds.shards), **extra})
     return ClassifySummary(
-        backend, image, ds.classes, len(labels), len(ds.shards), correct, confusion.tolist(),
-        classifier_seconds, seconds, layout.predictions, counts,
+        backend, image, ds.classes, len(labels), len(ds.shards), scores["correct"],
+        scores["confusion_matrix"]["matrix"], classifier_seconds, seconds, layout.predictions,
+        scores["counts"],
     )  # fmt: skip
 
 

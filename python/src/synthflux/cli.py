@@ -57,9 +57,16 @@ def at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="pipeline config (TOML), e.g. examples/tiny.toml")
-    p.add_argument("--data", metavar="DIR", help=DATA_HELP)
+def _command(
+    sub: Any, name: str, func: Handler, help: str, description: str, config: bool = True
+) -> argparse.ArgumentParser:
+    """A subcommand calling `func`; with `config`, its CONFIG and --data arguments."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    if config:
+        p.add_argument("config", help="pipeline config (TOML), e.g. examples/tiny.toml")
+        p.add_argument("--data", metavar="DIR", help=DATA_HELP)
+    p.set_defaults(func=func)
+    return p
 
 
 def _shard_option(p: argparse.ArgumentParser, meaning: str) -> None:
@@ -95,19 +102,19 @@ def _print(lines: list[str]) -> int:
 
 
 def _generate(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "generate",
-        help="stage 1: prompts -> PNG images + manifest",
-        description="Generate every class's images with the configured diffusion model into "
+        cmd_generate,
+        "stage 1: prompts -> PNG images + manifest",
+        "Generate every class's images with the configured diffusion model into "
         "DATA/generated/<class>/ and write DATA/generated/manifest.jsonl. Re-running skips "
         "images already present and verified, so an interrupted run resumes.",
     )
-    _common(p)
     _shard_option(p, "make only part I of N (images whose id %% N == I); the N parts together "
                      "equal an unsharded run, byte for byte on CPU")  # fmt: skip
     p.add_argument("--limit", type=at_least(1), metavar="K",
                    help="make at most K new images in this run, then stop")  # fmt: skip
-    p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -117,20 +124,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _preprocess(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "preprocess",
-        help="stage 2: PNGs -> normalised .npz shards",
-        description="Decode, orient, convert (grayscale or RGB), resize and normalise the "
+        cmd_preprocess,
+        "stage 2: PNGs -> normalised .npz shards",
+        "Decode, orient, convert (grayscale or RGB), resize and normalise the "
         "generated images into DATA/preprocessed/shard-NNNNN.npz (float32, Flux's WHCN layout), "
         "with dataset.json, a manifest and rejects.jsonl for images that cannot be used. "
         "Verified shards are skipped, so an interrupted run resumes.",
     )
-    _common(p)
     _shard_option(p, "write only output shards k with k %% N == I")
     p.add_argument("--workers", type=at_least(1), metavar="K",
                    help="decoding processes (default: preprocess.workers, 0 there = one per "
                    "CPU core)")  # fmt: skip
-    p.set_defaults(func=cmd_preprocess)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -140,17 +147,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _classify(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "classify",
-        help="stage 3: .npz shards -> class probabilities (Flux.jl CNN) + report",
-        description="Run the Flux.jl CNN (julia/flux_model.jl) once over every shard in "
+        cmd_classify,
+        "stage 3: .npz shards -> class probabilities (Flux.jl CNN) + report",
+        "Run the Flux.jl CNN (julia/flux_model.jl) once over every shard in "
         "DATA/preprocessed/ -- in one locked-down container by default (no network, no "
         "capabilities, non-root, read-only inputs), or with a local julia -- check every "
         "DATA/predictions/shard-NNNNN.probs.npz it writes, then write predictions.csv and "
         "summary.json (accuracy against the prompt labels, confusion matrix). Without "
         "classify.weights, DATA/model/weights.npz is used, made from the seed if missing.",
     )
-    _common(p)
     _backend_option(
         p,
         "docker: run the image with the Docker engine (DOCKER_HOST); local: run "
@@ -158,7 +166,6 @@ def _classify(sub: Any) -> None:
         "PyTorch, in-process (no Julia needed); none: only collect and check the outputs "
         "another process wrote (default: classify.backend, docker)",
     )
-    p.set_defaults(func=cmd_classify)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -170,18 +177,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def _run(sub: Any) -> None:
     from synthflux.pipeline import STAGE_NAMES
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "run",
-        help="all stages: generate -> preprocess -> classify",
-        description="Run generate, preprocess and classify in order. Each stage keeps what is "
+        cmd_run,
+        "all stages: generate -> preprocess -> classify",
+        "Run generate, preprocess and classify in order. Each stage keeps what is "
         "already complete and verified, so `run` after an interruption resumes; --from STAGE "
         "deletes that stage's outputs (and later ones) and redoes them.",
     )
-    _common(p)
     p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES,
                    help="redo from this stage: its outputs and later stages' are deleted first")  # fmt: skip
     _backend_option(p, "classifier backend (default: classify.backend in the config)")
-    p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -193,17 +200,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "report",
-        help="HTML page + contact sheet of a classified run",
-        description="Write DATA/report/index.html (self-contained) and "
+        cmd_report,
+        "HTML page + contact sheet of a classified run",
+        "Write DATA/report/index.html (self-contained) and "
         "DATA/report/contact-sheet.png: thumbnails grouped by class with prompt, seed and "
         "predicted probabilities, and the confusion matrix.",
     )
-    _common(p)
     p.add_argument("--per-class", type=at_least(1), default=24, metavar="N",
                    help="thumbnails per class (default 24)")  # fmt: skip
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -217,15 +224,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _submit(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "submit",
-        help="run the stages on a Slurm cluster as job arrays",
-        description="Submit generate as a Slurm job array of N tasks (task i runs `generate "
+        cmd_submit,
+        "run the stages on a Slurm cluster as job arrays",
+        "Submit generate as a Slurm job array of N tasks (task i runs `generate "
         "--shard i/N`), preprocess as an array that starts when all of them succeed, and one "
         "classify job after that. Batch scripts and logs go to DATA/slurm/. "
         "See docs/cluster.md.",
     )
-    _common(p)
     add = p.add_argument
     add("--shards", type=int, metavar="N", help="tasks per array (required, except with "
         "--resubmit-failed, which reuses the last submission's)")  # fmt: skip
@@ -249,7 +257,6 @@ def _submit(sub: Any) -> None:
     add("--resubmit-failed", action="store_true", help="resubmit only the shards whose outputs "
         "are incomplete (as `status` shows), and the stages after them, with the last "
         "submission's options")  # fmt: skip
-    p.set_defaults(func=cmd_submit)
 
 
 SUBMIT_OPTIONS = ("shards", "partition", "gpus_per_task", "cpus_per_task", "time",
@@ -270,18 +277,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _status(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "status",
-        help="per-stage, per-shard completion, read from the data",
-        description="Show which shards of each stage are complete, from the files in DATA "
+        cmd_status,
+        "per-stage, per-shard completion, read from the data",
+        "Show which shards of each stage are complete, from the files in DATA "
         "(generate's part records, preprocess's shard markers, classify's stage.json), not "
         "from the scheduler.",
     )
-    _common(p)
     p.add_argument("--shards", type=at_least(1), metavar="N",
                    help="group by N tasks (default: the last submission's, else 1)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -295,15 +302,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "tiny-model",
-        help="save a tiny random Stable Diffusion pipeline (tests, demos)",
-        description="Build a tiny randomly initialised Stable Diffusion pipeline offline and "
+        cmd_tiny_model,
+        "save a tiny random Stable Diffusion pipeline (tests, demos)",
+        "Build a tiny randomly initialised Stable Diffusion pipeline offline and "
         'save it with save_pretrained. `model = "tiny"` in a config does this automatically.',
+        config=False,
     )
     p.add_argument("dir", help="folder to save the pipeline to")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
-    p.set_defaults(func=cmd_tiny_model)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -228,4 +228,5 @@ def check_probs(path: Path, shard: Shard, n_classes: int) -> np.ndarray:
     if not np.array_equal(ids, shard.ids):
         first = int(np.flatnonzero(ids != shard.ids)[0])
         raise bad(f"ids differ from the shard's at row {first}: {ids[first]} != {shard.ids[first]}")
-    return probs
+    checked: np.ndarray = probs
+    return checked

@@ -49,6 +49,7 @@ from synthflux.stages import ShardState, Stage, StageState
 from synthflux.storage import (
     ShardSpec,
     file_lock,
+    hold_point,
     remove_stale_temps,
     sha256_bytes,
     write_bytes_atomic,
@@ -257,6 +258,7 @@ def _write_image(layout: DataLayout, pixels: np.ndarray, record: ManifestRecord)
     # No fsync per image: a resume hashes or fully decodes every PNG, so a file torn by a
     # power cut is made again; fsync would only slow the writer on network file systems.
     write_bytes_atomic(layout.image(record["file"]), data, durable=False)
+    hold_point("image")
     return {**record, "status": "ok", "sha256": sha256_bytes(data)}
 
 

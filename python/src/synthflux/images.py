@@ -1,22 +1,31 @@
-"""One image, as the classifier will see it: decode, orient, convert, resize, normalise.
+"""Images as the classifier will see them: decode, orient, convert, resize, normalise.
 
-Used by preprocess (every shard row) and its previews. Anything that cannot be used raises
-`Rejected` with a one-line reason, which preprocess records in rejects.jsonl.
+`load_image` does one; `Decoder` does many in a process pool, in order. Used by preprocess
+(every shard row) and its previews. Anything that cannot be used raises `Rejected` with a
+one-line reason, which preprocess records in rejects.jsonl.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
+import os
+import sys
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from synthflux.config import PreprocessConfig
-from synthflux.errors import Rejected
+from synthflux.errors import DataError, Rejected
 
 FORMAT_EXTENSIONS = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg"}, "WEBP": {".webp"}, "GIF": {".gif"}}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -42,7 +51,7 @@ def load_image(path: Path, expected_sha256: str | None, cfg: PreprocessConfig) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             _check_name(path, im.format)
             im.seek(0)  # animations: the first frame
             im.load()
@@ -52,7 +61,7 @@ def load_image(path: Path, expected_sha256: str | None, cfg: PreprocessConfig) -
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Rejected(f"decompression bomb: more than max_pixels = {cfg.max_pixels}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise Rejected("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise Rejected(
@@ -103,4 +112,81 @@ def _fit(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
 
 def _to_unit_range(im: Image.Image, source_mode: str) -> np.ndarray:
     scale = 65535.0 if im.mode == "F" and source_mode in SIXTEEN_BIT_MODES else 255.0
-    return np.clip(np.asarray(im, dtype=np.float32) / scale, 0.0, 1.0)
+    unit: np.ndarray = np.clip(np.asarray(im, dtype=np.float32) / scale, 0.0, 1.0)
+    return unit
+
+
+def preview(path: Path, cfg: PreprocessConfig) -> Image.Image:
+    """The image as the model sees it, denormalised to 8 bits and upscaled 4x for a person."""
+    mean = np.asarray(cfg.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(cfg.std, np.float32).reshape(-1, 1, 1)
+    chw = load_image(path, None, cfg) * std + mean  # (C, H, W) in [0, 1]
+    pixels = (np.clip(chw, 0, 1) * 255).round().astype(np.uint8)
+    im = Image.fromarray(pixels[0] if cfg.channels == 1 else pixels.transpose(1, 2, 0))
+    return im.resize((cfg.width * 4, cfg.height * 4), Image.Resampling.NEAREST)
+
+
+# --- many images, in a process pool ---------------------------------------------------------
+
+DecodeTask = tuple[str | None, str | None]  # (path or None if refused, expected sha256)
+DecodeResult = tuple[np.ndarray | None, str | None]  # (pixels, or None and the reason)
+
+
+def _worker(task: DecodeTask) -> DecodeResult:
+    path, sha = task
+    if path is None:
+        return None, "file path points outside DATA/generated (refused)"
+    try:
+        return load_image(Path(path), sha, _WORKER_CFG), None
+    except Rejected as e:
+        return None, str(e)
+
+
+_WORKER_CFG: PreprocessConfig
+
+
+def _init_worker(cfg: PreprocessConfig, parent: int | None = None) -> None:
+    global _WORKER_CFG
+    _WORKER_CFG = cfg
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, OOM) would wait for tasks forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+class Decoder:
+    """`with Decoder(cfg, workers) as decode: decode(tasks)` -> results in task order."""
+
+    def __init__(self, cfg: PreprocessConfig, workers: int) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            # fork starts workers fastest, but must not copy a process whose torch threads run.
+            ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
+            # concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. out of
+            # memory) raises BrokenProcessPool here instead of hanging the run forever.
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, os.getpid())
+            )
+        _init_worker(cfg)
+
+    def __call__(self, tasks: list[DecodeTask]) -> Iterator[DecodeResult]:
+        results = self.pool.map(_worker, tasks, chunksize=8) if self.pool else map(_worker, tasks)
+        try:
+            yield from results
+        except BrokenProcessPool:
+            raise DataError(
+                "a preprocess worker died (out of memory? try fewer --workers); "
+                "re-run to resume from the last finished shard"
+            ) from None
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -14,19 +14,13 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
-import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.contracts import (
@@ -40,7 +34,7 @@ from synthflux.contracts import (
     read_marker,
 )
 from synthflux.errors import DataError, Rejected
-from synthflux.images import load_image
+from synthflux.images import Decoder, DecodeResult, preview
 from synthflux.layout import DataLayout, marker_file, shard_index
 from synthflux.progress import Progress
 from synthflux.records import ManifestRecord, count_manifest, iter_manifest
@@ -50,6 +44,7 @@ from synthflux.storage import (
     ShardSpec,
     atomic_write,
     file_lock,
+    hold_point,
     remove_stale_temps,
     sha256_file,
     write_json_atomic,
@@ -126,73 +121,7 @@ def run(
     return summary
 
 
-# --- decoding in a process pool ----------------------------------------------------------
-
-_Task = tuple[str | None, str | None]  # (path or None if refused, expected sha256)
-_Result = tuple[np.ndarray | None, str | None]  # (pixels, or None and the reason)
-
-
-def _worker(task: _Task) -> _Result:
-    path, sha = task
-    if path is None:
-        return None, "file path points outside DATA/generated (refused)"
-    try:
-        return load_image(Path(path), sha, _WORKER_CFG), None
-    except Rejected as e:
-        return None, str(e)
-
-
-_WORKER_CFG: PreprocessConfig
-
-
-def _init_worker(cfg: PreprocessConfig, parent: int | None = None) -> None:
-    global _WORKER_CFG
-    _WORKER_CFG = cfg
-    if parent is not None:
-        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent was killed (SIGKILL, OOM) would wait for tasks forever."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-class Decoder:
-    """`with Decoder(cfg, workers) as decode: decode(tasks)` -> results in task order."""
-
-    def __init__(self, cfg: PreprocessConfig, workers: int) -> None:
-        self.pool: ProcessPoolExecutor | None = None
-        if workers > 1:
-            # fork starts workers fastest, but must not copy a process whose torch threads run.
-            ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
-            # concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. out of
-            # memory) raises BrokenProcessPool here instead of hanging the run forever.
-            self.pool = ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, os.getpid())
-            )
-        _init_worker(cfg)
-
-    def __call__(self, tasks: list[_Task]) -> Iterator[_Result]:
-        results = self.pool.map(_worker, tasks, chunksize=8) if self.pool else map(_worker, tasks)
-        try:
-            yield from results
-        except BrokenProcessPool:
-            raise DataError(
-                "a preprocess worker died (out of memory? try fewer --workers); "
-                "re-run to resume from the last finished shard"
-            ) from None
-
-    def __enter__(self) -> Decoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _counted(results: Iterable[_Result], progress: Progress) -> Iterator[_Result]:
+def _counted(results: Iterable[DecodeResult], progress: Progress) -> Iterator[DecodeResult]:
     for r in results:
         progress.update()
         yield r
@@ -237,7 +166,7 @@ def _input_path(layout: DataLayout, record: ManifestRecord) -> str | None:
 
 
 def _process_shard(
-    k: int, records: list[ManifestRecord], cfg: PipelineConfig, images: Iterable[_Result]
+    k: int, records: list[ManifestRecord], cfg: PipelineConfig, images: Iterable[DecodeResult]
 ) -> ShardMarker:
     """Stream one shard's decoded rows into shard-k.npz; write its marker last; return it."""
     pre = cfg.preprocess
@@ -277,6 +206,7 @@ def _process_shard(
         "rejects": rejects,
     }
     write_json_atomic(layout.shard_marker(k), info)
+    hold_point("shard")
     return info
 
 
@@ -383,30 +313,20 @@ def _read_markers(markers: list[Path]) -> Iterator[ShardMarker]:
 
 
 def _write_previews(layout: DataLayout, infos: Iterable[ShardMarker], cfg: PipelineConfig) -> None:
-    """A few images per class as the model sees them (denormalised, upscaled 4x for a person).
-
-    They are decoded again from the source PNGs with the same function as the shards, which
-    keeps memory flat: no shard is loaded whole.
-    """
-    pre = cfg.preprocess
+    """A few images per class as the model sees them (images.preview), decoded again from the
+    source PNGs, which keeps memory flat: no shard is loaded whole."""
     wanted = {name: PREVIEWS_PER_CLASS for name in cfg.class_names}
     layout.previews.mkdir(exist_ok=True)
-    mean = np.asarray(pre.mean, np.float32).reshape(-1, 1, 1)
-    std = np.asarray(pre.std, np.float32).reshape(-1, 1, 1)
     for info in infos:
         for r in info["rows"]:
             if wanted[r["class"]] <= 0:
                 continue
             wanted[r["class"]] -= 1
-            path = layout.inside_generated(r["file"])
             try:
-                chw = load_image(path or Path(), None, pre) * std + mean  # (C, H, W) in [0, 1]
+                im = preview(layout.inside_generated(r["file"]) or Path(), cfg.preprocess)
             except Rejected as e:  # the source changed since its shard was made: skip it
                 log.warning("preprocess: no preview for %s: %s", r["file"], e)
                 continue
-            pixels = (np.clip(chw, 0, 1) * 255).round().astype(np.uint8)
-            im = Image.fromarray(pixels[0] if pre.channels == 1 else pixels.transpose(1, 2, 0))
-            im = im.resize((pre.width * 4, pre.height * 4), Image.Resampling.NEAREST)
             with atomic_write(layout.preview(r["class"], r["id"])) as f:
                 im.save(f, format="PNG")
         if not any(wanted.values()):

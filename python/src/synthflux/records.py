@@ -153,7 +153,7 @@ def embedded_record(data: bytes) -> dict[str, Any] | None:
     """The record inside a PNG we wrote, or None if the bytes are not a whole PNG of ours."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            text = im.text.get(PNG_KEY)  # type: ignore[attr-defined]
+            text = getattr(im, "text", {}).get(PNG_KEY)  # PNG text chunks
             im.load()  # decodes every row: a truncated file fails here
         return json.loads(text) if text else None
     except Exception:

@@ -48,7 +48,7 @@ def build_model(weights: Mapping[str, np.ndarray]) -> nn.Sequential:
         torch_w = np.ascontiguousarray(w[::-1, ::-1].transpose(3, 2, 1, 0))  # flip, to OIHW
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(torch_w))
-            conv.bias.copy_(torch.from_numpy(weights[f"conv{i}_bias"]))
+            conv.bias.copy_(torch.from_numpy(weights[f"conv{i}_bias"]))  # type: ignore[union-attr]
         layers += [conv, nn.ReLU(), nn.MaxPool2d(2)]
         cin = cout
     dense = nn.Linear(spec.n_features, spec.n_classes)

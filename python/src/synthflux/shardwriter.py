@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import zipfile
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 from npy_append_array import NpyAppendArray
@@ -52,12 +51,7 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.npy.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
@@ -70,7 +64,8 @@ def _as_whcn(block: np.ndarray) -> np.ndarray:
     """
     c, h, w, n = block.shape
     rows = np.ascontiguousarray(block.transpose(3, 0, 1, 2))  # (n, C, H, W) C order
-    return rows.reshape(n, c, h, w).T  # (W, H, C, n) Fortran order, no copy
+    whcn: np.ndarray = rows.reshape(n, c, h, w).T  # (W, H, C, n) Fortran order, no copy
+    return whcn
 
 
 def _pack_npz(path: Path, images_npy: Path, **small: np.ndarray) -> None:

@@ -52,7 +52,7 @@ class _Template(string.Template):
 
 
 def _template(name: str) -> _Template:
-    return _Template(resources.files("synthflux").joinpath("templates", name).read_text())
+    return _Template(resources.files("synthflux").joinpath(f"templates/{name}").read_text())
 
 
 # --- options and scripts ---------------------------------------------------------------------
@@ -223,11 +223,12 @@ def read_submission(layout: DataLayout) -> dict[str, Any] | None:
     """The last submission's options and job ids (DATA/slurm/submission.json), if any."""
     path = layout.submission
     try:
-        return json.loads(path.read_text())
+        submission: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable ({e}); delete it to submit afresh") from None
+    return submission
 
 
 @dataclass
@@ -357,10 +358,10 @@ def check_not_running(data: Path) -> None:
     ids = sorted((j["id"] for j in previous.get("jobs", {}).values()), key=lambda i: (len(i), i))
     busy = _queued(ids)
     if busy:
-        ids = ",".join(busy)
+        listed = ",".join(busy)
         raise SubmitError(
-            f"jobs {ids} of the last submission are still queued or running on {data}: wait "
-            f"for them (`squeue -j {ids}`) or cancel them (`scancel {ids}`) first"
+            f"jobs {listed} of the last submission are still queued or running on {data}: wait "
+            f"for them (`squeue -j {listed}`) or cancel them (`scancel {listed}`) first"
         )
 
 

@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,27 @@ TEMP_TAG = f"{_HOST}-{os.getpid()}"
 # reads them as another, non-root user). Read once: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+_held: dict[str, int] = {}
+_held_lock = threading.Lock()
+
+
+def hold_point(point: str) -> None:
+    """Where tests kill a run at a moment they choose, not by racing it.
+
+    With SYNTHFLUX_TEST_HOLD=POINT:N, the N-th pass through `point` (e.g. "image" after each
+    PNG written, "shard" after each shard marker) stops this process with SIGSTOP; the test
+    waits for the stop and kills it. Unset (always, outside tests) it costs one dict lookup.
+    """
+    spec = os.environ.get("SYNTHFLUX_TEST_HOLD")
+    if not spec or spec.partition(":")[0] != point:
+        return
+    with _held_lock:
+        _held[point] = _held.get(point, 0) + 1
+        reached = _held[point] == int(spec.partition(":")[2] or 1)
+    if reached:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def remove_stale_temps(folder: Path) -> int:

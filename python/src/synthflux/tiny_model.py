@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # Byte-level BPE alphabet used by CLIP's tokenizer (GPT-2's bytes_to_unicode).
 _PRINTABLE = (
@@ -43,8 +44,11 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """The components of diffusers' own pipeline tests (get_dummy_components), seeded."""
+def build_tiny_pipeline(seed: int = 0) -> Any:
+    """The components of diffusers' own pipeline tests (get_dummy_components), seeded.
+
+    Long, but one literal configuration read top to bottom: splitting it would only scatter it.
+    """
     import torch
     from diffusers import (
         AutoencoderKL,

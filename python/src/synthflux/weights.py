@@ -166,7 +166,7 @@ def save_weights(path: Path, weights: Mapping[str, np.ndarray]) -> None:
     check_weights(weights, str(path))
     arrays = {k: np.asfortranarray(v) for k, v in weights.items()}
     with atomic_write(Path(path)) as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types the kwargs badly
 
 
 def load_weights(path: Path) -> Weights:

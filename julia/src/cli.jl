@@ -1,0 +1,259 @@
+# The command line of julia/flux_model.jl: options, the shard and image modes, `main`.
+
+const USAGE = """
+usage: julia --project=julia julia/flux_model.jl --input DIR_OR_SHARD... --weights W --output DIR
+                                                 [--batch-size B] [--seed S]
+       julia --project=julia julia/flux_model.jl IMAGE.png --weights W [--mean M...] [--std S...]
+
+Run the synthflux CNN over preprocessed shards (or one PNG/JPEG image).
+
+  --input PATH...    a folder (all shard-*.npz in it, sorted) or one or more shard files
+  --weights W        weights.npz; if it does not exist, initialise from --seed for the
+                     input's (W, H, C) with 2 classes and write it
+  --output DIR       where DIR/<shard>.probs.npz go (probs (N, K) float32, ids int64)
+  --batch-size B     images per forward pass (default 64)
+  --seed S           seed for new weights (default 0)
+  --mean M...        image mode: per-channel normalisation mean (default 0.5)
+  --std S...         image mode: per-channel normalisation std (default 0.5)
+  -h, --help         show this help
+
+Errors exit with status 1 and one line on stderr: `flux_model: error: <file>: <problem>`.
+"""
+
+Base.@kwdef mutable struct Options
+    inputs::Vector{String} = String[]
+    weights::String = ""
+    output::String = ""
+    batch_size::Int = 64
+    seed::Int = 0
+    mean::Vector{Float32} = Float32[0.5]
+    std::Vector{Float32} = Float32[0.5]
+    positional::Vector{String} = String[]
+    help::Bool = false
+end
+
+const OPTIONS = ("--input", "--weights", "--output", "--batch-size", "--seed", "--mean",
+                 "--std", "--help")
+const MULTI_VALUE = ("--input", "--mean", "--std")
+
+function parse_int(opt, text, min)
+    v = tryparse(Int, text)
+    (v === nothing || v < min) && throw(InputError(opt, "must be an integer >= $min, got \"$text\""))
+    return v
+end
+
+function parse_floats(opt, values)
+    isempty(values) && throw(InputError(opt, "needs at least one value"))
+    out = Float32[]
+    for text in values
+        v = tryparse(Float32, text)
+        (v === nothing || !isfinite(v)) && throw(InputError(opt, "not a number: \"$text\""))
+        push!(out, v)
+    end
+    return out
+end
+
+"""Parse the command line into `Options`; throws `InputError(option, …)` for bad usage."""
+function parse_args(args::AbstractVector{<:AbstractString})
+    o = Options()
+    i = 1
+    while i <= length(args)
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help")
+            o.help = true
+            continue
+        elseif !startswith(arg, "--")
+            push!(o.positional, arg)
+            continue
+        end
+        opt, inline = occursin('=', arg) ? Tuple(split(arg, '='; limit=2)) : (arg, nothing)
+        opt in OPTIONS || throw(InputError(opt, "unknown option (valid: $(join(OPTIONS, ", ")))"))
+        values = String[]
+        if inline !== nothing
+            push!(values, inline)
+        else  # take following words up to the next option: one, or all for multi-value ones
+            while i <= length(args) && !startswith(args[i], "--") &&
+                  (opt in MULTI_VALUE || isempty(values))
+                push!(values, args[i])
+                i += 1
+            end
+        end
+        isempty(values) && throw(InputError(opt, "needs a value"))
+        if opt == "--input"
+            append!(o.inputs, values)
+        elseif opt == "--weights"
+            o.weights = values[1]
+        elseif opt == "--output"
+            o.output = values[1]
+        elseif opt == "--batch-size"
+            o.batch_size = parse_int(opt, values[1], 1)
+        elseif opt == "--seed"
+            o.seed = parse_int(opt, values[1], 0)
+        elseif opt == "--mean"
+            o.mean = parse_floats(opt, values)
+        elseif opt == "--std"
+            o.std = parse_floats(opt, values)
+        end
+    end
+    o.help && return o
+    isempty(o.weights) && throw(InputError("--weights", "is required"))
+    if !isempty(o.positional)
+        (length(o.positional) == 1 && isempty(o.inputs) && is_image_path(o.positional[1])) ||
+            throw(InputError(o.positional[1], "unexpected argument; pass shards with --input, " *
+                                              "or one PNG/JPEG image alone"))
+    else
+        isempty(o.inputs) && throw(InputError("--input", "is required"))
+        isempty(o.output) && throw(InputError("--output", "is required"))
+    end
+    return o
+end
+
+"""Expand `--input` folders to their sorted `shard-*.npz` files; check that every file exists."""
+function resolve_inputs(inputs::AbstractVector{<:AbstractString})
+    shards = String[]
+    for p in inputs
+        if isdir(p)
+            names = sort!([f for f in readdir(p)
+                           if occursin(r"^shard-.*\.npz$", f) && !endswith(f, ".probs.npz")])
+            isempty(names) && throw(InputError(p, "no shard-*.npz files in this folder"))
+            append!(shards, joinpath.(p, names))
+        elseif isfile(p)
+            push!(shards, p)
+        else
+            throw(InputError(p, "no such file or folder"))
+        end
+    end
+    seen = Dict{String,String}()
+    for s in shards
+        name = probs_name(s)
+        haskey(seen, name) && throw(InputError(s, "same output name as $(seen[name]) ($name)"))
+        seen[name] = s
+    end
+    return shards
+end
+
+# Load the weights, or create them for the first shard's (W, H, C) if the file doesn't exist.
+function weights_for(path::AbstractString, first_shard::AbstractString, seed::Integer, out::IO)
+    isfile(path) && return load_weights(path)
+    ispath(path) && throw(InputError(path, "exists but is not a file"))
+    w, h, c = size(read_shard(first_shard).images)[1:3]
+    spec = try
+        default_spec(w, h, c)
+    catch e
+        e isa ArgumentError || rethrow()
+        throw(InputError(first_shard, "cannot build a model for its images: $(e.msg)"))
+    end
+    save_weights(path, init_weights(spec; seed=seed))
+    println(out, "weights: $path did not exist; initialised from seed $seed for ",
+            "(W, H, C) = ($w, $h, $c), 2 classes, and wrote it")
+    return load_weights(path)  # what the file holds is what runs
+end
+
+fmt_rate(n, seconds) = seconds > 0 ? @sprintf("%.1f", n / seconds) : "inf"
+
+function run_shards(o::Options, out::IO)
+    t_start = time()
+    shards = resolve_inputs(o.inputs)
+    weights = weights_for(o.weights, shards[1], o.seed, out)
+    spec = weights.spec
+    model = build_model(weights)
+    # Compile the forward pass before timing it, so img/s measures the model, not the JIT.
+    predict(model, zeros(Float32, spec.width, spec.height, spec.channels, 1))
+    mkpath(o.output)
+    class_sums = zeros(Float64, spec.n_classes)
+    n_total, forward_s = 0, 0.0
+    for shard in shards
+        data = read_shard(shard, spec)
+        t = time()
+        probs = try
+            predict(model, data.images; batch_size=o.batch_size)
+        catch e
+            e isa InterruptException && rethrow()
+            throw(InputError(shard, "forward pass failed: $(first_line(e))"))
+        end
+        dt = time() - t
+        target = joinpath(o.output, probs_name(shard))
+        try
+            write_probs(target, probs, data.ids)
+        catch e
+            e isa InterruptException && rethrow()
+            throw(InputError(target, "cannot write: $(first_line(e))"))
+        end
+        n = length(data.ids)
+        println(out, basename(shard), ": ", n, " images, ", fmt_rate(n, dt), " img/s")
+        flush(out)  # a driver streams these lines as progress
+        class_sums .+= vec(sum(Float64.(probs); dims=2))
+        n_total += n
+        forward_s += dt
+    end
+    means = n_total > 0 ? join((@sprintf("%.4f", s / n_total) for s in class_sums), " ") : "-"
+    println(out, "summary: $n_total images in $(length(shards)) shards -> $(o.output)")
+    println(out, "  mean probability per class (0..$(spec.n_classes - 1)): $means")
+    println(out, "  forward pass: ", @sprintf("%.3f", forward_s), " s, ",
+            fmt_rate(n_total, forward_s), " img/s; total ", @sprintf("%.2f", time() - t_start),
+            " s with reading, writing and compiling")
+    flush(out)
+    return nothing
+end
+
+function run_image(o::Options, out::IO)
+    path = o.positional[1]
+    isfile(path) || throw(InputError(path, "no such file"))
+    rgb = decode_image(path)
+    weights = if isfile(o.weights)
+        load_weights(o.weights)
+    else  # gray if every pixel has R == G == B
+        c = all(rgb[1, :, :] .== rgb[2, :, :] .== rgb[3, :, :]) ? 1 : 3
+        spec = try
+            default_spec(size(rgb, 3), size(rgb, 2), c)
+        catch e
+            e isa ArgumentError || rethrow()
+            throw(InputError(path, "cannot build a model for this image: $(e.msg)"))
+        end
+        save_weights(o.weights, init_weights(spec; seed=o.seed))
+        println(out, "weights: $(o.weights) did not exist; initialised from seed $(o.seed) ",
+                "for this image's (W, H, C) = ($(spec.width), $(spec.height), $c) and wrote it")
+        load_weights(o.weights)
+    end
+    x = try
+        image_to_whcn(rgb, weights.spec; mean=o.mean, std=o.std)
+    catch e
+        e isa ArgumentError || rethrow()
+        throw(InputError(path, e.msg))
+    end
+    probs = predict(build_model(weights), x)
+    println(out, basename(path), ": ", join((@sprintf("%.6f", p) for p in probs[:, 1]), " "))
+    return nothing
+end
+
+"""
+    main(args; out=stdout, err=stderr) -> exit code
+
+The command line (see `USAGE`). Errors are reported as one line on `err`
+(`flux_model: error: <file>: <problem>`) with exit code 1; outputs already written stay.
+Set `SYNTHFLUX_DEBUG=1` to get the full stack trace as well.
+"""
+function main(args::AbstractVector{<:AbstractString}; out::IO=stdout, err::IO=stderr)
+    try
+        o = parse_args(args)
+        if o.help
+            print(out, USAGE)
+        elseif isempty(o.positional)
+            run_shards(o, out)
+        else
+            run_image(o, out)
+        end
+        return 0
+    catch e
+        e isa InterruptException && rethrow()
+        if !isempty(get(ENV, "SYNTHFLUX_DEBUG", ""))
+            showerror(err, e, catch_backtrace())
+            println(err)
+        end
+        what = e isa InputError ? sprint(showerror, e) : "internal error: $(first_line(e))"
+        println(err, "flux_model: error: ", first(split(what, '\n')))
+        flush(err)
+        return 1
+    end
+end

@@ -1,0 +1,49 @@
+"""How well predictions match labels: counts, accuracy, the confusion matrix, per-class means.
+
+One function from (labels, probabilities) to a JSON-ready dict, shared by classify's
+summary.json and evaluate's per-split summaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """(K, K) int64: rows are the true labels, columns the predicted ones."""
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    return confusion
+
+
+def summarize(
+    labels: np.ndarray, probs: np.ndarray, classes: list[str], rows: str
+) -> dict[str, Any]:
+    """Counts, accuracy, confusion matrix (`rows` names what its rows are) and the mean
+    probability of every class over each true class's images (None for an empty class)."""
+    predicted = probs.argmax(axis=1)
+    confusion = confusion_matrix(labels, predicted, len(classes))
+    correct = int(np.trace(confusion))
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
+    mean_probs = {
+        c: ({d: float(probs[labels == i, j].mean()) for j, d in enumerate(classes)}
+            if counts[c] else None)
+        for i, c in enumerate(classes)
+    }  # fmt: skip
+    return {
+        "images": len(labels),
+        "classes": classes,
+        "counts": counts,
+        "predicted_counts": {c: int((predicted == i).sum()) for i, c in enumerate(classes)},
+        "correct": correct,
+        "accuracy": correct / len(labels) if len(labels) else None,
+        "confusion_matrix": {
+            "rows": rows,
+            "columns": "predicted class",
+            "classes": classes,
+            "matrix": confusion.tolist(),
+        },
+        "mean_probabilities": mean_probs,
+    }
