@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from conftest import save_config
+from conftest import mark_generated, mark_preprocessed, save_config
 from synthflux.config import PipelineConfig
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "flux_model_standin.py"
@@ -68,7 +68,6 @@ def make_data(
     with open(gen / "manifest.jsonl", "w") as f:
         for rec in records.values():
             f.write(json.dumps(rec) + "\n")
-    (gen / "stage.json").write_text(json.dumps({"stage": "generate", "seconds": 12.5}))
 
     ids = np.array(sorted(records), dtype=np.int64)
     labels = np.array([records[i]["label"] for i in ids], dtype=np.int64)
@@ -103,7 +102,6 @@ def make_data(
     }
     (prep / "dataset.json").write_text(json.dumps(dataset))
     (prep / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prep_manifest))
-    (prep / "stage.json").write_text(json.dumps({"stage": "preprocess", "seconds": 3.25}))
     return Fixture(root, list(classes), ids, labels, [s["file"] for s in shards], records)
 
 
@@ -116,7 +114,10 @@ def write_config(
         "classes": [{"name": c, "prompts": [f"a photo of a {c}"]} for c in classes],
         "classify": {"batch_size": 4, "memory": "512m", "cpus": 1.0, **classify},
     }
-    return save_config(folder / "pipeline.toml", raw)
+    path, cfg = save_config(folder / "pipeline.toml", raw)
+    mark_generated(cfg, seconds=12.5)  # what generate and preprocess would have recorded
+    mark_preprocessed(cfg, seconds=3.25)
+    return path, cfg
 
 
 def control_standin(fx: Fixture, **ctl: Any) -> None:

@@ -81,6 +81,32 @@ def save_config(path: Path, raw: dict[str, Any]) -> tuple[Path, PipelineConfig]:
     return path, load_config(path)
 
 
+def mark_generated(cfg: PipelineConfig, seconds: float = 0.0) -> None:
+    """Write generate's done marker for the manifest a test wrote by hand, as generate would."""
+    from synthflux.layout import DataLayout
+    from synthflux.records import plan_key
+    from synthflux.stages import write_stage_marker
+    from synthflux.storage import sha256_file
+
+    layout = DataLayout(cfg.data_root)
+    facts = {"manifest_sha256": sha256_file(layout.manifest)}
+    write_stage_marker(layout, "generate", key=plan_key(cfg), seconds=seconds, complete=True,
+                       facts=facts)  # fmt: skip
+
+
+def mark_preprocessed(cfg: PipelineConfig, seconds: float = 0.0) -> None:
+    """Write preprocess's done marker for a dataset.json a test wrote by hand."""
+    from synthflux.layout import DataLayout
+    from synthflux.preprocess import dataset_key
+    from synthflux.stages import write_stage_marker
+    from synthflux.storage import sha256_file
+
+    layout = DataLayout(cfg.data_root)
+    facts = {"dataset_sha256": sha256_file(layout.dataset)}
+    write_stage_marker(layout, "preprocess", key=dataset_key(cfg), seconds=seconds,
+                       complete=True, facts=facts)  # fmt: skip
+
+
 def tiny_config(
     folder: Path, data: Path, model: Path, name: str = "pipeline.toml", **overrides: Any
 ) -> tuple[Path, PipelineConfig]:

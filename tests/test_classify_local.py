@@ -134,10 +134,13 @@ def test_malformed_output_names_the_shard(setup, kind: str) -> None:
 def test_missing_output_names_the_shard_even_with_an_old_one_present(setup) -> None:
     fx, _, cfg = setup()
     classify.run(cfg)  # leaves a good shard-00003.probs.npz from this first run
+    before = {p.name: p.read_bytes() for p in (fx.root / "predictions").iterdir() if p.is_file()}
     control_standin(fx, skip="shard-00003.npz")
     with pytest.raises(ClassifyError, match=r"shard-00003\.npz.*missing"):
         classify.run(cfg)
-    assert not (fx.root / "predictions" / "stage.json").exists()
+    # The failed attempt published nothing: the first run's results are intact and current.
+    after = {p.name: p.read_bytes() for p in (fx.root / "predictions").iterdir() if p.is_file()}
+    assert after == before and classify.is_current(cfg)
 
 
 def test_missing_julia_and_missing_project(setup, monkeypatch, tmp_path) -> None:

@@ -15,7 +15,7 @@ from conftest import REPO, run_cli, run_until_held, tree_bytes
 from synthflux import generate
 from synthflux.config import load_config
 from synthflux.errors import ModelError
-from synthflux.records import PNG_KEY, image_seed, plan_images
+from synthflux.records import PNG_KEY, image_seed, pixels_sha256, plan_images
 from synthflux.storage import ShardSpec, sha256_file
 
 
@@ -80,7 +80,8 @@ def test_shards_union_equals_unsharded_run(write_config, tmp_path):
     _, sharded = write_config(data=tmp_path / "sharded", name="s.toml")
     generate.run(whole)
     summaries = [generate.run(sharded, shard=ShardSpec(i, 3)) for i in range(3)]
-    assert [s.planned for s in summaries] == [3, 3, 2]
+    # Shards take whole batches (3 images, per class): cat 0-2 | cat 3 | dog 0-2 | dog 3.
+    assert [s.planned for s in summaries] == [4, 1, 3]
     assert [s.manifest_complete for s in summaries] == [False, False, True]
     assert generated(tmp_path / "whole") == generated(tmp_path / "sharded")
 
@@ -104,7 +105,8 @@ def test_corrupted_image_is_regenerated(write_config, tmp_path):
     victim = cfg.data_root / "generated" / manifest(cfg.data_root)[2]["file"]
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     again = generate.run(cfg)
-    assert (again.reused, again.generated) == (7, 1)
+    # Its whole batch (batch_size 3) is made again, so the image comes from the same call.
+    assert (again.reused, again.generated) == (5, 3)
     assert generated(cfg.data_root) == before
 
 
@@ -135,13 +137,16 @@ def test_manifest_schema_and_embedded_records(write_config):
     generate.run(cfg)
     records = manifest(cfg.data_root)
     jobs = plan_images(cfg)
-    assert [r["id"] for r in records] == [j.id for j in jobs] == list(range(8))
+    # An image's id is label * 1,000,000 + index: no class's count renames another's images.
+    assert [r["id"] for r in records] == [j.id for j in jobs]
+    assert [j.id for j in jobs] == [0, 1, 2, 3, 1_000_000, 1_000_001, 1_000_002, 1_000_003]
     types = {
         "id": int, "name": str, "class": str, "label": int, "index": int, "prompt": str,
         "negative_prompt": str, "seed": int, "attempt": int, "flagged_seeds": list,
         "model": str, "model_revision": str, "scheduler": str, "steps": int,
         "guidance_scale": float, "width": int, "height": int, "file": str, "sha256": str,
-        "status": str,
+        "status": str, "batch_size": int, "batch_images": int, "pixels_sha256": str,
+        "model_prompt": str,
     }  # fmt: skip
     for rec, job in zip(records, jobs, strict=True):
         assert set(rec) == set(types)
@@ -157,7 +162,12 @@ def test_manifest_schema_and_embedded_records(write_config):
         with Image.open(path) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
             embedded = json.loads(im.text[PNG_KEY])
+            pixels = np.asarray(im.convert("RGB"))
         assert embedded == {k: v for k, v in rec.items() if k not in ("sha256", "status")}
+        # The record vouches for its pixels, and says what the model read of the prompt.
+        assert rec["pixels_sha256"] == pixels_sha256(pixels)
+        assert rec["model_prompt"] == rec["prompt"]  # short enough for CLIP: read whole
+        assert (rec["batch_size"], rec["batch_images"]) == (3, 3 if rec["index"] < 3 else 1)
     # Template variables expand in a fixed order, cycling over the images of a class.
     cat_prompts = [r["prompt"].removesuffix(", studio photo") for r in records[:4]]
     assert cat_prompts == ["a black cat", "a white cat", "a cat asleep", "a black cat"]
@@ -198,20 +208,22 @@ def test_flagged_images_are_never_written_silently(write_config, monkeypatch, po
     )
     summary = generate.run(cfg)
     records = {r["id"]: r for r in manifest(cfg.data_root)}
+    ids = [job.id for job in jobs]
     dropped_path = cfg.data_root / "generated" / "dropped.jsonl"
     dropped = [json.loads(line) for line in dropped_path.read_text().splitlines()]
     if policy == "regenerate":
         assert summary.regenerated_flagged == 2 and summary.dropped == 0 and not dropped
         for i in (1, 5):
-            assert records[i]["attempt"] == 1
-            assert records[i]["seed"] == image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 1)
-            assert records[i]["flagged_seeds"] == [
+            rec = records[ids[i]]
+            assert rec["attempt"] == 1
+            assert rec["seed"] == image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 1)
+            assert rec["flagged_seeds"] == [
                 image_seed(cfg.seed, jobs[i].class_name, jobs[i].index, 0)
             ]
     else:
         assert summary.dropped == 2 and summary.regenerated_flagged == 0
-        assert sorted(records) == [0, 2, 3, 4, 6, 7]
-        assert [d["id"] for d in dropped] == [1, 5]
+        assert sorted(records) == [ids[i] for i in (0, 2, 3, 4, 6, 7)]
+        assert [d["id"] for d in dropped] == [ids[1], ids[5]]
         assert all(d["status"] == "dropped" and len(d["flagged_seeds"]) == 1 for d in dropped)
         for i in (1, 5):
             assert not (cfg.data_root / "generated" / jobs[i].file).exists()

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import run_cli, tree_bytes
 from synthflux.pipeline import run_pipeline
+from synthflux.records import plan_images
 
 
 def test_run_then_rerun_skips_verified_work_and_from_redoes(write_config):
@@ -35,7 +36,7 @@ def test_run_then_rerun_skips_verified_work_and_from_redoes(write_config):
 
     with open(cfg.data_root / "predictions" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["id"]) for r in rows] == list(range(8))
+    assert [int(r["id"]) for r in rows] == [j.id for j in plan_images(cfg)]
     for r in rows:
         p = np.array([float(r["p_cat"]), float(r["p_dog"])])
         assert abs(p.sum() - 1) < 1e-5
@@ -76,13 +77,13 @@ def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
     for rec in map(
         json.loads, (cfg.data_root / "generated/manifest.jsonl").read_text().splitlines()
     ):
-        if rec["id"] in (3, 4, 5):  # the whole of output shard 1 (shard_size 3)
+        if rec["id"] in (3, 1_000_000, 1_000_001):  # all of output shard 1 (shard_size 3)
             (cfg.data_root / "generated" / rec["file"]).write_bytes(b"not a png")
     assert preprocess.run(cfg).complete
     summary = classify.run(cfg)
     assert (summary.images, summary.shards) == (5, 3)
     with open(cfg.data_root / "predictions" / "predictions.csv") as f:
-        assert [int(r["id"]) for r in csv.DictReader(f)] == [0, 1, 2, 6, 7]
+        assert [int(r["id"]) for r in csv.DictReader(f)] == [0, 1, 2, 1_000_002, 1_000_003]
 
 
 def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config):

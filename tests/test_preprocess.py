@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import (
     BASE_CONFIG,
     deep_update,
+    mark_generated,
     run_cli,
     run_until_held,
     save_config,
@@ -63,8 +64,12 @@ def make_dataset(
 def config_for(
     tmp_path: Path, data: Path, name: str = "pre.toml", **pre
 ) -> tuple[Path, PipelineConfig]:
+    """The config for a dataset make_dataset wrote, marked as generate would mark it."""
     raw = deep_update(BASE_CONFIG, {"preprocess": pre}) | {"data_root": str(data)}
-    return save_config(tmp_path / name, raw)
+    path, cfg = save_config(tmp_path / name, raw)
+    if (data / "generated" / "manifest.jsonl").is_file():
+        mark_generated(cfg)
+    return path, cfg
 
 
 def noise_pngs(n: int, size: int = 24, seed: int = 0) -> list[tuple[str, str, bytes]]:

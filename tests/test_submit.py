@@ -28,6 +28,8 @@ SLURM_CONF = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
 PYTHON = "/opt/venv/bin/python"  # in golden scripts, instead of this machine's interpreter
 WAIT_S = 150
 CLASSIFY_BACKEND = "reference"  # the PyTorch twin of the Flux CNN: no Julia on the node
+# One image per batch: task i of N then makes images i, i + N, ... in the canonical order.
+ONE_PER_BATCH: dict[str, Any] = {"generate": {"batch_size": 1}}
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def unsharded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Pat
     from synthflux import generate, preprocess
 
     root = tmp_path_factory.mktemp("unsharded")
-    _, cfg = tiny_config(root, root / "data", tiny_model)
+    _, cfg = tiny_config(root, root / "data", tiny_model, **ONE_PER_BATCH)
     generate.run(cfg)
     preprocess.run(cfg, workers=1)
     return root / "data"
@@ -271,7 +273,7 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     tmp_path: Path, tiny_model: Path, request: pytest.FixtureRequest
 ) -> None:
     data = tmp_path / "data"
-    config, _ = tiny_config(tmp_path, data, tiny_model)
+    config, _ = tiny_config(tmp_path, data, tiny_model, **ONE_PER_BATCH)
     out = cli("submit", str(config), "--shards", "3", "--classify-backend", CLASSIFY_BACKEND)
     unsharded = request.getfixturevalue("unsharded")  # made here while the jobs run
     ids = job_ids(data)
@@ -308,9 +310,10 @@ def test_failed_task_stops_later_stages_and_resubmit_completes(
     tmp_path: Path, tiny_model: Path, unsharded: Path
 ) -> None:
     data = tmp_path / "data"
-    config, _ = tiny_config(tmp_path, data, tiny_model)
-    # Shard 1/3 owns ids 1, 4 and 7; a folder where image 1 goes fails its task, even as root.
-    blocker = data / "generated" / "cat" / "cat-000001.png"
+    config, _ = tiny_config(tmp_path, data, tiny_model, **ONE_PER_BATCH)
+    # Shard 1/3 makes cat 1, dog 0 and dog 3, in that order; a folder where dog 3 goes fails
+    # its task (even as root) after it made the other two.
+    blocker = data / "generated" / "dog" / "dog-000003.png"
     blocker.mkdir(parents=True)
     _, ids = submit_and_wait(config, "--shards", "3", "--classify-backend", CLASSIFY_BACKEND)
 
@@ -351,7 +354,7 @@ def test_cancelled_task_is_resubmitted_alone(
     tmp_path: Path, tiny_model: Path, unsharded: Path
 ) -> None:
     data = tmp_path / "data"
-    config, _ = tiny_config(tmp_path, data, tiny_model)
+    config, _ = tiny_config(tmp_path, data, tiny_model, **ONE_PER_BATCH)
     cli("submit", str(config), "--shards", "3", "--classify-backend", CLASSIFY_BACKEND)
     ids = job_ids(data)
     gen = ids["generate"]

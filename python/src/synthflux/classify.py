@@ -11,6 +11,7 @@ done marker). docs/classify.md has the design.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -20,12 +21,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from synthflux import preprocess
 from synthflux.backends import BACKENDS, Job
 from synthflux.backends.supervise import interrupts
 from synthflux.config import PipelineConfig
@@ -34,8 +35,8 @@ from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import summarize
 from synthflux.records import ManifestRecord, read_manifest
-from synthflux.stages import ShardState, Stage, StageState
-from synthflux.storage import atomic_write, write_json_atomic
+from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
 from synthflux.weights import init_weights, load_weights, save_weights, spec_of
 
 log = logging.getLogger("synthflux")
@@ -93,45 +94,36 @@ def run(
     """Run the classifier over every shard, check its outputs, write the predictions and report."""
     started = time.monotonic()
     cfg = with_overrides(cfg, backend=backend, image=image)
-    backend = cfg.classify.backend
     layout = DataLayout(cfg.data_root)
-    # 1. inputs: the shards, their generation records, the weights
-    ds = load_dataset(cfg)
-    inputs = _inputs(layout)
-    records = _join_manifest(layout, ds)
-    weights = ensure_weights(cfg, ds)
-    out = layout.predictions
-    out.mkdir(parents=True, exist_ok=True)
-    layout.stage_marker("classify").unlink(missing_ok=True)  # not done until this run says so
-    # 2. the classifier, writing only into a private staging folder
-    job_shards = tuple(s.file for s in ds.shards)
-    with _staging(out) as staging, interrupts():
-        job = Job(layout.preprocessed, job_shards, weights, staging, cfg.classify.batch_size)
-        run_start = time.monotonic()
-        BACKENDS[backend](cfg, job)
-        classifier_seconds = time.monotonic() - run_start
-        # 3. every output checked before any is published
-        k = len(ds.classes)
-        probs = {s.file: check_probs(staging / s.probs_file, s, k) for s in ds.shards}
-        _publish(staging, out, ds)
-    # 4. predictions.csv, summary.json, then stage.json (the done marker)
-    _write_predictions(layout.predictions_csv, ds, records, probs)
-    summary = _summarise(cfg, ds, probs, weights, classifier_seconds, time.monotonic() - started)
-    write_json_atomic(
-        layout.stage_marker("classify"),
-        {
-            "stage": "classify",
-            "seconds": summary.seconds,
-            "classifier_seconds": classifier_seconds,
-            "images": summary.images,
-            "shards": summary.shards,
-            "accuracy": summary.accuracy,
-            "backend": backend,
-            "image": summary.image,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "inputs": inputs,
-        },
-    )
+    preprocess.require_complete(cfg)
+    layout.predictions.mkdir(parents=True, exist_ok=True)
+    with exclusive(layout.classify_lock, "classify"):
+        # 1. inputs: the shards, their generation records, the weights
+        ds = load_dataset(cfg)
+        records = _join_manifest(layout, ds)
+        weights = ensure_weights(cfg, ds)
+        # 2. the classifier, writing only into a private staging folder; 3. every output
+        # checked before any is published (the old results stay current until then)
+        with _staging(layout.predictions) as staging, interrupts():
+            job_shards = tuple(s.file for s in ds.shards)
+            job = Job(layout.preprocessed, job_shards, weights, staging, cfg.classify.batch_size)
+            run_start = time.monotonic()
+            BACKENDS[cfg.classify.backend](cfg, job)
+            classifier_seconds = time.monotonic() - run_start
+            k = len(ds.classes)
+            probs = {s.file: check_probs(staging / s.probs_file, s, k) for s in ds.shards}
+            _publish(staging, layout, ds)
+        # 4. predictions.csv, summary.json, then stage.json: the done marker
+        _write_predictions(layout.predictions_csv, ds, records, probs)
+        summary = _summarise(
+            cfg, ds, probs, weights, classifier_seconds, time.monotonic() - started
+        )
+        write_stage_marker(
+            layout, "classify", key=inputs_key(cfg, weights), seconds=summary.seconds,
+            complete=True, facts={"images": summary.images, "shards": summary.shards,
+                                  "accuracy": summary.accuracy, "backend": summary.backend,
+                                  "image": summary.image, "outputs": _outputs(layout, ds)},
+        )  # fmt: skip
     return summary
 
 
@@ -178,14 +170,14 @@ def weights_path(cfg: PipelineConfig) -> Path:
 
 
 def ensure_weights(cfg: PipelineConfig, ds: Dataset) -> Path:
-    """The weights file; the default one is created from `seed` when it does not exist yet."""
+    """The weights file. The default one is made from `seed` for the dataset's shape, and made
+    again when the seed or the shape changed (model/weights.json says what it was made from)."""
     path = weights_path(cfg)
-    if not path.is_file():
-        if cfg.classify.weights:
+    if cfg.classify.weights:
+        if not path.is_file():
             raise ClassifyError(f"classify.weights = {cfg.classify.weights!r}: no such file")
-        weights = init_weights(ds.width, ds.height, ds.channels, len(ds.classes), seed=cfg.seed)
-        save_weights(path, weights)
-        log.info("classify: no weights yet, initialised random ones (seed %d): %s", cfg.seed, path)
+    else:
+        _default_weights(cfg, ds, path)
     spec = spec_of(load_weights(path))
     want = (ds.width, ds.height, ds.channels, len(ds.classes))
     have = (spec.width, spec.height, spec.channels, spec.n_classes)
@@ -198,9 +190,35 @@ def ensure_weights(cfg: PipelineConfig, ds: Dataset) -> Path:
     return path
 
 
-def _inputs(layout: DataLayout) -> list[list[str]]:
-    """The shards (file, sha256) as dataset.json lists them: what the predictions belong to."""
-    return [[str(s["file"]), str(s["sha256"])] for s in read_dataset(layout)["shards"]]
+def _default_weights(cfg: PipelineConfig, ds: Dataset, path: Path) -> None:
+    made_from = {"seed": cfg.seed, "shape": [ds.width, ds.height, ds.channels, len(ds.classes)]}
+    stamp = DataLayout(cfg.data_root).default_weights_stamp
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if path.is_file() and (recorded is None or recorded == made_from):
+        return  # made for this config (or put there by hand: then it is the user's)
+    weights = init_weights(ds.width, ds.height, ds.channels, len(ds.classes), seed=cfg.seed)
+    save_weights(path, weights)
+    write_json_atomic(stamp, made_from)
+    log.info("classify: initialised random weights (seed %d): %s", cfg.seed, path)
+
+
+def inputs_key(cfg: PipelineConfig, weights: Path) -> str:
+    """What the predictions are computed from: every shard's bytes (as dataset.json lists
+    them), the weights' bytes, and the settings that change the numbers."""
+    shards = [[s["file"], s["sha256"]] for s in read_dataset(DataLayout(cfg.data_root))["shards"]]
+    c = cfg.classify
+    inputs = {"shards": shards, "weights": sha256_file(weights), "backend": c.backend,
+              "image": c.image if c.backend == "docker" else None, "batch_size": c.batch_size}  # fmt: skip
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _outputs(layout: DataLayout, ds: Dataset) -> dict[str, str]:
+    """Every published file and its sha256: the result is current only while they match."""
+    files = [layout.probs(s.file) for s in ds.shards] + [layout.predictions_csv, layout.summary]
+    return {f.name: sha256_file(f) for f in files}
 
 
 # --- staging and publishing ---------------------------------------------------------------
@@ -219,13 +237,19 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, out: Path, ds: Dataset) -> None:
+def _publish(staging: Path, layout: DataLayout, ds: Dataset) -> None:
+    """Move the checked outputs into place; remove those of shards that no longer exist."""
+    out = layout.predictions
     owner = out.stat()
     for shard in ds.shards:
         dest = out / shard.probs_file
         os.replace(staging / shard.probs_file, dest)
         if os.geteuid() == 0 and dest.stat().st_uid != owner.st_uid:
             os.chown(dest, owner.st_uid, owner.st_gid)  # written by nobody in the container
+    wanted = {s.probs_file for s in ds.shards}
+    for old in out.glob("shard-*.probs.npz"):
+        if old.name not in wanted:
+            old.unlink()
 
 
 # --- predictions.csv and summary.json ---------------------------------------------------------
@@ -299,24 +323,29 @@ def _stage_timing(path: Path) -> dict[str, Any] | None:
 
 
 def is_current(cfg: PipelineConfig) -> bool:
-    """True when the predictions were made from exactly the current shards' bytes, finished,
-    and every probs file still passes the output checks. `run` and `status` both ask this."""
+    """True when stage.json says the predictions were made from exactly the current shards,
+    weights and settings, and every published file is still the one it lists. `run`,
+    `status` and `submit` all ask this."""
     layout = DataLayout(cfg.data_root)
+    marker = read_stage_marker(layout.stage_marker("classify"))
+    weights = weights_path(cfg)
     try:
-        stage = json.loads(layout.stage_marker("classify").read_text(encoding="utf-8"))
-        if stage.get("inputs") != _inputs(layout) or not layout.predictions_csv.is_file():
+        if marker is None or not weights.is_file() or marker.get("key") != inputs_key(cfg, weights):
             return False
-        ds = load_dataset(cfg)
-        for shard in ds.shards:
-            check_probs(layout.probs(shard.file), shard, len(ds.classes))
-    except (OSError, ValueError, AttributeError, DataError, ClassifyError):
+        outputs = marker.get("outputs") or {}
+        return bool(outputs) and all(
+            sha256_file(layout.predictions / name) == digest for name, digest in outputs.items()
+        )
+    except (OSError, DataError, KeyError, TypeError):
         return False
-    return True
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
     """One job: complete when the predictions belong to the current shards."""
-    shard_files = [s["file"] for s in read_dataset(DataLayout(cfg.data_root))["shards"]]
+    try:
+        shard_files = [s["file"] for s in read_dataset(DataLayout(cfg.data_root))["shards"]]
+    except (DataError, KeyError, TypeError):
+        shard_files = []
     complete = is_current(cfg)
     note = "" if complete else "no predictions for the current shards yet"
     done = len(shard_files) if complete else 0

@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import ModelError
@@ -77,21 +77,24 @@ def _model_scheduler(folder: Path, wanted: str) -> str:
         return "default"
 
 
-def resolve_model(cfg: PipelineConfig) -> ModelRef:
-    """Find the model (building the tiny one, or using the Hugging Face cache) without loading it."""
+@overload
+def resolve_model(cfg: PipelineConfig) -> ModelRef: ...
+@overload
+def resolve_model(cfg: PipelineConfig, *, offline: bool) -> ModelRef | None: ...
+
+
+def resolve_model(cfg: PipelineConfig, *, offline: bool = False) -> ModelRef | None:
+    """Find the model (building the tiny one, or using the Hugging Face cache) without loading
+    it. With `offline` (status, on any mount): nothing is built or downloaded, and None means
+    the model is not available here."""
     gen = cfg.generate
     layout = DataLayout(cfg.data_root)
-    cache = layout.revisions
     if gen.model == "tiny":
         from synthflux.tiny_model import save_tiny_model
 
-        folder = save_tiny_model(layout.tiny_model)
-        return ModelRef(
-            str(folder),
-            "tiny",
-            _hash_folder(folder, cache),
-            _model_scheduler(folder, gen.scheduler),
-        )
+        if offline and not (layout.tiny_model / "model_index.json").is_file():
+            return None
+        return _local_ref(save_tiny_model(layout.tiny_model), "tiny", cfg)
     local = Path(gen.model).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -99,29 +102,38 @@ def resolve_model(cfg: PipelineConfig) -> ModelRef:
                 f"generate.model = {gen.model!r} is a folder without model_index.json; "
                 "point it at a diffusers pipeline saved with save_pretrained"
             )
-        return ModelRef(
-            str(local),
-            gen.model,
-            _hash_folder(local, cache),
-            _model_scheduler(local, gen.scheduler),
-        )
+        return _local_ref(local, gen.model, cfg)
     if gen.model.startswith((".", "/", "~")) or gen.model.count("/") > 1:
         raise ModelError(f"generate.model = {gen.model!r}: no such folder")
-    folder = Path(_download(gen.model, gen.revision))
+    try:
+        folder = Path(_download(gen.model, gen.revision, local_only=offline))
+    except ModelError:
+        if offline:
+            return None
+        raise
     # A Hub snapshot folder is named after its commit: the exact revision we used.
-    revision = folder.name if folder.parent.name == "snapshots" else _hash_folder(folder, cache)
-    return ModelRef(str(folder), gen.model, revision, _model_scheduler(folder, gen.scheduler))
+    if folder.parent.name != "snapshots":
+        return _local_ref(folder, gen.model, cfg)
+    return ModelRef(str(folder), gen.model, folder.name, _model_scheduler(folder, gen.scheduler))
 
 
-def _download(model_id: str, revision: str | None) -> str:
-    """Resolve a Hub id to a local snapshot (downloading it unless HF_HUB_OFFLINE is set)."""
+def _local_ref(folder: Path, name: str, cfg: PipelineConfig) -> ModelRef:
+    revision = _hash_folder(folder, DataLayout(cfg.data_root).revisions)
+    return ModelRef(str(folder), name, revision, _model_scheduler(folder, cfg.generate.scheduler))
+
+
+def _download(model_id: str, revision: str | None, local_only: bool = False) -> str:
+    """Resolve a Hub id to a local snapshot (downloading it unless HF_HUB_OFFLINE is set or
+    `local_only`)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its warnings repeat what our one-line error says
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        return str(DiffusionPipeline.download(model_id, revision=revision))
+        return str(
+            DiffusionPipeline.download(model_id, revision=revision, local_files_only=local_only)
+        )
     except Exception as e:  # huggingface_hub raises many types; all mean "cannot get it"
         hint = (
             "it is not in the local cache and HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE to "

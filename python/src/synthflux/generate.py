@@ -29,10 +29,12 @@ from PIL import Image, PngImagePlugin
 
 from synthflux.config import PipelineConfig
 from synthflux.diffusion import load_pipeline, resolve_model
+from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
 from synthflux.records import (
     PNG_KEY,
+    Batch,
     ImageJob,
     ManifestRecord,
     ModelRef,
@@ -40,20 +42,21 @@ from synthflux.records import (
     image_seed,
     merge_manifest,
     part_records,
-    plan_images,
+    pixels_sha256,
+    plan_batches,
+    plan_key,
     read_manifest,
-    record_matches,
     verified_record,
 )
-from synthflux.stages import ShardState, Stage, StageState
+from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
 from synthflux.storage import (
     ShardSpec,
     file_lock,
     hold_point,
     remove_stale_temps,
     sha256_bytes,
+    sha256_file,
     write_bytes_atomic,
-    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -105,63 +108,79 @@ def run(
     """Make this shard's missing images, then refresh the manifest. Safe to re-run."""
     shard = shard or ShardSpec()
     layout = DataLayout(cfg.data_root)
-    # 1. plan: this shard's images, and the exact model they are made with
-    jobs = [j for j in plan_images(cfg) if shard.owns(j.id)]
-    summary = GenerateSummary(shard=str(shard), planned=len(jobs))
+    # 1. plan: this shard's batches, and the exact model they are made with
+    batches = owned_batches(cfg, shard)
+    summary = GenerateSummary(shard=str(shard), planned=sum(len(b.jobs) for b in batches))
     model = resolve_model(cfg)
-    # 2. verify what exists: a resume hashes every file
+    # 2. verify what exists (a resume hashes every file); a partly made batch is made again
     if layout.generated.is_dir():
         remove_stale_temps(layout.generated)  # left by a killed run
-    done, todo = _scan(jobs, cfg, model, layout)
+    done, todo = _scan(batches, cfg, model, layout)
     summary.reused = len(done)
-    if limit is not None:
-        summary.remaining = max(len(todo) - limit, 0)
-        todo = todo[:limit]
+    todo, summary.remaining = _limited(todo, limit)
     # 3. make the rest; the part file is written even on Ctrl-C, so nothing made is lost
     start = time.monotonic()
     try:
         if todo:
+            images = sum(len(b.jobs) for b in todo)
             log.info(
-                "generate: %d images to make with %s (%s)", len(todo), model.name, model.scheduler
+                "generate: %d images to make with %s (%s)", images, model.name, model.scheduler
             )
             _make(load_pipeline(cfg, model), cfg, model, layout, todo, done, summary)
     finally:
         write_jsonl_atomic(layout.part(shard), [done[k] for k in sorted(done)])  # type: ignore[misc]
     summary.seconds = time.monotonic() - start
     summary.images_per_s = summary.generated / summary.seconds if summary.seconds else 0.0
-    # 4. merge every shard's part into the manifest
+    # 4. merge every shard's part into the manifest; stage.json says for which plan
     with file_lock(layout.manifest_lock):
         merged = merge_manifest(cfg, layout, model)
-    summary.manifest_images, summary.manifest_complete, summary.per_class = merged
-    write_json_atomic(
-        layout.stage_marker("generate"),
-        {
-            "stage": "generate",
-            "shard": str(shard),
-            "seconds": round(summary.seconds, 3),
-            "images": summary.generated,
-            "complete": summary.manifest_complete,
-        },
-    )
+        summary.manifest_images, summary.manifest_complete, summary.per_class = merged
+        write_stage_marker(
+            layout,
+            "generate",
+            key=plan_key(cfg),
+            seconds=summary.seconds,
+            complete=summary.manifest_complete,
+            facts={"shard": str(shard), "images": summary.generated,
+                   "manifest_sha256": sha256_file(layout.manifest)},
+        )  # fmt: skip
     return summary
 
 
+def owned_batches(cfg: PipelineConfig, shard: ShardSpec) -> list[Batch]:
+    """The canonical batches `--shard I/N` makes: every N-th, so shards take whole batches."""
+    return [b for g, b in enumerate(plan_batches(cfg)) if shard.owns(g)]
+
+
 def _scan(
-    jobs: list[ImageJob], cfg: PipelineConfig, model: ModelRef, layout: DataLayout
-) -> tuple[dict[int, ManifestRecord], list[ImageJob]]:
-    """Split this shard's jobs into those already done (verified) and those still to make."""
+    batches: list[Batch], cfg: PipelineConfig, model: ModelRef, layout: DataLayout
+) -> tuple[dict[int, ManifestRecord], list[Batch]]:
+    """Split this shard's batches into images already done (verified) and batches to make."""
     known = part_records(layout)
     done: dict[int, ManifestRecord] = {}
-    todo: list[ImageJob] = []
-    with Progress("verify existing", len(jobs)) as progress:
-        for job in jobs:
-            rec = verified_record(job, known.get(job.id), cfg, model, layout)
-            if rec is None:
-                todo.append(job)
-            else:
-                done[job.id] = rec
-            progress.update()
+    todo: list[Batch] = []
+    with Progress("verify existing", sum(len(b.jobs) for b in batches)) as progress:
+        for batch in batches:
+            recs = [verified_record(j, known.get(j.id), cfg, model, layout) for j in batch.jobs]
+            progress.update(len(recs))
+            if all(r is not None for r in recs):
+                done.update((r["id"], r) for r in recs if r is not None)
+            else:  # remade whole, so each image is made in the same call as in one run
+                todo.append(batch)
     return done, todo
+
+
+def _limited(todo: list[Batch], limit: int | None) -> tuple[list[Batch], int]:
+    """With --limit K: whole batches until K new images are reached; and the images left."""
+    if limit is None:
+        return todo, 0
+    taken, images = [], 0
+    for batch in todo:
+        if images >= limit:
+            break
+        taken.append(batch)
+        images += len(batch.jobs)
+    return taken, sum(len(b.jobs) for b in todo) - images
 
 
 # --- making images -----------------------------------------------------------------------
@@ -179,41 +198,53 @@ def _make(
     cfg: PipelineConfig,
     model: ModelRef,
     layout: DataLayout,
-    todo: list[ImageJob],
+    todo: list[Batch],
     done: dict[int, ManifestRecord],
     summary: GenerateSummary,
 ) -> None:
     """The batch loop: the GPU denoises batch k+1 while the writer thread saves batch k."""
-    batch_size = cfg.generate.batch_size
-    queue: deque[_Pending] = deque(_Pending(j) for j in todo)
+    queue: deque[list[_Pending]] = deque([_Pending(j) for j in b.jobs] for b in todo)
+    seen = model_prompts(pipe, {p.job.prompt for batch in queue for p in batch})
     in_flight: deque[Future[ManifestRecord]] = deque()
+    try:
+        writer_pool = ThreadPoolExecutor(1, initializer=_lower_priority)
+        total = sum(len(b) for b in queue)
+        with Progress("generate", total) as progress, writer_pool as writer:
+            while queue:
+                batch = queue.popleft()
+                seeds = [
+                    image_seed(cfg.seed, p.job.class_name, p.job.index, p.attempt) for p in batch
+                ]
+                pixels, flags = _denoise(pipe, cfg, batch, seeds)
+                for item, seed, img, flagged in zip(batch, seeds, pixels, flags, strict=False):
+                    record: ManifestRecord = {
+                        **base_record(item.job, cfg, model),
+                        "seed": seed,
+                        "attempt": item.attempt,
+                        "flagged_seeds": item.flagged_seeds,
+                        "model_prompt": seen[item.job.prompt],
+                    }
+                    if flagged:
+                        _handle_flagged(cfg, item, seed, record, queue, done, summary, progress)
+                        continue
+                    in_flight.append(writer.submit(_write_image, layout, img, record))
+                    summary.generated += 1
+                    progress.update()
+                _collect(in_flight, done, keep=2 * cfg.generate.batch_size)
+        _collect(in_flight, done, keep=0)  # raises the writer's error, if it had one
+    finally:  # the writer has finished: keep the record of every image it wrote, even on Ctrl-C
+        for future in in_flight:
+            if future.done() and future.exception() is None:
+                rec = future.result()
+                done[rec["id"]] = rec
 
-    def collect(max_in_flight: int) -> None:
-        while len(in_flight) > max_in_flight:
-            rec = in_flight.popleft().result()
-            done[rec["id"]] = rec
 
-    writer_pool = ThreadPoolExecutor(1, initializer=_lower_priority)
-    with Progress("generate", len(todo)) as progress, writer_pool as writer:
-        while queue:
-            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-            seeds = [image_seed(cfg.seed, p.job.class_name, p.job.index, p.attempt) for p in batch]
-            pixels, flags = _denoise(pipe, cfg, batch, seeds)
-            for item, seed, img, flagged in zip(batch, seeds, pixels, flags, strict=False):
-                record: ManifestRecord = {
-                    **base_record(item.job, cfg, model),
-                    "seed": seed,
-                    "attempt": item.attempt,
-                    "flagged_seeds": item.flagged_seeds,
-                }
-                if flagged:
-                    _handle_flagged(cfg, item, seed, record, queue, done, summary, progress)
-                    continue
-                in_flight.append(writer.submit(_write_image, layout, img, record))
-                summary.generated += 1
-                progress.update()
-            collect(max_in_flight=2 * batch_size)
-        collect(max_in_flight=0)
+def _collect(
+    in_flight: deque[Future[ManifestRecord]], done: dict[int, ManifestRecord], keep: int
+) -> None:
+    while len(in_flight) > keep:
+        rec = in_flight.popleft().result()
+        done[rec["id"]] = rec
 
 
 def _denoise(
@@ -243,6 +274,31 @@ def _denoise(
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), list(flags)
 
 
+def model_prompts(pipe: Any, prompts: set[str]) -> dict[str, str]:
+    """What the model reads of each prompt; a prompt its text encoder must cut is said once.
+
+    CLIP reads at most 77 tokens (75 after its start and end markers): the rest, often the
+    style suffix, is silently dropped by diffusers. The record keeps what the model saw.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    seen = {p: p for p in prompts}
+    if tokenizer is None:
+        return seen
+    limit = int(tokenizer.model_max_length)
+    for prompt in sorted(prompts):
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) <= limit:
+            continue
+        kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).strip()
+        seen[prompt] = kept
+        cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+        log.warning(
+            "generate: prompt %r is %d tokens, the model reads %d: it sees %r; cut: %r "
+            "(shorten the prompt or the style)", prompt, len(ids) - 2, limit - 2, kept, cut,
+        )  # fmt: skip
+    return seen
+
+
 def to_png(pixels: np.ndarray, record: ManifestRecord | dict[str, Any]) -> bytes:
     """The PNG of `pixels` with `record` in its text chunk (the same bytes every time)."""
     info = PngImagePlugin.PngInfo()
@@ -254,6 +310,7 @@ def to_png(pixels: np.ndarray, record: ManifestRecord | dict[str, Any]) -> bytes
 
 def _write_image(layout: DataLayout, pixels: np.ndarray, record: ManifestRecord) -> ManifestRecord:
     """Runs on the writer thread: encode, hash and write one PNG; return its full record."""
+    record = {**record, "pixels_sha256": pixels_sha256(pixels)}
     data = to_png(pixels, record)
     # No fsync per image: a resume hashes or fully decodes every PNG, so a file torn by a
     # power cut is made again; fsync would only slow the writer on network file systems.
@@ -273,7 +330,7 @@ def _handle_flagged(
     item: _Pending,
     seed: int,
     record: ManifestRecord,
-    queue: deque[_Pending],
+    queue: deque[list[_Pending]],
     done: dict[int, ManifestRecord],
     summary: GenerateSummary,
     progress: Progress,
@@ -282,7 +339,8 @@ def _handle_flagged(
     flagged = [*item.flagged_seeds, seed]
     if cfg.generate.on_flagged == "regenerate" and item.attempt + 1 < cfg.generate.max_attempts:
         summary.regenerated_flagged += 1
-        queue.append(_Pending(item.job, item.attempt + 1, flagged))
+        # A batch of its own, at position 0: the same call whichever run makes it.
+        queue.append([_Pending(item.job, item.attempt + 1, flagged)])
         return
     log.warning("generate: %s flagged by the safety checker, dropped", item.job.name)
     done[item.job.id] = {**record, "flagged_seeds": flagged, "status": "dropped", "sha256": None}
@@ -292,35 +350,66 @@ def _handle_flagged(
 
 # --- done-ness -----------------------------------------------------------------------------
 
-MODEL_KEYS = ("model_revision", "scheduler")  # record fields status cannot know cheaply
-
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
-    """Images done per task of n, by the records' rule; complete once the manifest is merged."""
+    """Images done per task of n, by the rule a re-run uses (every file verified), with the
+    model resolved from local files only; complete once the manifest lists exactly them."""
     layout = DataLayout(cfg.data_root)
-    records = part_records(layout)
-    # The stage's own record, less the two fields that need the model loaded to know.
-    model = ModelRef(path="", name=cfg.generate.model, revision="", scheduler="")
+    model = resolve_model(cfg, offline=True)
+    known = part_records(layout)
     shards = [ShardState(i, 0, 0) for i in range(n)]
-    made: set[int] = set()  # ids with an image (not dropped): what the manifest must list
-    for job in plan_images(cfg):
-        task = shards[job.id % n]
-        task.total += 1
-        rec = records.get(job.id)
-        if rec is None:
-            continue
-        if not record_matches(rec, base_record(job, cfg, model), cfg.seed, ignore=MODEL_KEYS):
-            continue  # made under another config: generate will make it again
-        if rec.get("status") == "dropped":
-            task.done += 1
-        elif layout.image(job.file).is_file():
-            task.done += 1
-            made.add(job.id)
+    made: dict[int, str | None] = {}  # id -> sha256 of every image (not dropped) made
+    batches = plan_batches(cfg)
+    with Progress("verify existing", sum(len(b.jobs) for b in batches)) as progress:
+        for g, batch in enumerate(batches):
+            task = shards[g % n]
+            task.total += len(batch.jobs)
+            progress.update(len(batch.jobs))
+            if model is None:
+                continue
+            recs = [verified_record(j, known.get(j.id), cfg, model, layout) for j in batch.jobs]
+            if all(r is not None for r in recs):
+                task.done += len(recs)
+                made.update((r["id"], r["sha256"]) for r in recs if r and r["status"] == "ok")
+    if model is None:
+        return StageState(
+            "generate", shards, False, f"model {cfg.generate.model!r} not found locally"
+        )
     if not all(s.complete for s in shards):
         return StageState("generate", shards, False)
     # A task killed between writing its part and merging leaves the manifest behind.
-    merged = layout.manifest.is_file() and {r["id"] for r in read_manifest(layout)} == made
+    listed = (
+        {r["id"]: r.get("sha256") for r in read_manifest(layout)}
+        if layout.manifest.is_file()
+        else None
+    )
+    merged = listed == made
     return StageState("generate", shards, merged, "" if merged else "manifest not merged yet")
+
+
+def require_complete(cfg: PipelineConfig) -> None:
+    """For the stages after generate: a clear error unless generate finished this config's
+    plan and its manifest is still the one it wrote (no line lost, none added)."""
+    layout = DataLayout(cfg.data_root)
+    marker = read_stage_marker(layout.stage_marker("generate"))
+    if not layout.root.is_dir():
+        raise DataError(f"data root {layout.root} does not exist: run `synthflux generate` first")
+    if not layout.manifest.is_file():
+        raise DataError(f"{layout.manifest} not found: run `synthflux generate` first")
+    if marker is None or marker.get("key") != plan_key(cfg):
+        raise DataError(
+            f"{layout.generated} was not generated for this config: run `synthflux generate`"
+        )
+    if not marker.get("complete"):
+        raise DataError(
+            "generate is incomplete (some images are not made yet): run `synthflux generate` "
+            "to finish it first"
+        )
+    if marker.get("manifest_sha256") != sha256_file(layout.manifest):
+        raise DataError(
+            f"{layout.manifest} changed since generate wrote it: run `synthflux generate` to "
+            "rebuild it"
+        )
 
 
 STAGE = Stage("generate", run, state, sharded=True, resumes=True, unit="images", product="images")

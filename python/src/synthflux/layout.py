@@ -151,6 +151,11 @@ class DataLayout:
         return self.model / "weights.npz"
 
     @property
+    def default_weights_stamp(self) -> Path:
+        """What the default weights were initialised from (seed, shape)."""
+        return self.model / "weights.json"
+
+    @property
     def predictions(self) -> Path:
         return self.root / "predictions"
 
@@ -166,6 +171,11 @@ class DataLayout:
         return self.predictions / "summary.json"
 
     STAGING_PREFIX = ".classify-"  # predictions/.classify-XXXX: one run's raw outputs
+
+    @property
+    def classify_lock(self) -> Path:
+        """Held by the one classify run of this data root."""
+        return self.root / ".classify.lock"
 
     # --- report and cluster -------------------------------------------------------------------
     @property

@@ -19,9 +19,11 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from synthflux import generate
 from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.contracts import (
     LAYOUT,
@@ -39,7 +41,7 @@ from synthflux.layout import DataLayout, marker_file, shard_index
 from synthflux.progress import Progress
 from synthflux.records import ManifestRecord, count_manifest, iter_manifest
 from synthflux.shardwriter import ShardWriter
-from synthflux.stages import ShardState, Stage, StageState
+from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
 from synthflux.storage import (
     ShardSpec,
     atomic_write,
@@ -91,6 +93,7 @@ def run(
     pre = cfg.preprocess
     layout = DataLayout(cfg.data_root)
     summary = PreprocessSummary(shard=str(shard))
+    generate.require_complete(cfg)
     n_records = count_manifest(layout)
     summary.shards_total = -(-n_records // pre.shard_size)
     mine = sum(1 for k in range(summary.shards_total) if shard.owns(k))
@@ -141,9 +144,20 @@ def _shards(
         yield k, chunk
 
 
+def _settings(cfg: PreprocessConfig) -> str:
+    """The settings the bytes depend on (the worker count does not change them)."""
+    return cfg.model_dump_json(exclude={"workers"})
+
+
+def dataset_key(cfg: PipelineConfig) -> str:
+    """What the whole dataset was made from: generate's manifest and the settings."""
+    manifest = sha256_file(DataLayout(cfg.data_root).manifest)
+    return hashlib.sha256(f"{manifest}\n{_settings(cfg.preprocess)}".encode()).hexdigest()
+
+
 def _input_key(records: list[ManifestRecord], cfg: PreprocessConfig) -> str:
     """What a shard's bytes depend on: its input records and the preprocessing settings."""
-    h = hashlib.sha256(cfg.model_dump_json().encode())
+    h = hashlib.sha256(_settings(cfg).encode())
     for r in records:
         h.update(f"{r['id']}:{r['label']}:{r.get('sha256')}:{r['file']}\n".encode())
     return h.hexdigest()
@@ -221,19 +235,20 @@ def finish_dataset(
     with file_lock(layout.dataset_lock):
         shards, counts, rejected = _count_shards(cfg, layout, verified)
         summary.processed, summary.rejected = counts, rejected
-        if shards is None:
-            return False
-        markers = [layout.preprocessed / marker_file(s["file"]) for s in shards]
-        _write_lists(layout, markers)
-        _remove_stale_shards(layout, len(shards))
-        _write_previews(layout, _read_markers(markers), cfg)
-        write_json_atomic(layout.dataset, _dataset_info(cfg, shards, counts, rejected))
-        write_json_atomic(
-            layout.stage_marker("preprocess"),
-            {"stage": "preprocess", "seconds": round(summary.seconds, 3),
-             "images": sum(counts.values())},
+        if shards is not None:
+            markers = [layout.preprocessed / marker_file(s["file"]) for s in shards]
+            _write_lists(layout, markers)
+            _remove_stale_shards(layout, len(shards))
+            _write_previews(layout, _read_markers(markers), cfg)
+            write_json_atomic(layout.dataset, _dataset_info(cfg, shards, counts, rejected))
+        facts: dict[str, Any] = {"images": sum(counts.values())}
+        if shards is not None:
+            facts["dataset_sha256"] = sha256_file(layout.dataset)
+        write_stage_marker(
+            layout, "preprocess", key=dataset_key(cfg), seconds=summary.seconds,
+            complete=shards is not None, facts=facts,
         )  # fmt: skip
-    return True
+    return shards is not None
 
 
 def _count_shards(
@@ -344,7 +359,8 @@ def shard_states(cfg: PipelineConfig) -> Iterator[tuple[int, ShardMarker | None]
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
-    """Output shards done per task of n; complete once dataset.json lists exactly them."""
+    """Output shards done per task of n; complete once dataset.json lists exactly them and was
+    made from the current manifest and settings."""
     layout = DataLayout(cfg.data_root)
     shards = [ShardState(i, 0, 0) for i in range(n)]
     done_files: list[tuple[str, str]] = []
@@ -355,6 +371,7 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
             task.done += 1
             done_files.append((info["file"], info["sha256"]))
     try:
+        require_complete(cfg)
         listed = [(s["file"], s["sha256"]) for s in read_dataset(layout)["shards"]]
     except (DataError, KeyError, TypeError):
         listed = None
@@ -362,6 +379,20 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
     complete = shards_done and listed == done_files
     note = "" if complete or not shards_done else "dataset.json not written yet"
     return StageState("preprocess", shards, complete, note)
+
+
+def require_complete(cfg: PipelineConfig) -> None:
+    """For the stages after preprocess: a clear error unless dataset.json is finished and was
+    made from the current manifest with the current settings."""
+    layout = DataLayout(cfg.data_root)
+    read_dataset(layout)  # its own clear error when missing
+    marker = read_stage_marker(layout.stage_marker("preprocess"))
+    fresh = marker is not None and marker.get("complete") and marker.get("key") == dataset_key(cfg)
+    if not fresh or marker is None or marker.get("dataset_sha256") != sha256_file(layout.dataset):
+        raise DataError(
+            f"{layout.dataset} is not the dataset of the current manifest and [preprocess] "
+            "settings: run `synthflux preprocess`"
+        )
 
 
 STAGE = Stage(

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 
+import numpy as np
 from PIL import Image
 
 from synthflux.config import PipelineConfig
@@ -43,7 +44,11 @@ ManifestRecord = TypedDict(
         "guidance_scale": float,
         "width": int,
         "height": int,
+        "batch_size": int,  # the pipeline call's shape ...
+        "batch_images": int,  # ... and how many real images it held: the image's batch
         "file": str,
+        "pixels_sha256": str,  # of the decoded RGB pixels: what vouches for a PNG (verified_record)
+        "model_prompt": str,  # what the model read of `prompt` (its tokenizer may cut it)
         "seed": int,
         "attempt": int,
         "flagged_seeds": list[int],
@@ -64,9 +69,14 @@ class ModelRef:
     scheduler: str
 
 
-@dataclass(frozen=True)
+# An image's id is label * ID_STRIDE + index: it names the image whatever the other classes'
+# counts, so growing one class never renames (and so never remakes) another's images.
+ID_STRIDE = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class ImageJob:
-    """One image to make; `id` is its position in the canonical (class, index) order."""
+    """One image to make: image `index` of class `label`, in batch `batch` of its class."""
 
     id: int
     name: str
@@ -75,32 +85,63 @@ class ImageJob:
     index: int
     prompt: str
     negative_prompt: str
+    batch_images: int  # real images in its batch (the rest of the batch is padding)
 
     @property
     def file(self) -> str:
         return f"{self.class_name}/{self.name}.png"
 
 
-def plan_images(cfg: PipelineConfig) -> list[ImageJob]:
-    jobs: list[ImageJob] = []
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One pipeline call: images [b*B, b*B + n) of one class, always padded to B.
+
+    Batches are fixed by the config alone, and every image is always made in its own batch at
+    its own position, so its bytes do not depend on sharding, resume or other classes: on a
+    CPU an image's bytes depend on its position in the batch and on the batch's shape.
+    """
+
+    jobs: tuple[ImageJob, ...]
+
+
+def plan_batches(cfg: PipelineConfig) -> list[Batch]:
+    """Every image the config asks for, as canonical batches in (class, index) order."""
+    size = cfg.generate.batch_size
+    batches: list[Batch] = []
     for label, spec in enumerate(cfg.classes):
-        prompts = spec.expanded_prompts()
-        for index in range(cfg.images_for(spec)):
-            prompt = prompts[index % len(prompts)]
-            if cfg.style:
-                prompt = f"{prompt}, {cfg.style}"
-            jobs.append(
+        styled = [f"{p}, {cfg.style}" if cfg.style else p for p in spec.expanded_prompts()]
+        count = cfg.images_for(spec)
+        for start in range(0, count, size):
+            n = min(size, count - start)
+            jobs = tuple(
                 ImageJob(
-                    id=len(jobs),
+                    id=label * ID_STRIDE + index,
                     name=f"{spec.name}-{index:06d}",
                     class_name=spec.name,
                     label=label,
                     index=index,
-                    prompt=prompt,
+                    prompt=styled[index % len(styled)],
                     negative_prompt=cfg.negative_prompt,
+                    batch_images=n,
                 )
+                for index in range(start, start + n)
             )
-    return jobs
+            batches.append(Batch(jobs))
+    return batches
+
+
+def plan_key(cfg: PipelineConfig) -> str:
+    """A hash of every setting the images depend on (the model's revision aside: records
+    carry it). generate's stage.json keeps it, so later stages see a stale manifest."""
+    settings = cfg.model_dump(
+        mode="json",
+        include={"seed", "images_per_class", "style", "negative_prompt", "classes", "generate"},
+    )
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def plan_images(cfg: PipelineConfig) -> list[ImageJob]:
+    return [job for batch in plan_batches(cfg) for job in batch.jobs]
 
 
 def image_seed(global_seed: int, class_name: str, index: int, attempt: int = 0) -> int:
@@ -127,6 +168,8 @@ def base_record(job: ImageJob, cfg: PipelineConfig, model: ModelRef) -> Manifest
         "guidance_scale": gen.guidance_scale,
         "width": gen.width,
         "height": gen.height,
+        "batch_size": gen.batch_size,
+        "batch_images": job.batch_images,
         "file": job.file,
     }
 
@@ -149,13 +192,19 @@ def record_matches(
     )
 
 
-def embedded_record(data: bytes) -> dict[str, Any] | None:
-    """The record inside a PNG we wrote, or None if the bytes are not a whole PNG of ours."""
+def pixels_sha256(pixels: np.ndarray) -> str:
+    """The hash a record keeps of its image's decoded (H, W, 3) uint8 pixels."""
+    return sha256_bytes(f"{pixels.shape}".encode() + np.ascontiguousarray(pixels).tobytes())
+
+
+def embedded_record(data: bytes) -> tuple[dict[str, Any], str] | None:
+    """(the record inside a PNG we wrote, the hash of its decoded pixels), or None if the
+    bytes are not a whole PNG carrying a record."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             text = getattr(im, "text", {}).get(PNG_KEY)  # PNG text chunks
-            im.load()  # decodes every row: a truncated file fails here
-        return json.loads(text) if text else None
+            pixels = np.asarray(im.convert("RGB"))  # decodes every row: a torn file fails here
+        return (json.loads(text), pixels_sha256(pixels)) if text else None
     except Exception:
         return None
 
@@ -167,7 +216,12 @@ def verified_record(
     model: ModelRef,
     layout: DataLayout,
 ) -> ManifestRecord | None:
-    """The job's record if its image is already made and intact (each PNG is read once)."""
+    """The job's record if its image is already made and intact (each PNG is read once).
+
+    What vouches for an image: the sha256 in our own part file, for the file's bytes; or, for
+    a PNG written before a crash but not yet listed, the record inside it, whose
+    `pixels_sha256` must be the hash of the pixels it carries (replaced pixels fail this).
+    """
     base = base_record(job, cfg, model)
     if rec is not None and rec.get("status") == "dropped" and record_matches(rec, base, cfg.seed):
         return rec
@@ -181,9 +235,11 @@ def verified_record(
         and sha256_bytes(data) == rec.get("sha256")
     ):
         return rec
-    # Written before a crash, not yet in a part file: trust only a whole PNG carrying our record.
-    emb = embedded_record(data)
-    if emb is not None and record_matches(emb, base, cfg.seed):
+    found = embedded_record(data)
+    if found is None:
+        return None
+    emb, pixels = found
+    if record_matches(emb, base, cfg.seed) and emb.get("pixels_sha256") == pixels:
         return cast(ManifestRecord, {**emb, "status": "ok", "sha256": sha256_bytes(data)})
     return None
 

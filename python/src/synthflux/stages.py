@@ -8,11 +8,16 @@ stage's own definition of done). `pipeline.STAGES` lists them in order; `run`, `
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
 
 from synthflux.config import PipelineConfig
+from synthflux.layout import DataLayout
+from synthflux.storage import write_json_atomic
 
 
 class Summary(Protocol):
@@ -70,3 +75,42 @@ class Stage:
     resumes: bool
     unit: str  # what state() counts: "images", "output shards"
     product: str  # what it makes, for a person: "images", "predictions"
+
+
+# --- stage.json: a stage's done marker and its timings --------------------------------------
+
+
+def read_stage_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def write_stage_marker(
+    layout: DataLayout,
+    stage: str,
+    *,
+    key: str,
+    seconds: float,
+    complete: bool,
+    facts: dict[str, Any],
+) -> dict[str, Any]:
+    """Write stage.json: what the result was made from (`key`), whether it is complete, and
+    two timings: this run's, and the result's (every run's seconds since `key` last changed,
+    so a resumed or sharded result still says what it cost)."""
+    path = layout.stage_marker(stage)
+    previous = read_stage_marker(path) or {}
+    carried = previous.get("result_seconds", 0.0) if previous.get("key") == key else 0.0
+    marker = {
+        "stage": stage,
+        "key": key,
+        "complete": complete,
+        "seconds": round(seconds, 3),  # this run
+        "result_seconds": round(float(carried) + seconds, 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **facts,
+    }
+    write_json_atomic(path, marker)
+    return marker
