@@ -34,6 +34,7 @@ from synthflux.contracts import Dataset, check_probs, load_dataset, read_dataset
 from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import summarize
+from synthflux.progress import plural
 from synthflux.records import ManifestRecord, read_manifest
 from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
 from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
@@ -73,11 +74,11 @@ class ClassifySummary:
         rate = self.images / max(self.classifier_seconds, 1e-9)
         width = max(len(c) for c in self.classes)
         out = [
-            f"classified {self.images} images in {self.shards} shards with {where} in "
+            f"classified {plural(self.images, 'image')} in {plural(self.shards, 'shard')} with {where} in "
             f"{self.classifier_seconds:.1f}s ({rate:.1f} img/s)",
             f"accuracy against the prompt labels: {self.accuracy:.3f} ({self.correct}/{self.images})",
             "confusion matrix (rows: prompt class, columns: predicted class):",
-            " " * (width + 2) + " ".join(f"{c:>{max(len(c), 5)}}" for c in self.classes),
+            " " * (width + 3) + " ".join(f"{c:>{max(len(c), 5)}}" for c in self.classes),
         ]
         for name, row in zip(self.classes, self.confusion, strict=True):
             cells = " ".join(

@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,6 +21,8 @@ from synthflux import __version__
 from synthflux.config import BACKENDS, PipelineConfig
 from synthflux.errors import ConfigError, SynthfluxError
 from synthflux.storage import ShardSpec
+
+# The stages are imported when the parser is built, inside main's handling of Ctrl-C.
 
 log = logging.getLogger("synthflux")
 
@@ -211,12 +215,15 @@ def _report(sub: Any) -> None:
     )
     p.add_argument("--per-class", type=at_least(1), default=24, metavar="N",
                    help="thumbnails per class (default 24)")  # fmt: skip
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where index.html and contact-sheet.png go (default DATA/report; "
+                   "elsewhere for a read-only data root)")  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from synthflux.report import build_report
 
-    report = build_report(_config(args), per_class=args.per_class)
+    report = build_report(_config(args), per_class=args.per_class, out=args.out)
     return _print(
         [f"report: {report.shown} of {report.total} images shown",
          f"  {report.html}", f"  {report.contact_sheet}"]
@@ -341,8 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (kill, docker stop, a scheduler's timeout) stops a run as Ctrl-C does: what is
+    made is kept and the next run resumes."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+    try:  # building the parser imports the stages: Ctrl-C may come while it does
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("synthflux: interrupted", file=sys.stderr)
+        return 130
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="synthflux: %(message)s",
@@ -361,3 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `synthflux status | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a full disk, no permission, a file where a folder should be, ...
+        log.debug("synthflux %s: OS error", args.command, exc_info=True)
+        what = f"{e.filename}: " if e.filename else ""
+        print(f"synthflux {args.command}: error: {what}{e.strerror or e}", file=sys.stderr)
+        return 2

@@ -32,8 +32,15 @@ Backend = Literal["docker", "local", "reference", "none"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
+# Limits of one config: ids are label * 1,000,000 + index (records.py), and a plan of every
+# image is held in memory; beyond this, split the classes over several configs.
+MAX_IMAGES = 1_000_000
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML has real types, so `images_per_class = true` or `seed = "1234"` is a
+    # mistake to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ClassSpec(_Strict):
@@ -43,7 +50,7 @@ class ClassSpec(_Strict):
     prompts: list[str] = Field(min_length=1)
     # Template variables: "a {color} cat" with color = ["black", "white"] gives two prompts.
     variables: dict[str, list[str]] = Field(default_factory=dict)
-    images: PositiveInt | None = None  # overrides the top-level images_per_class
+    images: Annotated[int, Field(gt=0, le=MAX_IMAGES)] | None = None  # overrides images_per_class
 
     @field_validator("name")
     @classmethod
@@ -150,9 +157,9 @@ class ClassifyConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    data_root: Path = Path("data")
+    data_root: Annotated[Path, Field(strict=False)] = Path("data")  # a TOML string
     seed: int = Field(0, ge=0, lt=2**63)
-    images_per_class: PositiveInt = 8
+    images_per_class: int = Field(8, gt=0, le=MAX_IMAGES)
     style: str = ""  # appended to every prompt: "<prompt>, <style>"
     negative_prompt: str = ""
     classes: list[ClassSpec] = Field(min_length=2)
@@ -170,6 +177,16 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"class name {c.name!r} repeats {seen[key]!r}")
             seen[key] = c.name
         return classes
+
+    @model_validator(mode="after")
+    def _not_too_many(self) -> PipelineConfig:
+        total = sum(self.images_for(c) for c in self.classes)
+        if total > MAX_IMAGES:
+            raise ValueError(
+                f"{total:,} images in all (at most {MAX_IMAGES:,} per config): split the "
+                "classes over several configs and data roots"
+            )
+        return self
 
     @property
     def class_names(self) -> list[str]:

@@ -173,6 +173,9 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
     device, dtype = pick_device(cfg)
     gen = cfg.generate
     quiet_library_progress()
+    # Its warnings (a cut prompt dumped token by token, deprecations) are said once in our
+    # words where they matter (generate.model_prompts).
+    diffusers.utils.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older lack `dtype`
             warnings.simplefilter("ignore", FutureWarning)

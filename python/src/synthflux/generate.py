@@ -44,6 +44,7 @@ from synthflux.records import (
     part_records,
     pixels_sha256,
     plan_batches,
+    plan_images,
     plan_key,
     read_manifest,
     verified_record,
@@ -134,6 +135,7 @@ def run(
     # 4. merge every shard's part into the manifest; stage.json says for which plan
     with file_lock(layout.manifest_lock):
         merged = merge_manifest(cfg, layout, model)
+        _remove_orphans(cfg, layout)
         summary.manifest_images, summary.manifest_complete, summary.per_class = merged
         write_stage_marker(
             layout,
@@ -145,6 +147,20 @@ def run(
                    "manifest_sha256": sha256_file(layout.manifest)},
         )  # fmt: skip
     return summary
+
+
+def _remove_orphans(cfg: PipelineConfig, layout: DataLayout) -> None:
+    """Images of no planned job (a class that shrank or was renamed) and emptied folders:
+    what a fresh run of this config would not have."""
+    planned = {job.file for job in plan_images(cfg)}
+    for png in layout.generated.glob("*/*.png"):
+        rel = png.relative_to(layout.generated).as_posix()
+        if rel not in planned and png.is_file():
+            png.unlink()
+            log.info("generate: removed %s (no longer in the config)", rel)
+    for folder in layout.generated.iterdir():
+        if folder.is_dir() and folder != layout.parts and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def owned_batches(cfg: PipelineConfig, shard: ShardSpec) -> list[Batch]:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -149,6 +150,10 @@ def _init_worker(cfg: PreprocessConfig, parent: int | None = None) -> None:
     global _WORKER_CFG
     _WORKER_CFG = cfg
     if parent is not None:
+        # Ctrl-C reaches the whole process group: the parent stops the workers itself, so
+        # they neither print tracebacks nor die holding the pool's queue lock.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -187,6 +192,10 @@ class Decoder:
     def __enter__(self) -> Decoder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self.pool is None:
+            return
+        if exc_type is not None:  # interrupted or failed: stop the workers, do not wait on them
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -38,7 +38,7 @@ from synthflux.contracts import (
 from synthflux.errors import DataError, Rejected
 from synthflux.images import Decoder, DecodeResult, preview
 from synthflux.layout import DataLayout, marker_file, shard_index
-from synthflux.progress import Progress
+from synthflux.progress import Progress, plural
 from synthflux.records import ManifestRecord, count_manifest, iter_manifest
 from synthflux.shardwriter import ShardWriter
 from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
@@ -75,7 +75,8 @@ class PreprocessSummary:
 
     def lines(self) -> list[str]:
         out = [
-            f"shard {self.shard}: {self.shards_done} of {self.shards_total} output shards done here "
+            f"shard {self.shard}: {self.shards_done} of {plural(self.shards_total, 'output shard')} "
+            "done here "
             f"({self.shards_reused} already done), {self.images} images in {self.seconds:.1f}s "
             f"({self.images_per_s:.1f} img/s)",
             f"processed per class {self.processed}; rejected per class {self.rejected}",
@@ -330,20 +331,31 @@ def _read_markers(markers: list[Path]) -> Iterator[ShardMarker]:
 def _write_previews(layout: DataLayout, infos: Iterable[ShardMarker], cfg: PipelineConfig) -> None:
     """A few images per class as the model sees them (images.preview), decoded again from the
     source PNGs, which keeps memory flat: no shard is loaded whole."""
-    wanted = {name: PREVIEWS_PER_CLASS for name in cfg.class_names}
     layout.previews.mkdir(exist_ok=True)
+    written = set()
+    for r in _preview_rows(infos, cfg.class_names):
+        try:
+            im = preview(layout.inside_generated(r["file"]) or Path(), cfg.preprocess)
+        except Rejected as e:  # the source changed since its shard was made: skip it
+            log.warning("preprocess: no preview for %s: %s", r["file"], e)
+            continue
+        path = layout.preview(r["class"], r["id"])
+        with atomic_write(path) as f:
+            im.save(f, format="PNG")
+        written.add(path)
+    for old in layout.previews.glob("*.png"):  # of images no longer in the dataset
+        if old not in written:
+            old.unlink()
+
+
+def _preview_rows(infos: Iterable[ShardMarker], classes: list[str]) -> Iterator[RowRecord]:
+    """The first PREVIEWS_PER_CLASS rows of every class."""
+    wanted = dict.fromkeys(classes, PREVIEWS_PER_CLASS)
     for info in infos:
         for r in info["rows"]:
-            if wanted[r["class"]] <= 0:
-                continue
-            wanted[r["class"]] -= 1
-            try:
-                im = preview(layout.inside_generated(r["file"]) or Path(), cfg.preprocess)
-            except Rejected as e:  # the source changed since its shard was made: skip it
-                log.warning("preprocess: no preview for %s: %s", r["file"], e)
-                continue
-            with atomic_write(layout.preview(r["class"], r["id"])) as f:
-                im.save(f, format="PNG")
+            if wanted[r["class"]] > 0:
+                wanted[r["class"]] -= 1
+                yield r
         if not any(wanted.values()):
             return
 

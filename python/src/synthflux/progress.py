@@ -52,6 +52,11 @@ class Progress:
             self.bar.close()
 
 
+def plural(n: int, word: str) -> str:
+    """'1 shard', '3 shards'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def quiet_library_progress() -> None:
     """Silence diffusers'/transformers' per-component bars: our bar counts images instead."""
     from diffusers.utils import logging as diffusers_logging

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from synthflux.config import PipelineConfig
+from synthflux.drawing import Writer
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
+from synthflux.progress import plural
 from synthflux.storage import atomic_write, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
@@ -79,12 +81,12 @@ def _probabilities(row: dict[str, str], classes: list[str]) -> str:
     return " ".join(f"{c}={float(row[f'p_{c}']):.2f}" for c in classes)
 
 
-def build_report(cfg: PipelineConfig, per_class: int = 24) -> Report:
+def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = None) -> Report:
     """Write DATA/report/index.html and contact-sheet.png for up to `per_class` images a class."""
     summary, rows = _load(cfg)
     classes: list[str] = summary["classes"]
     picked = {c: [r for r in rows if r["class"] == c][:per_class] for c in classes}
-    out = DataLayout(cfg.data_root).report
+    out = out or DataLayout(cfg.data_root).report  # elsewhere, for a read-only data root
     thumbs = {r["id"]: _thumbnail(cfg, r) for group in picked.values() for r in group}
     sheet = _contact_sheet(picked, thumbs, classes, summary)
     sheet_path = out / "contact-sheet.png"
@@ -104,25 +106,22 @@ def _contact_sheet(
     classes: list[str],
     summary: dict[str, Any],
 ) -> Image.Image:
-    font = ImageFont.load_default()
     cols = max(1, min(8, max((len(g) for g in picked.values()), default=1)))
-    cell_w, line_h = THUMB + 16, 12
+    cell_w, line_h = THUMB + 16, 13
     cell_h = THUMB + CAPTION_LINES * line_h + 12
     header_h = 24
     matrix_h = (len(classes) + 3) * 16
     blocks = [header_h + max(1, -(-len(picked[c]) // cols)) * cell_h for c in classes]
     sheet = Image.new("RGB", (cols * cell_w + 16, sum(blocks) + matrix_h + 16), "white")
-    draw = ImageDraw.Draw(sheet)
+    write = Writer(ImageDraw.Draw(sheet))
     y = 8
     for c, block in zip(classes, blocks, strict=True):
-        draw.text(
-            (8, y + 4), f"class {c} ({summary['counts'].get(c, 0)} images)", fill="black", font=font
-        )
+        write.text((8, y + 4), f"class {c} ({plural(summary['counts'].get(c, 0), 'image')})")
         for i, row in enumerate(picked[c]):
             x0, y0 = 8 + (i % cols) * cell_w, y + header_h + (i // cols) * cell_h
             right = row["predicted"] == row["class"]
             sheet.paste(thumbs[row["id"]], (x0, y0))
-            draw.rectangle(
+            write.draw.rectangle(
                 (x0 - 2, y0 - 2, x0 + THUMB + 1, y0 + THUMB + 1),
                 outline="green" if right else "red",
             )
@@ -130,22 +129,33 @@ def _contact_sheet(
             caption += [_probabilities(row, classes)]
             caption += textwrap.wrap(row["prompt"], 22)[: CAPTION_LINES - 3]
             for j, text in enumerate(caption):
-                draw.text((x0, y0 + THUMB + 4 + j * line_h), text, fill="black", font=font)
+                write.text((x0, y0 + THUMB + 4 + j * line_h), text)
         y += block
-    draw.text(
-        (8, y + 4),
-        "confusion matrix (rows: prompt class, columns: predicted)",
-        fill="black",
-        font=font,
-    )
-    matrix = summary["confusion_matrix"]["matrix"]
-    draw.text(
-        (8, y + 20), " " * 10 + "".join(f"{c[:8]:>10}" for c in classes), fill="black", font=font
-    )
-    for i, c in enumerate(classes):
-        line = f"{c[:9]:<10}" + "".join(f"{v:>10}" for v in matrix[i])
-        draw.text((8, y + 36 + i * 16), line, fill="black", font=font)
+    _draw_matrix(write, (8, y + 4), classes, summary["confusion_matrix"]["matrix"])
     return sheet
+
+
+def _draw_matrix(
+    write: Writer, at: tuple[int, int], classes: list[str], matrix: list[list[int]]
+) -> None:
+    """The confusion matrix as a table: every cell right-aligned in its column."""
+    x, y = at
+    write.text((x, y), "confusion matrix (rows: prompt class, columns: predicted)")
+    names = [c[:12] for c in classes]
+    first = max(write.length(n) for n in names) + 12
+    width = max(max(write.length(n) for n in names), write.length("0000")) + 12
+    for j, name in enumerate(names):
+        write.right(x + first + (j + 1) * width, y + 16, name)
+    for i, name in enumerate(names):
+        write.text((x, y + 32 + i * 16), name)
+        for j, value in enumerate(matrix[i]):
+            write.right(x + first + (j + 1) * width, y + 32 + i * 16, str(value))
+
+
+def _timing(stage: str, t: dict[str, Any]) -> str:
+    """The result's cost, and this run's when it differs (a resumed or skipped run)."""
+    result, run = t.get("result_seconds", t.get("seconds", 0.0)), t.get("seconds", 0.0)
+    return f"{stage} {result:.1f}s" + (f" ({run:.1f}s in the last run)" if run != result else "")
 
 
 def _data_uri(im: Image.Image) -> str:
@@ -167,9 +177,7 @@ def _html(
         f"<tr><th>{e(c)}</th>" + "".join(f"<td>{v}</td>" for v in matrix[i]) + "</tr>"
         for i, c in enumerate(classes)
     )
-    timings = ", ".join(
-        f"{stage} {t.get('seconds', 0):.1f}s" for stage, t in summary.get("timings", {}).items()
-    )
+    timings = ", ".join(_timing(stage, t) for stage, t in summary.get("timings", {}).items())
     sections = []
     for c in classes:
         cards = []
@@ -181,7 +189,7 @@ def _html(
                 f"<br>predicted <b>{e(r['predicted'])}</b><br><i>{e(r['prompt'])}</i></figcaption></figure>"
             )
         sections.append(
-            f"<h2>{e(c)} <small>({summary['counts'].get(c, 0)} images, showing {len(picked[c])})</small></h2>"
+            f"<h2>{e(c)} <small>({plural(summary['counts'].get(c, 0), 'image')}, showing {len(picked[c])})</small></h2>"
             f'<div class="grid">{"".join(cards)}</div>'
         )
     return f"""<!doctype html>
@@ -195,7 +203,7 @@ figure.ok {{ border-color: #3a3; }} figure.wrong {{ border-color: #c33; }}
 img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-rendering: pixelated; }}
 </style></head><body>
 <h1>synthflux report</h1>
-<p>{summary["images"]} images in {summary["shards"]} shards; accuracy against the prompt labels
+<p>{plural(summary["images"], "image")} in {plural(summary["shards"], "shard")}; accuracy against the prompt labels
 <b>{"n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"}</b> ({summary["correct"]}/{summary["images"]}); backend {e(str(summary.get("backend")))};
 timings: {e(timings)}.</p>
 <h2>Confusion matrix</h2>

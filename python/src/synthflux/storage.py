@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import tempfile
@@ -51,15 +52,19 @@ def hold_point(point: str) -> None:
 
 
 def remove_stale_temps(folder: Path) -> int:
-    """Delete temp files under `folder` left by dead processes of this host; return the count."""
+    """Delete temp files and folders under `folder` left by dead processes of this host;
+    return the count."""
     removed = 0
-    for tmp in folder.rglob(".*.tmp"):
+    for tmp in sorted(folder.rglob(".*.tmp"), reverse=True):  # inner ones first
         writer = tmp.name.rsplit(".", 3)[-3] if tmp.name.count(".") >= 3 else ""
         w_host, _, w_pid = writer.rpartition("-")
         if w_host != _HOST or not w_pid.isdigit() or _alive(int(w_pid)):
             continue
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed += 1
     return removed
 
@@ -77,6 +82,12 @@ def _alive(pid: int) -> bool:
 def temp_path(path: Path) -> Path:
     """A private temp name beside `path`, in the pattern remove_stale_temps recognises."""
     return path.parent / f".{path.name}.{TEMP_TAG}.{secrets.token_hex(4)}.tmp"
+
+
+def public_mode(path: Path, directory: bool = False) -> None:
+    """What open() or mkdir() would have given, not mkstemp's/mkdtemp's private 0600/0700:
+    other users (the classifier container's) read the data."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 @contextlib.contextmanager

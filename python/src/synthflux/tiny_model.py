@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from synthflux.storage import public_mode, remove_stale_temps, temp_path
+
 # Byte-level BPE alphabet used by CLIP's tokenizer (GPT-2's bytes_to_unicode).
 _PRINTABLE = (
     list(range(ord("!"), ord("~") + 1))
@@ -126,12 +128,15 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    remove_stale_temps(folder.parent)  # a half-built model of a killed run
+    tmp = temp_path(folder)
+    tmp.mkdir()
     try:
         from synthflux.progress import quiet_library_progress
 
         quiet_library_progress()
         build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        public_mode(tmp, directory=True)
         tmp.rename(folder)
     except OSError:
         if (folder / "model_index.json").exists():  # another process won the race
