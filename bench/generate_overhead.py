@@ -20,10 +20,10 @@ from pathlib import Path
 
 import tomli_w
 
-from synthflux.config import load_config
 from synthflux import generate
+from synthflux.config import load_config
 from synthflux.diffusion import resolve_model
-from synthflux.records import image_seed, plan_images
+from synthflux.records import image_seed, plan_batches
 
 
 def sd15_shaped_model(folder: Path) -> Path:
@@ -72,7 +72,7 @@ def bare(cfg, model_path: str) -> float:
     import torch
 
     gen = cfg.generate
-    jobs = plan_images(cfg)
+    batches = [b.jobs for b in plan_batches(cfg)]  # the same calls synthflux makes
     start = time.perf_counter()
     from diffusers import AutoPipelineForText2Image
 
@@ -82,8 +82,7 @@ def bare(cfg, model_path: str) -> float:
         warnings.simplefilter("ignore", FutureWarning)
         pipe = AutoPipelineForText2Image.from_pretrained(model_path, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    for i in range(0, len(jobs), gen.batch_size):
-        batch = jobs[i : i + gen.batch_size]
+    for batch in batches:
         seeds = [image_seed(cfg.seed, j.class_name, j.index) for j in batch]
         images = pipe(
             prompt=[j.prompt for j in batch],

@@ -129,14 +129,17 @@ def write_config(tmp_path: Path, tiny_model: Path):
     return _write
 
 
-def run_until_held(args: list[str], hold: str, timeout: float = 120) -> subprocess.Popen[bytes]:
+def run_until_held(
+    args: list[str], hold: str, timeout: float = 120, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
     """Start `python -m synthflux ARGS` with SYNTHFLUX_TEST_HOLD=hold and return it once it
-    has stopped itself there (storage.hold_point): the test then kills it at that moment."""
+    has stopped itself there (storage.hold_point): the test then kills it at that moment.
+    It runs in a process group of its own (with its workers), as a shell would start it."""
     import psutil
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "synthflux", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "SYNTHFLUX_TEST_HOLD": hold},
+        stderr=stderr, env={**os.environ, "SYNTHFLUX_TEST_HOLD": hold}, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:

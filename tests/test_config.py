@@ -57,6 +57,19 @@ BAD = [
     ({"preprocess": {"max_pixels": 0}}, "preprocess.max_pixels = 0"),
     ({"preprocess": {"workers": -1}}, "preprocess.workers = -1"),
     ({"classify": {"cpus": 0}}, "classify.cpus = 0"),
+    # Strict types: TOML has real ones, so these are mistakes, not values to coerce.
+    ({"images_per_class": True}, "images_per_class = True: Input should be a valid integer"),
+    ({"seed": "1234"}, "seed = '1234': Input should be a valid integer"),
+    ({"generate": {"compile": "yes"}}, "generate.compile = 'yes'"),
+    # An upper bound, per class and in all (ids are label * 1,000,000 + index).
+    ({"images_per_class": 10**9}, "images_per_class = 1000000000: Input should be less than"),
+    (
+        {
+            "images_per_class": 600_000,
+            "classes": [{"name": "a", "prompts": ["x"]}, {"name": "b", "prompts": ["x"]}],
+        },
+        "1,200,000 images in all (at most 1,000,000 per config)",
+    ),
     ({"classify": {"batch_size": 0}}, "classify.batch_size = 0"),
     ({"classify": {"memory": "lots"}}, "classify.memory = 'lots'"),
     ({"preprocess": {"channels": 2}}, "preprocess.channels = 2"),

@@ -136,3 +136,29 @@ def test_backend_none_collects_and_checks_what_another_process_wrote(write_confi
     (cfg.data_root / "predictions" / "shard-00001.probs.npz").unlink()
     with pytest.raises(ClassifyError, match=r"shard-00001\.probs\.npz not found"):
         classify.run(cfg, backend="none")
+
+
+def test_report_text_in_any_script_is_drawn_with_a_font_that_has_it(write_config):
+    """é and 猫 in prompts: each is drawn with a font that has it, not as a missing-glyph box."""
+    from PIL import Image, ImageDraw
+
+    from conftest import unavailable
+    from synthflux import drawing
+
+    for char in "é猫":
+        if ord(char) not in drawing._characters(drawing._font_for(char)):
+            unavailable(f"no font on this machine has {char!r} (.ci/run installs one)")
+
+    def drawn(text: str) -> bytes:
+        im = Image.new("L", (40, 20), 255)
+        drawing.Writer(ImageDraw.Draw(im), size=14).text((2, 2), text)
+        return im.tobytes()
+
+    box = drawn("\U000f0000")  # a private-use character no font has: the box
+    assert drawn("é") != box and drawn("猫") != box and drawn("猫") != drawn("é")
+    classes = [{"name": "cat", "prompts": ["un chat café"]}, {"name": "dog", "prompts": ["猫"]}]
+    path, cfg = write_config(classes=classes, classify={"backend": "reference"})
+    assert run_cli("run", str(path)).returncode == 0
+    done = run_cli("report", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "un chat café" in (cfg.data_root / "report" / "index.html").read_text()

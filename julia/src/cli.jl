@@ -150,6 +150,19 @@ function weights_for(path::AbstractString, first_shard::AbstractString, seed::In
     return load_weights(path)  # what the file holds is what runs
 end
 
+"""Create the output folder; `InputError(path, …)` if it is a file or cannot be made."""
+function make_output_folder(path::AbstractString)
+    ispath(path) && !isdir(path) &&
+        throw(InputError(path, "exists and is not a folder (--output needs a folder)"))
+    try
+        mkpath(path)
+    catch e
+        e isa InterruptException && rethrow()
+        throw(InputError(path, "cannot create the output folder ($(first_line(e)))"))
+    end
+    return path
+end
+
 fmt_rate(n, seconds) = seconds > 0 ? @sprintf("%.1f", n / seconds) : "inf"
 
 function run_shards(o::Options, out::IO)
@@ -160,7 +173,7 @@ function run_shards(o::Options, out::IO)
     model = build_model(weights)
     # Compile the forward pass before timing it, so img/s measures the model, not the JIT.
     predict(model, zeros(Float32, spec.width, spec.height, spec.channels, 1))
-    mkpath(o.output)
+    make_output_folder(o.output)
     class_sums = zeros(Float64, spec.n_classes)
     n_total, forward_s = 0, 0.0
     for shard in shards

@@ -6,6 +6,8 @@ function read_npz(path::AbstractString, vars, what::AbstractString)
         vars === nothing ? npzread(path) : npzread(path, vars)
     catch e
         e isa InterruptException && rethrow()
+        pickled(path) && throw(InputError(path, "holds a pickled (numpy object) array; " *
+                                          "only float32 and int64 arrays are read"))
         empty = vars === nothing ? nothing : empty_arrays(path, vars)
         empty === nothing && throw(InputError(path, "not a readable .npz file ($(first_line(e)))"))
         empty
@@ -13,6 +15,9 @@ function read_npz(path::AbstractString, vars, what::AbstractString)
     d isa AbstractDict || throw(InputError(path, "a single .npy array, not an .npz archive"))
     return d
 end
+
+# np.savez stores each array's .npy header uncompressed: an object array says so there.
+pickled(path::AbstractString) = occursin("'descr': '|O'", String(read(path)))
 
 # ZipFile.jl up to 0.9 throws EOFError reading a zero-length entry, i.e. any empty array (a
 # shard whose images were all rejected). If every array asked for is empty, make them from the

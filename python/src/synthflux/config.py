@@ -220,6 +220,9 @@ def load_config(path: str | Path, data_root: str | Path | None = None) -> Pipeli
     if data_root is not None:
         raw["data_root"] = str(data_root)
     try:
-        return PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
+    if cfg.data_root.exists() and not cfg.data_root.is_dir():
+        raise ConfigError(f"data root {cfg.data_root} exists and is not a folder")
+    return cfg

@@ -45,7 +45,9 @@ def build_model(weights: Mapping[str, np.ndarray]) -> nn.Sequential:
     for i, cout in enumerate(spec.block_channels, 1):
         conv = nn.Conv2d(cin, cout, spec.kernel, padding=spec.kernel // 2)
         w = weights[f"conv{i}_weight"]  # Flux: (kw, kh, cin, cout), a true convolution
-        torch_w = np.ascontiguousarray(w[::-1, ::-1].transpose(3, 2, 1, 0))  # flip, to OIHW
+        # Flip, to OIHW; a real copy: ascontiguousarray keeps negative strides when the flipped
+        # axes have length 1 (a 1x1 kernel), which torch refuses.
+        torch_w = np.array(w[::-1, ::-1].transpose(3, 2, 1, 0), order="C", copy=True)
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(torch_w))
             conv.bias.copy_(torch.from_numpy(weights[f"conv{i}_bias"]))  # type: ignore[union-attr]

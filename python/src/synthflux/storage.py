@@ -13,6 +13,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ def hold_point(point: str) -> None:
         reached = _held[point] == int(spec.partition(":")[2] or 1)
     if reached:
         os.kill(os.getpid(), signal.SIGSTOP)
+        # Another thread may take the stop first; this one must not go on meanwhile.
+        time.sleep(1)
 
 
 def remove_stale_temps(folder: Path) -> int:
