@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 CONFIG ?= examples/tiny.toml
 DATA ?= data
-# The demo classifies with the CNN's PyTorch twin, so it needs neither Julia nor Docker;
+# The demo trains and classifies with the CNN's PyTorch twin, so it needs neither Julia nor Docker;
 # DEMO_BACKEND=docker (after `make images`) or local (a julia with Flux) runs the Julia CNN.
 DEMO_BACKEND ?= reference
 BIN := $(VENV)/bin
@@ -31,9 +31,8 @@ $(BIN)/.stamp: python/pyproject.toml
 venv: $(BIN)/.stamp ## create or update the virtualenv (.venv)
 
 .PHONY: demo
-demo: $(BIN)/.stamp ## the tiny example end to end on a CPU (data in DATA/demo)
+demo: $(BIN)/.stamp ## the tiny example end to end on a CPU: generate .. train .. report (DATA/demo)
 	$(BIN)/synthflux run $(CONFIG) --data $(DATA)/demo --backend $(DEMO_BACKEND)
-	$(BIN)/synthflux report $(CONFIG) --data $(DATA)/demo
 
 .PHONY: lint
 lint: $(BIN)/.stamp ## ruff (lint + format) and mypy

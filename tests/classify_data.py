@@ -18,6 +18,7 @@ import numpy as np
 
 from conftest import mark_generated, mark_preprocessed, save_config
 from synthflux.config import PipelineConfig
+from synthflux.weights import init_weights, save_weights
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "flux_model_standin.py"
 
@@ -42,9 +43,10 @@ def make_data(
     channels: int = 1,
     seed: int = 0,
 ) -> Fixture:
-    """DATA/generated/manifest.jsonl and DATA/preprocessed/{shards, dataset.json, manifest}."""
+    """DATA/generated/manifest.jsonl and DATA/preprocessed/synthetic/{shards, dataset.json,
+    manifest}: what generate and preprocess would leave for the synthetic source."""
     rng = np.random.default_rng(seed)
-    gen, prep = root / "generated", root / "preprocessed"
+    gen, prep = root / "generated", root / "preprocessed" / "synthetic"
     gen.mkdir(parents=True)
     prep.mkdir(parents=True)
     records = {}
@@ -91,6 +93,8 @@ def make_data(
                 }
             )
     dataset = {
+        "source": "synthetic",
+        "split": "train",
         "layout": "WHCN",
         "width": size,
         "height": size,
@@ -117,17 +121,22 @@ def write_config(
     path, cfg = save_config(folder / "pipeline.toml", raw)
     mark_generated(cfg, seconds=12.5)  # what generate and preprocess would have recorded
     mark_preprocessed(cfg, seconds=3.25)
+    weights = data_root / "model" / "weights.npz"  # as train would leave them
+    if not weights.exists():
+        info = json.loads((data_root / "preprocessed" / "synthetic" / "dataset.json").read_text())
+        shape = info["width"], info["height"], info["channels"], len(classes)
+        save_weights(weights, init_weights(*shape, seed=3))
     return path, cfg
 
 
 def control_standin(fx: Fixture, **ctl: Any) -> None:
-    """Make the stand-in misbehave: it reads DATA/preprocessed/standin-control.json."""
-    (fx.root / "preprocessed" / "standin-control.json").write_text(json.dumps(ctl))
+    """Make the stand-in misbehave: it reads standin-control.json in its input folder."""
+    (fx.root / "preprocessed" / "synthetic" / "standin-control.json").write_text(json.dumps(ctl))
 
 
 def release_standin(fx: Fixture) -> None:
     """Let a stand-in started with hold=True go on."""
-    (fx.root / "preprocessed" / "standin-release").touch()
+    (fx.root / "preprocessed" / "synthetic" / "standin-release").touch()
 
 
 def fake_julia(folder: Path) -> tuple[Path, Path]:
@@ -148,10 +157,11 @@ def fake_julia(folder: Path) -> tuple[Path, Path]:
 def check_success(fx: Fixture, summary: Any) -> None:
     """Everything a successful run leaves, checked against the inputs computed here."""
     out = fx.root / "predictions"
+    probs_dir = out / "synthetic"
     probs_by_shard = []
     for file in fx.shard_files:
-        with np.load(out / file.replace(".npz", ".probs.npz"), allow_pickle=False) as z:
-            with np.load(fx.root / "preprocessed" / file) as shard:
+        with np.load(probs_dir / file.replace(".npz", ".probs.npz"), allow_pickle=False) as z:
+            with np.load(fx.root / "preprocessed" / "synthetic" / file) as shard:
                 np.testing.assert_array_equal(z["ids"], shard["ids"])
             probs_by_shard.append(z["probs"])
     probs = np.concatenate(probs_by_shard)

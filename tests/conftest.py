@@ -90,21 +90,26 @@ def mark_generated(cfg: PipelineConfig, seconds: float = 0.0) -> None:
 
     layout = DataLayout(cfg.data_root)
     facts = {"manifest_sha256": sha256_file(layout.manifest)}
-    write_stage_marker(layout, "generate", key=plan_key(cfg), seconds=seconds, complete=True,
+    write_stage_marker(layout.stage_marker("generate"), "generate", key=plan_key(cfg), seconds=seconds, complete=True,
                        facts=facts)  # fmt: skip
 
 
 def mark_preprocessed(cfg: PipelineConfig, seconds: float = 0.0) -> None:
-    """Write preprocess's done marker for a dataset.json a test wrote by hand."""
+    """Write preprocess's done markers for the dataset.json files a test wrote by hand."""
     from synthflux.layout import DataLayout
     from synthflux.preprocess import dataset_key
+    from synthflux.sources import all_sources
     from synthflux.stages import write_stage_marker
     from synthflux.storage import sha256_file
 
     layout = DataLayout(cfg.data_root)
-    facts = {"dataset_sha256": sha256_file(layout.dataset)}
-    write_stage_marker(layout, "preprocess", key=dataset_key(cfg), seconds=seconds,
-                       complete=True, facts=facts)  # fmt: skip
+    for source in all_sources(cfg):
+        prepared = layout.prepared(source.name)
+        facts = {"dataset_sha256": sha256_file(prepared.dataset), "source": source.name}
+        write_stage_marker(prepared.stage_marker, "preprocess", key=dataset_key(cfg, source),
+                           seconds=seconds, complete=True, facts=facts)  # fmt: skip
+    write_stage_marker(layout.stage_marker("preprocess"), "preprocess", key="by hand",
+                       seconds=seconds, complete=True, facts={})  # fmt: skip
 
 
 def tiny_config(
@@ -164,12 +169,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 def tree_bytes(root: Path, pattern: str = "**/*") -> dict[str, bytes]:
     """Every visible file under root (relative path -> bytes), to compare two runs exactly.
 
-    stage.json is left out: it records how long the run took.
+    stage.json and the trainer's checkpoint.npz are left out: they record how long the run
+    took.
     """
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.glob(pattern))
         if p.is_file()
-        and p.name != "stage.json"
+        and p.name not in ("stage.json", "checkpoint.npz")
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     }

@@ -156,11 +156,12 @@ def test_container_isolation_from_its_own_attributes(setup: Setup, engine: Any) 
         if os.getuid() == 0:
             assert user == "65534:65534"
         mounts = {m["Destination"]: m for m in attrs["Mounts"]}
-        assert set(mounts) == {"/data/preprocessed", "/data/model/weights.npz", "/data/predictions"}
-        assert mounts["/data/preprocessed"]["RW"] is False
+        shards, out = "/data/preprocessed/synthetic", "/data/predictions/synthetic"
+        assert set(mounts) == {shards, "/data/model/weights.npz", out}
+        assert mounts[shards]["RW"] is False
         assert mounts["/data/model/weights.npz"]["RW"] is False
-        assert mounts["/data/predictions"]["RW"] is True
-        assert Path(mounts["/data/preprocessed"]["Source"]) == (fx.root / "preprocessed").resolve()
+        assert mounts[out]["RW"] is True
+        assert Path(mounts[shards]["Source"]) == (fx.root / "preprocessed" / "synthetic").resolve()
         # And from inside: what the classifier process really is and can do.
         assert run_inside(container, "id", "-u") == (0, user.split(":")[0])
         status = dict(
@@ -171,9 +172,9 @@ def test_container_isolation_from_its_own_attributes(setup: Setup, engine: Any) 
         assert status["NoNewPrivs"] == "1"
         interfaces = run_inside(container, "ls", "/sys/class/net")[1].split()
         assert interfaces == ["lo"]
-        code, output = run_inside(container, "touch", "/data/preprocessed/intruder")
+        code, output = run_inside(container, "touch", "/data/preprocessed/synthetic/intruder")
         assert code != 0 and "Read-only file system" in output
-        assert run_inside(container, "touch", "/data/predictions/scratch")[0] == 0
+        assert run_inside(container, "touch", "/data/predictions/synthetic/scratch")[0] == 0
         code, output = run_inside(container, "touch", "/opt/intruder")
         assert code != 0 and "Read-only file system" in output
         assert run_inside(container, "touch", "/tmp/scratch")[0] == 0
@@ -309,7 +310,7 @@ def test_named_volume_mode(tmp_path: Path, engine: Any, image: str) -> None:
             assert (data["Type"], data["Name"], data["RW"]) == ("volume", volume.name, False)
             assert out["Type"] == "volume" and out["RW"] and out["Name"] != volume.name
             scratch = out["Name"]  # anonymous: it must go with the container
-            code, output = run_inside(container, "touch", "/data/predictions/intruder")
+            code, output = run_inside(container, "touch", "/data/predictions/synthetic/intruder")
             assert code != 0 and "Read-only file system" in output
         finally:
             release_standin(fx)
@@ -324,9 +325,9 @@ def test_named_volume_mode(tmp_path: Path, engine: Any, image: str) -> None:
 @pytest.mark.skipif(os.getuid() != 0, reason="only root runs the container as another user")
 def test_unreadable_input_fails_before_any_container(setup: Setup, engine: Any) -> None:
     fx, _, cfg = setup()
-    shard = fx.root / "preprocessed" / "shard-00001.npz"
+    shard = fx.root / "preprocessed" / "synthetic" / "shard-00001.npz"
     shard.chmod(0o600)  # the container runs as nobody: it could not read this
     with pytest.raises(ClassifyError, match=r"shard-00001\.npz \(mode 0o600\) is not readable .*"
-                       r"65534:65534: run `chmod -R a\+rX .*preprocessed`"):  # fmt: skip
+                       r"65534:65534: run `chmod -R a\+rX .*preprocessed/synthetic`"):  # fmt: skip
         classify.run(cfg)
     assert containers(engine, fx) == []

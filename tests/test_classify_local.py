@@ -168,7 +168,7 @@ def test_weights_checks(setup, tmp_path) -> None:
 
 def test_missing_inputs_say_which_stage_to_run(setup) -> None:
     fx, _, cfg = setup()
-    (fx.root / "preprocessed" / "dataset.json").unlink()
+    (fx.root / "preprocessed" / "synthetic" / "dataset.json").unlink()
     with pytest.raises(DataError, match="run `synthflux preprocess` first"):
         classify.run(cfg)
 

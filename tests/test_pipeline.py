@@ -51,7 +51,10 @@ def test_report_shows_every_class_with_captions(write_config):
     assert "6 of 8 images shown" in result.stdout
     page = (cfg.data_root / "report" / "index.html").read_text()
     summary = json.loads((cfg.data_root / "predictions" / "summary.json").read_text())
-    assert page.count("<figure") == 6 and page.count("data:image/png;base64,") == 6
+    by_class = page.split("<h2>Predictions by class</h2>")[1]
+    assert by_class.count("<figure") == 6 and by_class.count("data:image/png;base64,") == 6
+    # The learning curves and each split's confusion matrix are pictures on the page too.
+    assert 'alt="learning curves"' in page and 'alt="validation"' in page
     assert 'src="http' not in page  # self-contained
     assert f"{summary['accuracy']:.3f}" in page
     for rec in map(
@@ -70,7 +73,7 @@ def test_report_before_classify_is_a_clear_error(write_config):
 
 def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
     """preprocess writes an empty shard when every image in it is rejected; classify copes."""
-    from synthflux import classify, generate, preprocess
+    from synthflux import classify, generate, preprocess, train
 
     _, cfg = write_config(classify={"backend": "reference"})
     generate.run(cfg)
@@ -80,6 +83,7 @@ def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
         if rec["id"] in (3, 1_000_000, 1_000_001):  # all of output shard 1 (shard_size 3)
             (cfg.data_root / "generated" / rec["file"]).write_bytes(b"not a png")
     assert preprocess.run(cfg).complete
+    train.run(cfg)
     summary = classify.run(cfg)
     assert (summary.images, summary.shards) == (5, 3)
     with open(cfg.data_root / "predictions" / "predictions.csv") as f:
@@ -133,7 +137,7 @@ def test_backend_none_collects_and_checks_what_another_process_wrote(write_confi
     before = csv_path.read_bytes()
     assert classify.run(cfg, backend="none").images == 8
     assert csv_path.read_bytes() == before
-    (cfg.data_root / "predictions" / "shard-00001.probs.npz").unlink()
+    (cfg.data_root / "predictions" / "synthetic" / "shard-00001.probs.npz").unlink()
     with pytest.raises(ClassifyError, match=r"shard-00001\.probs\.npz not found"):
         classify.run(cfg, backend="none")
 

@@ -218,7 +218,7 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
     _, cfg = config_for(tmp_path, data, width=8, height=8, shard_size=4, max_pixels=20_000)
     summary = preprocess.run(cfg, workers=2)
     assert summary.complete
-    rejects = {r["id"]: r for r in read_jsonl(data / "preprocessed" / "rejects.jsonl")}
+    rejects = {r["id"]: r for r in read_jsonl(data / "preprocessed/synthetic/rejects.jsonl")}
     reasons = {i: rejects[i]["reason"] for i in rejects}
     assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert "cannot decode" in reasons[1] or "truncated" in reasons[1]
@@ -231,12 +231,12 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
     assert "outside" in reasons[8]
     assert "unreadable" in reasons[9]
     assert all(rejects[i]["file"] for i in rejects) and all("\n" not in r for r in reasons.values())
-    kept = read_jsonl(data / "preprocessed" / "manifest.jsonl")
+    kept = read_jsonl(data / "preprocessed" / "synthetic" / "manifest.jsonl")
     assert [r["id"] for r in kept] == [0, 10]
     assert set(rejects).isdisjoint(r["id"] for r in kept)
-    assert summary.processed == {"cat": 1, "dog": 1}
-    assert summary.rejected == {"cat": 3, "dog": 6}
-    dataset = json.loads((data / "preprocessed" / "dataset.json").read_text())
+    assert summary.processed == {"synthetic": {"cat": 1, "dog": 1}}
+    assert summary.rejected == {"synthetic": {"cat": 3, "dog": 6}}
+    dataset = json.loads((data / "preprocessed" / "synthetic" / "dataset.json").read_text())
     assert dataset["counts"] == {"cat": 1, "dog": 1} and dataset["rejected"] == {"cat": 3, "dog": 6}
 
 
@@ -262,7 +262,7 @@ def test_shard_layout_dtype_and_range(tmp_path):
     make_dataset(data, files)
     _, cfg = config_for(tmp_path, data, width=12, height=10, shard_size=3, mean=[0.5], std=[0.25])
     preprocess.run(cfg, workers=1)
-    out = data / "preprocessed"
+    out = data / "preprocessed" / "synthetic"
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["layout"] == "WHCN" and dataset["shape"] == [12, 10, 1]
     assert [s["count"] for s in dataset["shards"]] == [3, 3, 1]
@@ -321,7 +321,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
     proc = run_until_held(["preprocess", str(path), "--workers", "2"], hold="shard:3")
     out = killed_data / "preprocessed"
-    assert len(list(out.glob("shard-*.json"))) == 3
+    assert len(list(out.glob("*/shard-*.json"))) == 3
     workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
@@ -333,7 +333,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "already done" in result.stdout
     assert tree_bytes(out) == tree_bytes(ref_data / "preprocessed")
-    assert not list(out.glob(".*.tmp")) and not list(out.glob(".*npy*"))
+    assert not list(out.rglob(".*.tmp")) and not list(out.rglob(".*npy*"))
 
 
 def test_corrupted_shard_is_redone(tmp_path):
@@ -342,7 +342,7 @@ def test_corrupted_shard_is_redone(tmp_path):
     _, cfg = config_for(tmp_path, data, shard_size=3)
     preprocess.run(cfg, workers=1)
     before = tree_bytes(data / "preprocessed")
-    shard = data / "preprocessed" / "shard-00001.npz"
+    shard = data / "preprocessed" / "synthetic" / "shard-00001.npz"
     shard.write_bytes(shard.read_bytes()[:-10])
     again = preprocess.run(cfg, workers=1)
     assert (again.shards_reused, again.shards_done) == (1, 1)

@@ -28,7 +28,7 @@ from synthflux.pipeline import run_pipeline
 from synthflux.records import PNG_KEY
 from synthflux.status import pipeline_status
 from synthflux.storage import ShardSpec
-from synthflux.weights import init_weights, load_weights, save_weights
+from synthflux.weights import init_weights, save_weights
 
 THREE_CLASSES = [
     {"name": "cat", "prompts": ["a cat", "a cat asleep"], "images": 35},
@@ -95,25 +95,36 @@ def test_growing_one_class_keeps_the_others_images(write_config, tmp_path):
 # --- done-ness: every input counts ----------------------------------------------------------
 
 
-def test_new_weights_or_a_lost_output_make_run_classify_again(write_config):
+def test_new_weights_or_a_lost_output_make_run_classify_again(write_config, tmp_path):
     _, cfg = write_config(classify={"backend": "reference"})
     run_pipeline(cfg, say=quiet)
     layout = DataLayout(cfg.data_root)
+    trained = layout.default_weights.read_bytes()
     assert classify.is_current(cfg)
-    # Other valid weights under the same name: the predictions are no longer theirs.
+    # Other valid weights in place of the trained ones: neither the model nor the
+    # predictions are current; run trains again (the same training: the same bytes), and
+    # then the old predictions are those of these weights again.
     save_weights(layout.default_weights, init_weights(16, 16, 1, 2, seed=99))
+    assert not pipeline_status(cfg, 1).stages["train"].complete
     assert not classify.is_current(cfg)
     lines: list[str] = []
     run_pipeline(cfg, say=lines.append)
-    assert any(line.startswith("classify: classified 8 images") for line in lines)
-    assert (
-        load_weights(layout.default_weights)["conv1_bias"].tolist()
-        == init_weights(16, 16, 1, 2, seed=99)["conv1_bias"].tolist()
-    )  # the user's weights were used, not replaced
+    assert any(line.startswith("train: trained on synthetic") for line in lines)
+    assert layout.default_weights.read_bytes() == trained
+    assert any("predictions are complete and verified; skipped" in line for line in lines)
+    # Weights of the user's own (classify.weights): replacing them re-classifies.
+    own = tmp_path / "own.npz"
+    save_weights(own, init_weights(16, 16, 1, 2, seed=5))
+    _, mine = write_config(classify={"backend": "reference", "weights": str(own)})
+    run_pipeline(mine, say=quiet)
+    save_weights(own, init_weights(16, 16, 1, 2, seed=6))
+    assert not classify.is_current(mine)
+    # A lost output (summary.json) is not a complete result either.
+    run_pipeline(mine, say=quiet)
     layout.summary.unlink()
-    assert not pipeline_status(cfg, 1).stages["classify"].complete
+    assert not pipeline_status(mine, 1).stages["classify"].complete
     lines = []
-    run_pipeline(cfg, say=lines.append)
+    run_pipeline(mine, say=lines.append)
     assert any(line.startswith("classify: classified") for line in lines)
     assert layout.summary.is_file()
 
@@ -136,7 +147,7 @@ def test_preprocess_refuses_an_unfinished_or_edited_generation(write_config):
     done = run_cli("preprocess", str(path))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "generate is incomplete" in done.stderr
-    assert not (cfg.data_root / "preprocessed" / "dataset.json").exists()
+    assert not (cfg.data_root / "preprocessed" / "synthetic" / "dataset.json").exists()
     generate.run(cfg)
     manifest = cfg.data_root / "generated" / "manifest.jsonl"
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
@@ -314,7 +325,7 @@ def test_no_permission_is_one_line(write_config, monkeypatch, capsys):
     monkeypatch.setattr(storage.tempfile, "mkstemp", denied)
     assert main(["preprocess", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].endswith("preprocessed: Permission denied"), err
+    assert len(err) == 1 and err[0].endswith("preprocessed/synthetic: Permission denied"), err
 
 
 def test_status_and_report_read_a_finished_data_root_without_writing(write_config, tmp_path):
@@ -368,8 +379,8 @@ def test_leftovers_of_a_smaller_or_killed_run_are_removed(write_config, tmp_path
     root = small.data_root
     assert sorted(p.name for p in (root / "generated" / "cat").iterdir()) == [
         "cat-000000.png", "cat-000001.png"]  # fmt: skip
-    assert len(list((root / "preprocessed" / "previews").glob("*.png"))) == 4
-    assert sorted(p.name for p in (root / "predictions").glob("*.probs.npz")) == [
+    assert len(list((root / "preprocessed/synthetic/previews").glob("*.png"))) == 4
+    assert sorted(p.name for p in (root / "predictions/synthetic").glob("*.probs.npz")) == [
         "shard-00000.probs.npz", "shard-00001.probs.npz"]  # fmt: skip
 
 
@@ -403,7 +414,7 @@ def test_timings_keep_the_result_and_the_last_run(write_config):
 def test_the_confusion_matrix_columns_line_up(write_config):
     _, cfg = write_config(classify={"backend": "reference"})
     summaries = run_pipeline(cfg, say=quiet)
-    lines = summaries[-1].lines()
+    lines = next(s for s in summaries if isinstance(s, classify.ClassifySummary)).lines()
     header = next(i for i, line in enumerate(lines) if line.startswith("confusion matrix"))
     ends = [[m.end() for m in re.finditer(r"\S+", line)] for line in lines[header + 1 : header + 4]]
     # Each class name ends where the numbers of its column end, in every row.

@@ -125,6 +125,9 @@ def assert_same_as_unsharded(data: Path, reference: Path) -> None:
         assert sorted(got) == sorted(want), f"{sub}/{pattern}: different files"
         different = [name for name in want if got[name] != want[name]]
         assert not different, f"{sub}: bytes differ from the unsharded run: {different}"
+    # ... and so is the model trained on them (the PyTorch twin is bitwise on a CPU).
+    weights = "model/weights.npz"
+    assert (data / weights).read_bytes() == (reference / weights).read_bytes()
     summary = json.loads((data / "predictions" / "summary.json").read_text())
     assert (summary["images"], summary["backend"]) == (8, CLASSIFY_BACKEND)
 
@@ -250,12 +253,13 @@ def test_status_of_an_empty_data_root(tmp_path: Path, tiny_model: Path) -> None:
 @pytest.fixture(scope="module")
 def unsharded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     """The same config run here in one process, unsharded: what every cluster run must equal."""
-    from synthflux import generate, preprocess
+    from synthflux import generate, preprocess, train
 
     root = tmp_path_factory.mktemp("unsharded")
     _, cfg = tiny_config(root, root / "data", tiny_model, **ONE_PER_BATCH)
     generate.run(cfg)
     preprocess.run(cfg, workers=1)
+    train.run(cfg, backend=CLASSIFY_BACKEND)
     return root / "data"
 
 
@@ -279,16 +283,22 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     ids = job_ids(data)
     wait_for_jobs(list(ids.values()))
     assert re.search(rf"submitted generate +job {ids['generate']}: array 0-2 \(3 tasks\)", out)
-    assert f"squeue -j {ids['generate']},{ids['preprocess']},{ids['classify']}" in out
+    order = ("generate", "preprocess", "train", "classify", "evaluate")
+    assert f"squeue -j {','.join(ids[s] for s in order)}" in out
 
     states = job_states(list(ids.values()))
     assert set(states.values()) == {"COMPLETED"}, states
     assert len(stage_states(states, ids["generate"])) == 1
     assert sum(k.startswith(ids["generate"] + "_") for k in states) == 3
     logs = sorted(p.name for p in (data / "slurm").glob("*.log"))
-    assert logs == [f"classify-{ids['classify']}.log"] + [
-        f"{stage}-{ids[stage]}_{i}.log" for stage in ("generate", "preprocess") for i in range(3)
-    ]
+    assert logs == sorted(
+        [f"{s}-{ids[s]}.log" for s in ("train", "classify", "evaluate")]
+        + [
+            f"{stage}-{ids[stage]}_{i}.log"
+            for stage in ("generate", "preprocess")
+            for i in range(3)
+        ]
+    )
     status = status_json(config)
     assert status["complete"] and status["shards"] == 3, status
     assert_same_as_unsharded(data, unsharded)
@@ -301,7 +311,9 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     status = status_json(config)["stages"]["generate"]
     assert not status["complete"] and status["note"] == "manifest not merged yet", status
     plan = cli("submit", str(config), "--resubmit-failed", "--dry-run").splitlines()[0]
-    assert plan.endswith("generate tasks 0; preprocess tasks 0-2; classify job"), plan
+    assert plan.endswith(
+        "generate tasks 0; preprocess tasks 0-2; train job; classify job; evaluate job"
+    ), plan
 
 
 @pytest.mark.slurm
@@ -333,7 +345,7 @@ def test_failed_task_stops_later_stages_and_resubmit_completes(
     plan = cli("submit", str(config), "--resubmit-failed", "--dry-run", "--python", PYTHON)
     assert plan.splitlines()[0] == (
         "resubmitting what the data shows incomplete: "
-        "generate tasks 1; preprocess tasks 0-2; classify job"
+        "generate tasks 1; preprocess tasks 0-2; train job; classify job; evaluate job"
     )
     check_golden("resubmit-failed.txt", normalise(plan, tmp_path))
 
@@ -383,7 +395,7 @@ def test_cancelled_task_is_resubmitted_alone(
     assert status_json(config)["stages"]["generate"]["incomplete"] == [2]
 
     out, new_ids = submit_and_wait(config, "--resubmit-failed")
-    assert "generate tasks 2; preprocess tasks 0-2; classify job" in out
+    assert "generate tasks 2; preprocess tasks 0-2; train job; classify job; evaluate job" in out
     assert set(job_states(list(new_ids.values())).values()) == {"COMPLETED"}
     assert status_json(config)["complete"]
     assert_same_as_unsharded(data, unsharded)

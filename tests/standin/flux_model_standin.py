@@ -22,6 +22,15 @@ INPUT/standin-control.json (the file also reaches a container, env does not):
     {"allocate_mb": 400}             touch that much memory first (memory-limit tests)
     {"skip": "shard-00001.npz"}      write no output for that shard (missing output)
     {"malformed": "shard-00001.npz", "kind": "shape" | "nan" | "sum" | "ids" | "garbage"}
+
+    flux_model_standin.py [...] train --input NAME=DIR... --weights INIT --output DIR
+                          [--epochs E] [other training options, ignored]
+
+is the training contract: for each epoch a `progress:` and a `metrics: {...}` line, then
+OUTPUT/checkpoint.npz, OUTPUT/metrics.jsonl and OUTPUT/weights.npz (the initial weights, as
+they are: nothing is learned). With a checkpoint already in OUTPUT it prints
+`resume: from epoch N` and goes on from there. Misbehaviour: {"fail_epoch": 2} exits 3 in
+that epoch; "hold" waits before the first epoch, as above.
 Only Python 3 and NumPy: the test image holds nothing else.
 """
 
@@ -138,7 +147,70 @@ def spoil(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray] | N
     return None  # "garbage": not an npz at all
 
 
+def train(argv: list[str]) -> int:
+    """The training contract: metrics lines, a checkpoint per epoch, weights.npz at the end."""
+    inputs, opts, it = [], {"epochs": "10"}, iter(argv)
+    for arg in it:
+        if arg.startswith("--project") or arg.endswith(".jl"):
+            continue
+        value = next(it, None) if arg.startswith("--") else None
+        if arg == "--input":
+            inputs.append(value)
+            while True:  # NAME=DIR ... until the next option
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                if nxt.startswith("--"):
+                    opts[nxt[2:]] = next(it, "")
+                    break
+                inputs.append(nxt)
+        elif arg.startswith("--") and value is not None:
+            opts[arg[2:]] = value
+    folders = [i.split("=", 1)[1] for i in inputs if i and "=" in i]
+    if not folders or "weights" not in opts or "output" not in opts:
+        die("--input", "train needs --input NAME=DIR, --weights and --output")
+    ctl = control(folders)
+    out, epochs = opts["output"], int(opts["epochs"])
+    if not os.path.isdir(out):
+        die(out, "output folder does not exist")
+    with np.load(opts["weights"], allow_pickle=False) as z:
+        weights = {k: z[k] for k in z.files}
+    start = 0
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    if os.path.isfile(checkpoint):
+        with np.load(checkpoint) as z:
+            start = int(z["state"][1])
+        print(f"resume: from epoch {start}", flush=True)
+    if ctl.get("hold"):
+        release = os.path.join(folders[0], "standin-release")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = []
+    for epoch in range(1, epochs + 1):
+        loss = 1.0 / epoch
+        m = {"epoch": epoch, "steps": 2 * epoch, "train_loss": loss, "train_accuracy": 0.5,
+             "val_loss": loss + 0.1, "val_accuracy": 0.5, "images_per_s": 100.0,
+             "seconds": 0.01, "best_epoch": epoch}  # fmt: skip
+        lines.append(json.dumps(m))
+        if epoch <= start:
+            continue
+        if ctl.get("fail_epoch") == epoch:
+            die(out, f"simulated failure in epoch {epoch} (contract stand-in)", code=3)
+        print("progress: 2/2", flush=True)
+        print(f"metrics: {json.dumps(m)}", flush=True)
+        write_atomic(checkpoint, {"state": np.array([1, epoch, 2 * epoch, epoch, 0, 0])})
+        write_atomic(
+            os.path.join(out, "metrics.jsonl"), None, raw="\n".join(lines).encode() + b"\n"
+        )
+    write_atomic(os.path.join(out, "weights.npz"), weights)
+    print(f"{PROG}: trained (contract stand-in: nothing learned)", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if "train" in argv:
+        return train(argv[argv.index("train") + 1 :])
     opts = parse(argv)
     inputs = opts["input"].split("\0")
     ctl = control(inputs)

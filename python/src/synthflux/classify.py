@@ -1,11 +1,11 @@
-"""Stage 3, classify: the Flux CNN over every shard, its probabilities checked, joined with the
-generation manifest and summarised.
+"""Stage 5, classify: the trained CNN over every source's shards, its probabilities checked,
+joined with the sources' manifests and summarised.
 
-One classifier run covers all shards (one container, one `julia`, or the in-process PyTorch
-twin: synthflux.backends). It writes into a private staging folder; every expected
-`shard-NNNNN.probs.npz` is read back and checked before anything is published, then moved
-into DATA/predictions/, followed by predictions.csv, summary.json and, last, stage.json (the
-done marker). docs/classify.md has the design.
+One classifier run per source covers all its shards (one container, one `julia`, or the
+in-process PyTorch twin: synthflux.backends). It writes into a private staging folder; every
+expected `shard-NNNNN.probs.npz` is read back and checked before anything is published, then
+moved into DATA/predictions/<source>/, followed by predictions.csv, summary.json and, last,
+stage.json (the done marker). docs/classify.md has the design.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,16 @@ from synthflux import preprocess
 from synthflux.backends import BACKENDS, Job
 from synthflux.backends.supervise import interrupts
 from synthflux.config import PipelineConfig
-from synthflux.contracts import Dataset, check_probs, load_dataset, read_dataset
+from synthflux.contracts import Dataset, check_probs, load_dataset
 from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import summarize
 from synthflux.progress import plural
-from synthflux.records import ManifestRecord, read_manifest
+from synthflux.records import ManifestRecord, iter_records
+from synthflux.sources import Source, all_sources
 from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
 from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
-from synthflux.weights import init_weights, load_weights, save_weights, spec_of
+from synthflux.weights import load_weights, spec_of
 
 log = logging.getLogger("synthflux")
 
@@ -55,75 +56,99 @@ class ClassifySummary:
     backend: str
     image: str | None
     classes: list[str]
-    images: int
+    scores: dict[str, dict[str, Any]]  # source -> metrics.summarize(...)
     shards: int
-    correct: int
-    confusion: list[list[int]]
     classifier_seconds: float
     seconds: float
     out_dir: Path
-    counts: dict[str, int] = field(default_factory=dict)
     complete: bool = True
+
+    @property
+    def images(self) -> int:
+        return sum(s["images"] for s in self.scores.values())
+
+    @property
+    def correct(self) -> int:
+        return sum(s["correct"] for s in self.scores.values())
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.images if self.images else 0.0
 
+    @property
+    def confusion(self) -> list[list[int]]:
+        """Over every source together."""
+        k = len(self.classes)
+        total = np.zeros((k, k), dtype=np.int64)
+        for s in self.scores.values():
+            total += np.asarray(s["confusion_matrix"]["matrix"], dtype=np.int64)
+        return total.tolist()
+
     def lines(self) -> list[str]:
         where = BACKEND_NAMES[self.backend].format(image=self.image)
         rate = self.images / max(self.classifier_seconds, 1e-9)
-        width = max(len(c) for c in self.classes)
         out = [
-            f"classified {plural(self.images, 'image')} in {plural(self.shards, 'shard')} with {where} in "
-            f"{self.classifier_seconds:.1f}s ({rate:.1f} img/s)",
-            f"accuracy against the prompt labels: {self.accuracy:.3f} ({self.correct}/{self.images})",
-            "confusion matrix (rows: prompt class, columns: predicted class):",
-            " " * (width + 3) + " ".join(f"{c:>{max(len(c), 5)}}" for c in self.classes),
+            f"classified {plural(self.images, 'image')} in {plural(self.shards, 'shard')} with "
+            f"{where} in {self.classifier_seconds:.1f}s ({rate:.1f} img/s)"
         ]
-        for name, row in zip(self.classes, self.confusion, strict=True):
-            cells = " ".join(
-                f"{v:>{max(len(c), 5)}}" for c, v in zip(self.classes, row, strict=True)
-            )
-            out.append(f"  {name:<{width}} {cells}")
+        for source, s in self.scores.items():
+            labels = "prompt labels" if source == "synthetic" else "folder labels"
+            accuracy = f"{s['accuracy']:.3f}" if s["accuracy"] is not None else "n/a"
+            out.append(f"{source}: accuracy against the {labels}: {accuracy} "
+                       f"({s['correct']}/{s['images']})")  # fmt: skip
+            out += confusion_lines(self.classes, s["confusion_matrix"]["matrix"], "true class")
         out.append(f"wrote {self.out_dir / 'predictions.csv'} and summary.json")
         return out
+
+
+def confusion_lines(classes: list[str], matrix: list[list[int]], rows: str) -> list[str]:
+    """The confusion matrix for a terminal, each column right-aligned under its class."""
+    width = max(len(c) for c in classes)
+    cols = [max(len(c), 5) for c in classes]
+    out = [f"confusion matrix (rows: {rows}, columns: predicted class):"]
+    out.append(
+        " " * (width + 3) + " ".join(f"{c:>{w}}" for c, w in zip(classes, cols, strict=True))
+    )
+    for name, row in zip(classes, matrix, strict=True):
+        cells = " ".join(f"{v:>{w}}" for v, w in zip(row, cols, strict=True))
+        out.append(f"  {name:<{width}} {cells}")
+    return out
 
 
 def run(
     cfg: PipelineConfig, *, backend: str | None = None, image: str | None = None
 ) -> ClassifySummary:
-    """Run the classifier over every shard, check its outputs, write the predictions and report."""
+    """Run the classifier over every source's shards, check its outputs, write the predictions."""
     started = time.monotonic()
     cfg = with_overrides(cfg, backend=backend, image=image)
     layout = DataLayout(cfg.data_root)
-    preprocess.require_complete(cfg)
+    # 1. inputs: every source's finished dataset, its records, the trained weights
+    sources = _ready(cfg)
+    datasets = {s.name: load_dataset(cfg, s.name) for s in sources}
+    weights = model_weights(cfg, list(datasets.values()))
+    records = {s.name: _join_manifest(s, datasets[s.name]) for s in sources}
     layout.predictions.mkdir(parents=True, exist_ok=True)
     with exclusive(layout.classify_lock, "classify"):
-        # 1. inputs: the shards, their generation records, the weights
-        ds = load_dataset(cfg)
-        records = _join_manifest(layout, ds)
-        weights = ensure_weights(cfg, ds)
-        # 2. the classifier, writing only into a private staging folder; 3. every output
-        # checked before any is published (the old results stay current until then)
+        # 2. the classifier into a private staging folder; 3. every output checked before any
+        # is published (the previous results stay current until then)
         with _staging(layout.predictions) as staging, interrupts():
-            job_shards = tuple(s.file for s in ds.shards)
-            job = Job(layout.preprocessed, job_shards, weights, staging, cfg.classify.batch_size)
             run_start = time.monotonic()
-            BACKENDS[cfg.classify.backend](cfg, job)
+            for s in sources:
+                BACKENDS[cfg.classify.backend](
+                    cfg, _job(cfg, s, datasets[s.name], weights, staging)
+                )
             classifier_seconds = time.monotonic() - run_start
-            k = len(ds.classes)
-            probs = {s.file: check_probs(staging / s.probs_file, s, k) for s in ds.shards}
-            _publish(staging, layout, ds)
+            probs = {s.name: _checked(datasets[s.name], staging / s.name) for s in sources}
+            _publish(staging, layout, datasets)
         # 4. predictions.csv, summary.json, then stage.json: the done marker
-        _write_predictions(layout.predictions_csv, ds, records, probs)
-        summary = _summarise(
-            cfg, ds, probs, weights, classifier_seconds, time.monotonic() - started
-        )
+        _write_predictions(layout.predictions_csv, datasets, records, probs)
+        summary = _summarise(cfg, datasets, probs, weights, classifier_seconds, started)
         write_stage_marker(
-            layout, "classify", key=inputs_key(cfg, weights), seconds=summary.seconds,
-            complete=True, facts={"images": summary.images, "shards": summary.shards,
-                                  "accuracy": summary.accuracy, "backend": summary.backend,
-                                  "image": summary.image, "outputs": _outputs(layout, ds)},
+            layout.stage_marker("classify"), "classify", key=inputs_key(cfg, weights),
+            seconds=summary.seconds, complete=True,
+            facts={"images": summary.images, "shards": summary.shards,
+                   "backend": summary.backend, "image": summary.image,
+                   "outputs": _outputs(layout, datasets)},
         )  # fmt: skip
     return summary
 
@@ -143,16 +168,25 @@ def with_overrides(
 # --- inputs --------------------------------------------------------------------------------
 
 
-def _join_manifest(layout: DataLayout, ds: Dataset) -> dict[int, ManifestRecord]:
-    """The generation record of every shard image; labels must agree with the shards'."""
-    by_id = {int(r["id"]): r for r in read_manifest(layout)}
+def _ready(cfg: PipelineConfig) -> list[Source]:
+    sources = all_sources(cfg)
+    if not sources:
+        raise DataError("nothing to classify: no source was generated or imported")
+    for source in sources:
+        preprocess.require_complete(cfg, source)
+    return sources
+
+
+def _join_manifest(source: Source, ds: Dataset) -> dict[int, ManifestRecord]:
+    """The record of every shard image; labels must agree with the shards'."""
+    path = source.paths.manifest
+    by_id = {int(r["id"]): r for r in iter_records(path, "generate or import it again")}
     for shard in ds.shards:
         for image_id, label in zip(shard.ids.tolist(), shard.labels.tolist(), strict=True):
             rec = by_id.get(image_id)
             if rec is None:
                 raise DataError(
-                    f"{shard.path}: image id {image_id} is not in {layout.manifest}: re-run "
-                    "preprocess"
+                    f"{shard.path}: image id {image_id} is not in {path}: re-run preprocess"
                 )
             if rec.get("label") != label:
                 raise DataError(
@@ -163,63 +197,67 @@ def _join_manifest(layout: DataLayout, ds: Dataset) -> dict[int, ManifestRecord]
 
 
 def weights_path(cfg: PipelineConfig) -> Path:
-    return (
-        Path(cfg.classify.weights)
-        if cfg.classify.weights
-        else DataLayout(cfg.data_root).default_weights
-    )
-
-
-def ensure_weights(cfg: PipelineConfig, ds: Dataset) -> Path:
-    """The weights file. The default one is made from `seed` for the dataset's shape, and made
-    again when the seed or the shape changed (model/weights.json says what it was made from)."""
-    path = weights_path(cfg)
+    """classify.weights, else the trained model (DATA/model/weights.npz)."""
     if cfg.classify.weights:
-        if not path.is_file():
+        return Path(cfg.classify.weights)
+    return DataLayout(cfg.data_root).default_weights
+
+
+def model_weights(cfg: PipelineConfig, datasets: list[Dataset]) -> Path:
+    """The weights to classify with, checked against the datasets' shape and classes."""
+    path = weights_path(cfg)
+    if not path.is_file():
+        if cfg.classify.weights:
             raise ClassifyError(f"classify.weights = {cfg.classify.weights!r}: no such file")
-    else:
-        _default_weights(cfg, ds, path)
-    spec = spec_of(load_weights(path))
-    want = (ds.width, ds.height, ds.channels, len(ds.classes))
-    have = (spec.width, spec.height, spec.channels, spec.n_classes)
-    if have != want:
         raise ClassifyError(
-            f"{path} is for {have[0]}x{have[1]}x{have[2]} images and {have[3]} classes, the "
-            f"dataset has {want[0]}x{want[1]}x{want[2]} and {want[3]}: point classify.weights "
-            "at matching weights (or delete the default file to start from random ones)"
+            f"no trained model ({path} not found): run `synthflux train` first, or set "
+            "classify.weights to a weights.npz"
         )
+    spec = spec_of(load_weights(path))
+    have = (spec.width, spec.height, spec.channels, spec.n_classes)
+    for ds in datasets:
+        want = (ds.width, ds.height, ds.channels, len(ds.classes))
+        if have != want:
+            raise ClassifyError(
+                f"{path} is for {have[0]}x{have[1]}x{have[2]} images and {have[3]} classes, the "
+                f"dataset has {want[0]}x{want[1]}x{want[2]} and {want[3]}: point "
+                "classify.weights at matching weights (or train again)"
+            )
     return path
 
 
-def _default_weights(cfg: PipelineConfig, ds: Dataset, path: Path) -> None:
-    made_from = {"seed": cfg.seed, "shape": [ds.width, ds.height, ds.channels, len(ds.classes)]}
-    stamp = DataLayout(cfg.data_root).default_weights_stamp
-    try:
-        recorded = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        recorded = None
-    if path.is_file() and (recorded is None or recorded == made_from):
-        return  # made for this config (or put there by hand: then it is the user's)
-    weights = init_weights(ds.width, ds.height, ds.channels, len(ds.classes), seed=cfg.seed)
-    save_weights(path, weights)
-    write_json_atomic(stamp, made_from)
-    log.info("classify: initialised random weights (seed %d): %s", cfg.seed, path)
+def _job(cfg: PipelineConfig, source: Source, ds: Dataset, weights: Path, staging: Path) -> Job:
+    output = staging / source.name
+    output.mkdir()
+    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    return Job(
+        "classify", ((source.name, prepared.folder),), tuple(s.file for s in ds.shards), weights,
+        output, f"predictions/{source.name}", ("--batch-size", str(cfg.classify.batch_size)),
+        timeout_s=cfg.classify.timeout_s,
+    )  # fmt: skip
 
 
 def inputs_key(cfg: PipelineConfig, weights: Path) -> str:
-    """What the predictions are computed from: every shard's bytes (as dataset.json lists
+    """What the predictions are computed from: every source's shards (as dataset.json lists
     them), the weights' bytes, and the settings that change the numbers."""
-    shards = [[s["file"], s["sha256"]] for s in read_dataset(DataLayout(cfg.data_root))["shards"]]
+    layout = DataLayout(cfg.data_root)
+    shards = {}
+    for s in all_sources(cfg):
+        info = json.loads(layout.prepared(s.name).dataset.read_text())
+        shards[s.name] = [[e["file"], e["sha256"]] for e in info["shards"]]
     c = cfg.classify
     inputs = {"shards": shards, "weights": sha256_file(weights), "backend": c.backend,
               "image": c.image if c.backend == "docker" else None, "batch_size": c.batch_size}  # fmt: skip
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _outputs(layout: DataLayout, ds: Dataset) -> dict[str, str]:
+def _outputs(layout: DataLayout, datasets: dict[str, Dataset]) -> dict[str, str]:
     """Every published file and its sha256: the result is current only while they match."""
-    files = [layout.probs(s.file) for s in ds.shards] + [layout.predictions_csv, layout.summary]
-    return {f.name: sha256_file(f) for f in files}
+    files = [
+        layout.predicted(name) / s.probs_file for name, ds in datasets.items() for s in ds.shards
+    ]
+    files += [layout.predictions_csv, layout.summary]
+    return {f.relative_to(layout.predictions).as_posix(): sha256_file(f) for f in files}
 
 
 # --- staging and publishing ---------------------------------------------------------------
@@ -238,86 +276,96 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, layout: DataLayout, ds: Dataset) -> None:
-    """Move the checked outputs into place; remove those of shards that no longer exist."""
-    out = layout.predictions
-    owner = out.stat()
-    for shard in ds.shards:
-        dest = out / shard.probs_file
-        os.replace(staging / shard.probs_file, dest)
-        if os.geteuid() == 0 and dest.stat().st_uid != owner.st_uid:
-            os.chown(dest, owner.st_uid, owner.st_gid)  # written by nobody in the container
-    wanted = {s.probs_file for s in ds.shards}
-    for old in out.glob("shard-*.probs.npz"):
-        if old.name not in wanted:
-            old.unlink()
+def _checked(ds: Dataset, folder: Path) -> dict[str, np.ndarray]:
+    return {s.file: check_probs(folder / s.probs_file, s, len(ds.classes)) for s in ds.shards}
+
+
+def _publish(staging: Path, layout: DataLayout, datasets: dict[str, Dataset]) -> None:
+    """Move the checked outputs into place; remove those of shards or sources now gone."""
+    for name, ds in datasets.items():
+        out = layout.predicted(name)
+        out.mkdir(parents=True, exist_ok=True)
+        owner = layout.predictions.stat()
+        for shard in ds.shards:
+            dest = out / shard.probs_file
+            os.replace(staging / name / shard.probs_file, dest)
+            if os.geteuid() == 0 and dest.stat().st_uid != owner.st_uid:
+                os.chown(dest, owner.st_uid, owner.st_gid)  # written by nobody in the container
+        wanted = {s.probs_file for s in ds.shards}
+        for old in out.glob("shard-*.probs.npz"):
+            if old.name not in wanted:
+                old.unlink()
+    for folder in layout.predictions.iterdir():
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in datasets:
+            shutil.rmtree(folder)
 
 
 # --- predictions.csv and summary.json ---------------------------------------------------------
 
 
 def _write_predictions(
-    path: Path, ds: Dataset, records: dict[int, ManifestRecord], probs: dict[str, np.ndarray]
+    path: Path,
+    datasets: dict[str, Dataset],
+    records: dict[str, dict[int, ManifestRecord]],
+    probs: dict[str, dict[str, np.ndarray]],
 ) -> None:
-    header = ["id", "name", "class", "label", "prompt", "seed", "file"]
-    header += [f"p_{c}" for c in ds.classes] + ["predicted"]
+    classes = next(iter(datasets.values())).classes
+    header = ["id", "source", "name", "class", "label", "prompt", "seed", "file"]
+    header += [f"p_{c}" for c in classes] + ["predicted"]
     with atomic_write(path, "w") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
-        for shard in ds.shards:
-            p = probs[shard.file]
-            for row, image_id in enumerate(shard.ids.tolist()):
-                rec = records[image_id]
-                writer.writerow(
-                    [image_id, rec.get("name", ""), ds.classes[int(shard.labels[row])],
-                     int(shard.labels[row]), rec.get("prompt", ""), rec.get("seed", ""),
-                     rec.get("file", ""), *(f"{v:.6f}" for v in p[row].tolist()),
-                     ds.classes[int(p[row].argmax())]]
-                )  # fmt: skip
+        for source, ds in datasets.items():
+            for shard in ds.shards:
+                p = probs[source][shard.file]
+                for row, image_id in enumerate(shard.ids.tolist()):
+                    rec = records[source][image_id]
+                    label = int(shard.labels[row])
+                    writer.writerow(
+                        [image_id, source, rec.get("name", ""), classes[label], label,
+                         rec.get("prompt", ""), rec.get("seed", ""), rec.get("file", ""),
+                         *(f"{v:.6f}" for v in p[row].tolist()), classes[int(p[row].argmax())]]
+                    )  # fmt: skip
 
 
 def _summarise(
     cfg: PipelineConfig,
-    ds: Dataset,
-    probs: dict[str, np.ndarray],
+    datasets: dict[str, Dataset],
+    probs: dict[str, dict[str, np.ndarray]],
     weights: Path,
     classifier_seconds: float,
-    seconds: float,
+    started: float,
 ) -> ClassifySummary:
-    """Accuracy, confusion matrix and mean probabilities into summary.json; the summary."""
+    """Per source and in all: accuracy, confusion matrix, mean probabilities, into summary.json."""
     layout = DataLayout(cfg.data_root)
-    labels = np.concatenate([s.labels for s in ds.shards])
-    all_probs = np.concatenate([probs[s.file] for s in ds.shards])
-    scores = summarize(labels, all_probs, ds.classes, rows="prompt class")
+    classes = next(iter(datasets.values())).classes
+    per_source, all_labels, all_probs = {}, [], []
+    for name, ds in datasets.items():
+        labels = np.concatenate([s.labels for s in ds.shards])
+        p = np.concatenate([probs[name][s.file] for s in ds.shards])
+        per_source[name] = summarize(labels, p, classes, rows="true class")
+        all_labels.append(labels)
+        all_probs.append(p)
+    overall = summarize(
+        np.concatenate(all_labels), np.concatenate(all_probs), classes, "true class"
+    )
     timings: dict[str, Any] = {}
-    for stage in ("generate", "preprocess"):
-        if (timing := _stage_timing(layout.stage_marker(stage))) is not None:
+    for stage in ("generate", "preprocess", "train"):
+        if (timing := read_stage_marker(layout.stage_marker(stage))) is not None:
             timings[stage] = timing
-    timings["classify"] = {
-        "stage": "classify",
-        "seconds": seconds,
-        "classifier_seconds": classifier_seconds,
-    }
+    seconds = time.monotonic() - started
+    timings["classify"] = {"stage": "classify", "seconds": seconds,
+                           "classifier_seconds": classifier_seconds}  # fmt: skip
     backend = cfg.classify.backend
     image = cfg.classify.image if backend == "docker" else None
-    extra = {"backend": backend, "image": image, "weights": str(weights), "timings": timings}
-    write_json_atomic(layout.summary, {**scores, "shards": len(ds.shards), **extra})
-    return ClassifySummary(
-        backend, image, ds.classes, len(labels), len(ds.shards), scores["correct"],
-        scores["confusion_matrix"]["matrix"], classifier_seconds, seconds, layout.predictions,
-        scores["counts"],
+    n_shards = sum(len(ds.shards) for ds in datasets.values())
+    write_json_atomic(
+        layout.summary,
+        {**overall, "shards": n_shards, "sources": per_source, "backend": backend,
+         "image": image, "weights": str(weights), "timings": timings},
     )  # fmt: skip
-
-
-def _stage_timing(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("classify: ignoring unreadable %s (%s)", path, e)
-        return None
-    return record if isinstance(record, dict) else None
+    return ClassifySummary(backend, image, classes, per_source, n_shards, classifier_seconds,
+                           seconds, layout.predictions)  # fmt: skip
 
 
 # --- done-ness ----------------------------------------------------------------------------
@@ -337,28 +385,23 @@ def is_current(cfg: PipelineConfig) -> bool:
         return bool(outputs) and all(
             sha256_file(layout.predictions / name) == digest for name, digest in outputs.items()
         )
-    except (OSError, DataError, KeyError, TypeError):
+    except (OSError, ValueError, DataError, KeyError, TypeError):
         return False
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
-    """One job: complete when the predictions belong to the current shards."""
-    try:
-        shard_files = [s["file"] for s in read_dataset(DataLayout(cfg.data_root))["shards"]]
-    except (DataError, KeyError, TypeError):
-        shard_files = []
+    """One job: complete when the predictions belong to the current shards and weights."""
+    layout = DataLayout(cfg.data_root)
+    total = 0
+    for s in all_sources(cfg):
+        with suppress(OSError, ValueError, KeyError, TypeError):
+            total += len(json.loads(layout.prepared(s.name).dataset.read_text())["shards"])
     complete = is_current(cfg)
-    note = "" if complete else "no predictions for the current shards yet"
-    done = len(shard_files) if complete else 0
-    return StageState("classify", [ShardState(0, done, len(shard_files))], complete, note)
+    note = "" if complete else "no predictions for the current shards and weights yet"
+    return StageState("classify", [ShardState(0, total if complete else 0, total)], complete, note)
 
 
 STAGE = Stage(
-    "classify",
-    run,
-    state,
-    sharded=False,
-    resumes=False,
-    unit="output shards",
+    "classify", run, state, sharded=False, resumes=False, unit="output shards",
     product="predictions",
-)
+)  # fmt: skip

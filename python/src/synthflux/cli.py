@@ -110,7 +110,7 @@ def _generate(sub: Any) -> None:
         sub,
         "generate",
         cmd_generate,
-        "stage 1: prompts -> PNG images + manifest",
+        "stage 1: prompts -> PNG images + manifest (the synthetic source)",
         "Generate every class's images with the configured diffusion model into "
         "DATA/generated/<class>/ and write DATA/generated/manifest.jsonl. Re-running skips "
         "images already present and verified, so an interrupted run resumes.",
@@ -132,7 +132,7 @@ def _preprocess(sub: Any) -> None:
         sub,
         "preprocess",
         cmd_preprocess,
-        "stage 2: PNGs -> normalised .npz shards",
+        "stage 3: every source's images -> normalised .npz shards",
         "Decode, orient, convert (grayscale or RGB), resize and normalise the "
         "generated images into DATA/preprocessed/shard-NNNNN.npz (float32, Flux's WHCN layout), "
         "with dataset.json, a manifest and rejects.jsonl for images that cannot be used. "
@@ -150,18 +150,95 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return _print(preprocess.run(_config(args), shard=args.shard, workers=args.workers).lines())
 
 
+def _import(sub: Any) -> None:
+    p = _command(
+        sub,
+        "import",
+        cmd_import,
+        "real images from a folder (FOLDER/<class>/<images>) as a training or test source",
+        "Copy an ImageFolder -- FOLDER/<class>/<images>, at any depth below the class "
+        "folder, any format Pillow reads -- into DATA/imported/NAME/ with a manifest record "
+        "per image (source 'real', the original path, sha256); preprocess then treats it "
+        "like the generated images. The class folders must be the config's classes. The "
+        "originals are never modified; importing an unchanged folder again does nothing, a "
+        "changed file is read again, a removed one removed.",
+    )
+    p.add_argument("folder", type=Path, help="the ImageFolder to import")
+    p.add_argument("--as", dest="split", choices=("train", "test"), required=True,
+                   help="train: a training source (train.sources = [\"real\"] uses it); "
+                   "test: a test set, evaluated on, never trained on")  # fmt: skip
+    p.add_argument("--name", metavar="NAME", help="the source's name (default: the split), "
+                   "for several test sets")  # fmt: skip
+    p.add_argument("--classes-subset", action="store_true",
+                   help="allow classes without a folder (a test set of some classes only)")  # fmt: skip
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from synthflux import ingest
+
+    summary = ingest.run(_config(args), args.folder, split=args.split, name=args.name,
+                         classes_subset=args.classes_subset)  # fmt: skip
+    return _print([f"import: {line}" for line in summary.lines()])
+
+
+def _train(sub: Any) -> None:
+    p = _command(
+        sub,
+        "train",
+        cmd_train,
+        "stage 4: train the Flux.jl CNN on the training sources",
+        "Train the CNN with Flux.jl (julia/flux_model.jl train; or its PyTorch twin with "
+        "--backend reference) on the sources [train] names, from initial weights made from "
+        "train.seed. Every epoch's metrics are shown and kept in DATA/training/run/"
+        "metrics.jsonl, with a checkpoint, so a killed run resumes. The best validation "
+        "epoch's weights become DATA/model/weights.npz, which classify and evaluate use. "
+        "docs/training.md has the rules.",
+    )
+    _backend_option(p, "where the CNN trains: docker, local, reference, or none (collect what "
+                       "another process trained) (default: classify.backend)")  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from synthflux import train
+
+    summary = train.run(_config(args), backend=args.backend, image=args.image)
+    return _print([f"train: {line}" for line in summary.lines()])
+
+
+def _evaluate(sub: Any) -> None:
+    p = _command(
+        sub,
+        "evaluate",
+        cmd_evaluate,
+        "stage 6: accuracy, precision, recall and F1 on the validation split and test sets",
+        "Score the trained CNN on the validation split of its training sources and on every "
+        "imported test set (classifying first if the predictions are not current): "
+        "DATA/evaluation/summary.json (accuracy, per-class precision/recall/F1, confusion "
+        "matrix, counts per split) and DATA/evaluation/predictions.csv.",
+    )
+    _backend_option(p, "where the CNN runs if it must classify first (default: classify.backend)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from synthflux import evaluate
+
+    summary = evaluate.run(_config(args), backend=args.backend, image=args.image)
+    return _print([f"evaluate: {line}" for line in summary.lines()])
+
+
 def _classify(sub: Any) -> None:
     p = _command(
         sub,
         "classify",
         cmd_classify,
-        "stage 3: .npz shards -> class probabilities (Flux.jl CNN) + report",
-        "Run the Flux.jl CNN (julia/flux_model.jl) once over every shard in "
-        "DATA/preprocessed/ -- in one locked-down container by default (no network, no "
-        "capabilities, non-root, read-only inputs), or with a local julia -- check every "
-        "DATA/predictions/shard-NNNNN.probs.npz it writes, then write predictions.csv and "
-        "summary.json (accuracy against the prompt labels, confusion matrix). Without "
-        "classify.weights, DATA/model/weights.npz is used, made from the seed if missing.",
+        "stage 5: .npz shards -> class probabilities (Flux.jl CNN)",
+        "Run the trained Flux.jl CNN (julia/flux_model.jl) over every source's shards in "
+        "DATA/preprocessed/<source>/ -- in one locked-down container per source by default "
+        "(no network, no capabilities, non-root, read-only inputs), or with a local julia "
+        "-- check every DATA/predictions/<source>/shard-NNNNN.probs.npz it writes, then "
+        "write predictions.csv and summary.json (accuracy against the labels, confusion "
+        "matrix, per source). The weights are DATA/model/weights.npz (from `synthflux "
+        "train`) unless classify.weights names others.",
     )
     _backend_option(
         p,
@@ -192,14 +269,15 @@ def _run(sub: Any) -> None:
     )
     p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES,
                    help="redo from this stage: its outputs and later stages' are deleted first")  # fmt: skip
-    _backend_option(p, "classifier backend (default: classify.backend in the config)")
+    _backend_option(p, "where the CNN trains and runs (default: classify.backend in the config)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from synthflux.pipeline import run_pipeline
 
-    classify = {"backend": args.backend, "image": args.image}
-    run_pipeline(_config(args), from_stage=args.from_stage, options={"classify": classify})
+    where = {"backend": args.backend, "image": args.image}  # where the CNN runs
+    options = {"train": where, "classify": where, "evaluate": where}
+    run_pipeline(_config(args), from_stage=args.from_stage, options=options)
     return 0
 
 
@@ -221,13 +299,10 @@ def _report(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from synthflux.report import build_report
+    from synthflux import report
 
-    report = build_report(_config(args), per_class=args.per_class, out=args.out)
-    return _print(
-        [f"report: {report.shown} of {report.total} images shown",
-         f"  {report.html}", f"  {report.contact_sheet}"]
-    )  # fmt: skip
+    summary = report.run(_config(args), per_class=args.per_class, out=args.out)
+    return _print([f"report: {summary.lines()[0]}", *summary.lines()[1:]])
 
 
 def _submit(sub: Any) -> None:
@@ -329,7 +404,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return _print([f"tiny Stable Diffusion pipeline (random weights) saved to {folder}"])
 
 
-COMMANDS = (_generate, _preprocess, _classify, _run, _report, _submit, _status, _tiny_model)
+COMMANDS = (_generate, _import, _preprocess, _train, _classify, _evaluate, _run, _report,
+            _submit, _status, _tiny_model)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthflux.errors import ConfigError
+from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_KERNEL
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,7 +48,8 @@ class ClassSpec(_Strict):
     """One class: its name (also its folder) and the prompts that describe it."""
 
     name: str
-    prompts: list[str] = Field(min_length=1)
+    # Needed to generate the class's images; a class only imported (real photos) needs none.
+    prompts: list[str] = Field(default_factory=list)
     # Template variables: "a {color} cat" with color = ["black", "white"] gives two prompts.
     variables: dict[str, list[str]] = Field(default_factory=dict)
     images: Annotated[int, Field(gt=0, le=MAX_IMAGES)] | None = None  # overrides images_per_class
@@ -142,11 +144,48 @@ class PreprocessConfig(_Strict):
         return self
 
 
+class TrainConfig(_Strict):
+    """Training the CNN (docs/training.md has the exact rules, the same in both languages)."""
+
+    # "synthetic": the generated images; "real": every source imported with --as train.
+    sources: list[Literal["synthetic", "real"]] = Field(default=["synthetic"], min_length=1)
+    epochs: int = Field(10, ge=0, le=100_000)  # 0: the initial weights are the model
+    batch_size: PositiveInt = 32
+    lr: float = Field(1e-3, gt=0)
+    betas: list[float] = Field(default=[0.9, 0.999], min_length=2, max_length=2)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)  # decoupled (AdamW)
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # chosen per image by a hash of its id
+    patience: int = Field(3, ge=0)  # epochs without a better val loss before stopping; 0: never
+    seed: int = Field(0, ge=0, lt=2**63)  # initial weights, split, order, augmentation
+    flip: bool = False  # augmentation: random horizontal flips
+    shift: int = Field(0, ge=0, le=16)  # augmentation: random shifts by up to this many pixels
+    kernel: int = Field(DEFAULT_KERNEL, ge=1)  # the CNN: odd kernel size ...
+    blocks: list[PositiveInt] = Field(default=list(DEFAULT_BLOCKS), min_length=1)  # ... channels
+    timeout_s: PositiveInt = 86_400
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: list[float]) -> list[float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {betas}")
+        return betas
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"must be odd (pad k//2 keeps the size), got {kernel}")
+        return kernel
+
+
 class ClassifyConfig(_Strict):
+    """Where the CNN runs (train, classify and evaluate alike) and how."""
+
     backend: Backend = "docker"
     image: str = "synthflux-julia:latest"
     julia: str = "julia"  # the executable for the local backend
-    # weights.npz for the CNN; empty = DATA/model/weights.npz, created from `seed` if missing.
+    # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
     weights: str = ""
     batch_size: PositiveInt = 64
     memory: str = Field("4g", pattern=r"^[0-9]+[bkmgBKMG]?$")  # container memory limit, e.g. 512m
@@ -166,6 +205,7 @@ class PipelineConfig(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("classes")
     @classmethod
@@ -177,6 +217,23 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"class name {c.name!r} repeats {seen[key]!r}")
             seen[key] = c.name
         return classes
+
+    @model_validator(mode="after")
+    def _prompts_to_generate(self) -> PipelineConfig:
+        if self.generates:
+            for i, c in enumerate(self.classes):
+                if not c.prompts:
+                    raise ValueError(
+                        f"classes.{i}.prompts is empty: class {c.name!r} needs prompts to "
+                        "generate its images (or train on real images only: train.sources = "
+                        '["real"])'
+                    )
+        return self
+
+    @property
+    def generates(self) -> bool:
+        """Whether this config makes synthetic images (it trains on them)."""
+        return "synthetic" in self.train.sources
 
     @model_validator(mode="after")
     def _not_too_many(self) -> PipelineConfig:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, cast
@@ -21,12 +20,11 @@ import numpy as np
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifyError, DataError
-from synthflux.layout import DataLayout, probs_file, shard_index
+from synthflux.layout import DataLayout, DatasetPaths, probs_file, shard_index
+from synthflux.storage import UNREADABLE
 
 LAYOUT = "WHCN"  # numpy (W, H, C, N) in Fortran order == Flux's WHCN == C-order (N, C, H, W)
 SUM_TOLERANCE = 1e-5  # how far a row of probabilities may be from summing to 1
-# What np.load raises for a missing, truncated or non-npz file.
-UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 # --- dataset.json and the shard markers ---------------------------------------------------
@@ -54,8 +52,10 @@ class ShardEntry(TypedDict):
 
 
 class DatasetInfo(TypedDict):
-    """preprocessed/dataset.json, written when every shard is done."""
+    """preprocessed/<source>/dataset.json, written when every shard is done."""
 
+    source: str
+    split: str  # "train" (also validated on) or "test"
     layout: str
     order: str
     dtype: str
@@ -72,9 +72,9 @@ class DatasetInfo(TypedDict):
     shards: list[ShardEntry]
 
 
-def read_dataset(layout: DataLayout) -> DatasetInfo:
+def read_dataset(prepared: DatasetPaths) -> DatasetInfo:
     """dataset.json; a clear error if preprocessing is not complete."""
-    path = layout.dataset
+    path = prepared.dataset
     if not path.is_file():
         raise DataError(f"{path} not found: run `synthflux preprocess` first (to completion)")
     try:
@@ -108,6 +108,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Dataset:
+    source: str
     classes: list[str]
     width: int
     height: int
@@ -119,11 +120,11 @@ class Dataset:
         return sum(len(s.ids) for s in self.shards)
 
 
-def load_dataset(cfg: PipelineConfig) -> Dataset:
-    """dataset.json plus each listed shard's ids and labels (the images stay on disk)."""
-    layout = DataLayout(cfg.data_root)
-    meta_path = layout.dataset
-    meta = read_dataset(layout)
+def load_dataset(cfg: PipelineConfig, source: str) -> Dataset:
+    """A source's dataset.json plus each listed shard's ids and labels (images stay on disk)."""
+    prepared = DataLayout(cfg.data_root).prepared(source)
+    meta_path = prepared.dataset
+    meta = read_dataset(prepared)
     try:
         classes = [str(c) for c in meta["classes"]]
         dims = int(meta["width"]), int(meta["height"]), int(meta["channels"])
@@ -133,7 +134,7 @@ def load_dataset(cfg: PipelineConfig) -> Dataset:
     if classes != cfg.class_names:
         raise DataError(
             f"{meta_path} has classes {classes} but the config has {cfg.class_names}: "
-            "re-run generate and preprocess for this config"
+            "re-run preprocess for this config"
         )
     if not entries:
         raise DataError(f"{meta_path} lists no shards: re-run `synthflux preprocess`")
@@ -141,7 +142,7 @@ def load_dataset(cfg: PipelineConfig) -> Dataset:
     for name, count in entries:
         if shard_index(name) is None:
             raise DataError(f"{meta_path}: shard file {name!r} is not named shard-NNNNN.npz")
-        path = layout.preprocessed / name
+        path = prepared.folder / name
         try:
             with np.load(path, allow_pickle=False) as z:
                 ids, labels = z["ids"], z["labels"]
@@ -154,7 +155,7 @@ def load_dataset(cfg: PipelineConfig) -> Dataset:
                 f"{path}: dataset.json says {count} images, the shard has ids {ids.shape}"
             )
         shards.append(Shard(name, path, ids.astype(np.int64), labels.astype(np.int64)))
-    return Dataset(classes, *dims, shards)
+    return Dataset(source, classes, *dims, shards)
 
 
 def read_shard(

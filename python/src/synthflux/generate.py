@@ -137,9 +137,7 @@ def run(
         merged = merge_manifest(cfg, layout, model)
         _remove_orphans(cfg, layout)
         summary.manifest_images, summary.manifest_complete, summary.per_class = merged
-        write_stage_marker(
-            layout,
-            "generate",
+        write_stage_marker(layout.stage_marker("generate"), "generate",
             key=plan_key(cfg),
             seconds=summary.seconds,
             complete=summary.manifest_complete,
@@ -428,4 +426,7 @@ def require_complete(cfg: PipelineConfig) -> None:
         )
 
 
-STAGE = Stage("generate", run, state, sharded=True, resumes=True, unit="images", product="images")
+STAGE = Stage(
+    "generate", run, state, sharded=True, resumes=True, unit="images", product="images",
+    applies=lambda cfg: cfg.generates, uses_gpu=True,
+)  # fmt: skip

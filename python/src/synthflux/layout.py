@@ -26,7 +26,16 @@ from synthflux.storage import ShardSpec
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.npz$")
 STAGE_FILE = "stage.json"
-STAGE_FOLDERS = {"generate": "generated", "preprocess": "preprocessed", "classify": "predictions"}
+SYNTHETIC = "synthetic"  # the source generate makes; imported sources have their own names
+STAGE_FOLDERS = {
+    "generate": "generated",
+    "import": "imported",
+    "preprocess": "preprocessed",
+    "train": "training",
+    "classify": "predictions",
+    "evaluate": "evaluation",
+    "report": "report",
+}
 
 
 def shard_file(k: int) -> str:
@@ -103,43 +112,44 @@ class DataLayout:
     def manifest_lock(self) -> Path:
         return self.generated / ".manifest.lock"
 
-    # --- preprocess ---------------------------------------------------------------------------
+    # --- import ---------------------------------------------------------------------------------
+    @property
+    def imported(self) -> Path:
+        return self.root / "imported"
+
+    def source(self, name: str) -> SourcePaths:
+        """Where a source's images and manifest are: generated/ for the synthetic one,
+        imported/<name>/ for a folder of real images."""
+        folder = self.generated if name == SYNTHETIC else self.imported / name
+        return SourcePaths(name, folder)
+
+    # --- preprocess -------------------------------------------------------------------------
     @property
     def preprocessed(self) -> Path:
         return self.root / "preprocessed"
 
-    def shard(self, k: int) -> Path:
-        return self.preprocessed / shard_file(k)
+    def prepared(self, source: str) -> DatasetPaths:
+        """A source's preprocessed dataset: preprocessed/<source>/."""
+        return DatasetPaths(self.preprocessed / source)
 
-    def shard_marker(self, k: int) -> Path:
-        return self.preprocessed / marker_file(shard_file(k))
-
-    def shard_rows(self, k: int) -> Path:
-        """The streamed image rows of shard k before they are packed (a temp name is added)."""
-        return self.preprocessed / f"shard-{k:05d}.images.npy"
+    # --- train ------------------------------------------------------------------------------
+    @property
+    def training(self) -> Path:
+        return self.root / "training"
 
     @property
-    def preprocessed_manifest(self) -> Path:
-        return self.preprocessed / "manifest.jsonl"
+    def training_run(self) -> Path:
+        """The trainer's output folder (checkpoint, metrics, weights): its only writable one."""
+        return self.training / "run"
 
     @property
-    def rejects(self) -> Path:
-        return self.preprocessed / "rejects.jsonl"
+    def init_weights(self) -> Path:
+        return self.training / "init-weights.npz"
 
     @property
-    def dataset(self) -> Path:
-        return self.preprocessed / "dataset.json"
-
-    @property
-    def dataset_lock(self) -> Path:
-        return self.preprocessed / ".dataset.lock"
-
-    @property
-    def previews(self) -> Path:
-        return self.preprocessed / "previews"
-
-    def preview(self, class_name: str, image_id: int) -> Path:
-        return self.previews / f"{class_name}-{image_id:06d}.png"
+    def job_args(self) -> Path:
+        """flux_model.jl's training arguments, one a line, for a trainer started elsewhere."""
+        return self.training / "job.args"
 
     # --- classify -----------------------------------------------------------------------------
     @property
@@ -159,8 +169,9 @@ class DataLayout:
     def predictions(self) -> Path:
         return self.root / "predictions"
 
-    def probs(self, shard: str) -> Path:
-        return self.predictions / probs_file(shard)
+    def predicted(self, source: str) -> Path:
+        """A source's probabilities: predictions/<source>/shard-NNNNN.probs.npz."""
+        return self.predictions / source
 
     @property
     def predictions_csv(self) -> Path:
@@ -169,6 +180,19 @@ class DataLayout:
     @property
     def summary(self) -> Path:
         return self.predictions / "summary.json"
+
+    # --- evaluate ---------------------------------------------------------------------------
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def evaluation_summary(self) -> Path:
+        return self.evaluation / "summary.json"
+
+    @property
+    def evaluation_csv(self) -> Path:
+        return self.evaluation / "predictions.csv"
 
     STAGING_PREFIX = ".classify-"  # predictions/.classify-XXXX: one run's raw outputs
 
@@ -198,3 +222,72 @@ class DataLayout:
     def stage_marker(self, stage: str) -> Path:
         """A stage's stage.json: its timings and, for some, what its outputs were made from."""
         return self.stage_folder(stage) / STAGE_FILE
+
+
+@dataclass(frozen=True)
+class SourcePaths:
+    """One source of images: its files and its manifest (the same record schema for all)."""
+
+    name: str
+    folder: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "manifest.jsonl"
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / STAGE_FILE
+
+    def image(self, file: str) -> Path:
+        return self.folder / file
+
+    def inside(self, file: str) -> Path | None:
+        """The image's path, or None if `file` points outside the source (never opened)."""
+        root = self.folder.resolve()
+        path = (root / file).resolve()
+        return path if path.is_relative_to(root) else None
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """One source's preprocessed dataset (docs/architecture.md has the contracts)."""
+
+    folder: Path
+
+    def shard(self, k: int) -> Path:
+        return self.folder / shard_file(k)
+
+    def marker(self, k: int) -> Path:
+        return self.folder / marker_file(shard_file(k))
+
+    def rows(self, k: int) -> Path:
+        """The streamed image rows of shard k before they are packed (a temp name is added)."""
+        return self.folder / f"shard-{k:05d}.images.npy"
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "manifest.jsonl"
+
+    @property
+    def rejects(self) -> Path:
+        return self.folder / "rejects.jsonl"
+
+    @property
+    def dataset(self) -> Path:
+        return self.folder / "dataset.json"
+
+    @property
+    def stage_marker(self) -> Path:
+        return self.folder / STAGE_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.folder / ".dataset.lock"
+
+    @property
+    def previews(self) -> Path:
+        return self.folder / "previews"
+
+    def preview(self, class_name: str, image_id: int) -> Path:
+        return self.previews / f"{class_name}-{image_id:06d}.png"

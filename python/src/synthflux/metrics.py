@@ -47,3 +47,25 @@ def summarize(
         },
         "mean_probabilities": mean_probs,
     }
+
+
+def per_class(matrix: list[list[int]], classes: list[str]) -> dict[str, Any]:
+    """{"per_class": precision, recall, F1 and support of each class, "macro": their means over
+    the classes present}; a class never predicted has precision None, one absent recall None."""
+    m = np.asarray(matrix, dtype=np.int64)
+    scores: dict[str, dict[str, Any]] = {}
+    for i, c in enumerate(classes):
+        tp, predicted, actual = int(m[i, i]), int(m[:, i].sum()), int(m[i, :].sum())
+        precision = tp / predicted if predicted else None
+        recall = tp / actual if actual else None
+        if precision is None or recall is None:
+            f1 = None
+        else:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[c] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    present = [v for v in scores.values() if v["support"]]
+    macro = {
+        k: (sum(v[k] or 0.0 for v in present) / len(present) if present else None)
+        for k in ("precision", "recall", "f1")
+    }
+    return {"per_class": scores, "macro": macro}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from synthflux import classify, generate, preprocess
+from synthflux import classify, evaluate, generate, preprocess, report, train
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
@@ -23,7 +23,14 @@ from synthflux.stages import Skipped, Stage, Summary
 
 log = logging.getLogger("synthflux")
 
-STAGES: tuple[Stage, ...] = (generate.STAGE, preprocess.STAGE, classify.STAGE)
+STAGES: tuple[Stage, ...] = (
+    generate.STAGE,
+    preprocess.STAGE,
+    train.STAGE,
+    classify.STAGE,
+    evaluate.STAGE,
+    report.STAGE,
+)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
@@ -51,12 +58,15 @@ def run_pipeline(
     say: Callable[[str], None] = print,
 ) -> list[Summary]:
     """Run the stages in order; `options` are keyword arguments per stage name (e.g.
-    {"classify": {"backend": "reference"}}). Returns each stage's summary."""
+    {"classify": {"backend": "reference"}}). Returns each stage's summary. A stage the config
+    does not need (generate, for real images only) is left out."""
     if from_stage is not None:
         for folder in reset_from(cfg, from_stage):
             say(f"run: removed {folder} (--from {from_stage})")
     summaries: list[Summary] = []
     for st in STAGES:
+        if not st.applies(cfg):
+            continue
         if not st.resumes and st.state(cfg, 1).complete:
             summary: Summary = Skipped(
                 st.name,

@@ -1,11 +1,14 @@
-"""Stage 2, preprocess: generated PNGs -> normalised float32 .npz shards for the classifier.
+"""Stage 3, preprocess: every source's images -> normalised float32 .npz shards.
 
-The generation manifest is streamed in order and cut into output shards of `shard_size`
-records: shard k holds records [k*S, (k+1)*S) minus the rejected ones. A shard is the unit of
-work, resume and `--shard I/N`; within a shard a process pool decodes images in parallel
-(synthflux.images) and the rows are appended in manifest order (synthflux.shardwriter), so the
-bytes never depend on the worker count. Each shard's marker is written last; when every shard
-has one, the dataset is finished: manifest.jsonl, rejects.jsonl, previews, dataset.json.
+Each source (the generated images, and every imported folder: synthflux.sources) is its own
+dataset, preprocessed/<source>/. Its manifest's records are taken in a mixed order (a hash of
+each id, so every shard holds every class) and cut into output shards of `shard_size`: shard k
+holds records [k*S, (k+1)*S) of that order minus the rejected ones. A shard
+is the unit of work, resume and `--shard I/N` (numbered across sources); within a shard a
+process pool decodes images in parallel (synthflux.images) and the rows are appended in
+manifest order (synthflux.shardwriter), so the bytes never depend on the worker count. Each
+shard's marker is written last; when every shard of a source has one, its dataset is
+finished: manifest.jsonl, rejects.jsonl, previews, dataset.json.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from synthflux import generate
+from synthflux import generate, ingest
 from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.contracts import (
     LAYOUT,
@@ -32,15 +35,15 @@ from synthflux.contracts import (
     RowRecord,
     ShardEntry,
     ShardMarker,
-    read_dataset,
     read_marker,
 )
 from synthflux.errors import DataError, Rejected
 from synthflux.images import Decoder, DecodeResult, preview
-from synthflux.layout import DataLayout, marker_file, shard_index
+from synthflux.layout import DataLayout, DatasetPaths, marker_file, shard_index
 from synthflux.progress import Progress, plural
-from synthflux.records import ManifestRecord, count_manifest, iter_manifest
+from synthflux.records import ManifestRecord, count_records, mixed_records
 from synthflux.shardwriter import ShardWriter
+from synthflux.sources import Source, all_sources
 from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
 from synthflux.storage import (
     ShardSpec,
@@ -65,9 +68,13 @@ class PreprocessSummary:
     shards_reused: int = 0
     images: int = 0
     seconds: float = 0.0
-    processed: dict[str, int] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-    complete: bool = False
+    processed: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> per class
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)  # sources whose dataset is complete
+
+    @property
+    def complete(self) -> bool:
+        return set(self.finished) == set(self.processed)
 
     @property
     def images_per_s(self) -> float:
@@ -76,53 +83,92 @@ class PreprocessSummary:
     def lines(self) -> list[str]:
         out = [
             f"shard {self.shard}: {self.shards_done} of {plural(self.shards_total, 'output shard')} "
-            "done here "
-            f"({self.shards_reused} already done), {self.images} images in {self.seconds:.1f}s "
-            f"({self.images_per_s:.1f} img/s)",
-            f"processed per class {self.processed}; rejected per class {self.rejected}",
+            f"done here ({self.shards_reused} already done), {self.images} images in "
+            f"{self.seconds:.1f}s ({self.images_per_s:.1f} img/s)",
         ]
-        if self.complete:
-            out.append("dataset complete: preprocessed/dataset.json written")
+        for source, processed in self.processed.items():
+            out.append(
+                f"{source}: processed per class {processed}; rejected per class "
+                f"{self.rejected[source]}"
+            )
+        for source in self.finished:
+            out.append(f"dataset complete: preprocessed/{source}/dataset.json written")
         return out
 
 
 def run(
     cfg: PipelineConfig, *, shard: ShardSpec | None = None, workers: int | None = None
 ) -> PreprocessSummary:
-    """Preprocess this process's output shards (skipping verified ones); finish the dataset."""
+    """Preprocess this process's output shards (skipping verified ones); finish the datasets."""
     shard = shard or ShardSpec()
     pre = cfg.preprocess
     layout = DataLayout(cfg.data_root)
     summary = PreprocessSummary(shard=str(shard))
-    generate.require_complete(cfg)
-    n_records = count_manifest(layout)
-    summary.shards_total = -(-n_records // pre.shard_size)
-    mine = sum(1 for k in range(summary.shards_total) if shard.owns(k))
-    layout.preprocessed.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(layout.preprocessed)
+    # 1. the sources, each finished upstream, and every output shard numbered across them
+    sources = _ready_sources(cfg)
+    n_records = {s.name: count_records(s.paths.manifest) for s in sources}
+    counts = {name: -(-n // pre.shard_size) for name, n in n_records.items()}
+    first = dict(zip(counts, itertools.accumulate([0, *counts.values()]), strict=False))
+    summary.shards_total = sum(counts.values())
+    mine = sum(
+        min(pre.shard_size, n - k * pre.shard_size)
+        for name, n in n_records.items()
+        for k in range(counts[name])
+        if shard.owns(first[name] + k)
+    )
+    # 2. every shard this process owns, unless it is already done
     start = time.monotonic()
-    verified: dict[int, ShardMarker] = {}  # shard -> its marker, checked in this run
+    verified: dict[tuple[str, int], ShardMarker] = {}  # checked in this run
     n_workers = workers or pre.workers or os.cpu_count() or 1
     with (
         Decoder(pre, n_workers) as decode,
-        Progress("preprocess", min(mine * pre.shard_size, n_records)) as progress,
+        Progress("preprocess", mine) as progress,
     ):
-        for k, records in _shards(layout, pre):
-            if not shard.owns(k):
-                continue
-            if (reused := _shard_done(layout, k, _input_key(records, pre))) is not None:
-                verified[k] = reused
-                summary.shards_reused += 1
-                progress.update(len(records))
-                continue
-            tasks = [(_input_path(layout, r), r.get("sha256")) for r in records]
-            info = _process_shard(k, records, cfg, _counted(decode(tasks), progress))
-            verified[k] = info
-            summary.shards_done += 1
-            summary.images += info["count"] + len(info["rejects"])
+        for source in sources:
+            prepared = layout.prepared(source.name)
+            prepared.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(prepared.folder)
+            for k, records in _shards(source, pre):
+                if not shard.owns(first[source.name] + k):
+                    continue
+                if (reused := _shard_done(prepared, k, _input_key(records, pre))) is not None:
+                    verified[source.name, k] = reused
+                    summary.shards_reused += 1
+                    progress.update(len(records))
+                    continue
+                tasks = [(_input_path(source, r), r.get("sha256")) for r in records]
+                results = _counted(decode(tasks), progress)
+                info = _process_shard(prepared, k, records, pre, results)
+                verified[source.name, k] = info
+                summary.shards_done += 1
+                summary.images += info["count"] + len(info["rejects"])
     summary.seconds = time.monotonic() - start
-    summary.complete = finish_dataset(cfg, summary, verified)
+    # 3. each source whose every shard is done is finished; the stage's marker says if all are
+    for source in sources:
+        if finish_dataset(cfg, source, summary, verified):
+            summary.finished.append(source.name)
+    keys = ":".join(dataset_key(cfg, s) for s in sources)
+    write_stage_marker(
+        layout.stage_marker("preprocess"), "preprocess", key=hashlib.sha256(keys.encode()).hexdigest(),
+        seconds=summary.seconds, complete=summary.complete, facts={"sources": summary.finished},
+    )  # fmt: skip
     return summary
+
+
+def _ready_sources(cfg: PipelineConfig) -> list[Source]:
+    """Every source, each one checked complete upstream (a clear error if not)."""
+    if cfg.generates:
+        generate.require_complete(cfg)
+    sources = all_sources(cfg)
+    for source in sources:
+        if not source.synthetic:
+            ingest.require_complete(source.paths)
+    if not sources:
+        raise DataError(
+            "nothing to preprocess: this config makes no images (train.sources has no "
+            '"synthetic") and no folder was imported (`synthflux import CONFIG FOLDER --as train`)'
+        )
+    return sources
 
 
 def _counted(results: Iterable[DecodeResult], progress: Progress) -> Iterator[DecodeResult]:
@@ -134,10 +180,10 @@ def _counted(results: Iterable[DecodeResult], progress: Progress) -> Iterator[De
 # --- one shard ---------------------------------------------------------------------------
 
 
-def _shards(
-    layout: DataLayout, pre: PreprocessConfig
-) -> Iterator[tuple[int, list[ManifestRecord]]]:
-    records = iter_manifest(layout)
+def _shards(source: Source, pre: PreprocessConfig) -> Iterator[tuple[int, list[ManifestRecord]]]:
+    """The source's records, mixed (records.mixed_records), cut into shards of shard_size."""
+    hint = "run `synthflux generate` first" if source.synthetic else "import it again"
+    records = mixed_records(source.paths.manifest, hint, salt=source.name)
     for k in itertools.count():
         chunk = list(itertools.islice(records, pre.shard_size))
         if not chunk:
@@ -150,9 +196,9 @@ def _settings(cfg: PreprocessConfig) -> str:
     return cfg.model_dump_json(exclude={"workers"})
 
 
-def dataset_key(cfg: PipelineConfig) -> str:
-    """What the whole dataset was made from: generate's manifest and the settings."""
-    manifest = sha256_file(DataLayout(cfg.data_root).manifest)
+def dataset_key(cfg: PipelineConfig, source: Source) -> str:
+    """What a source's dataset was made from: its manifest and the settings."""
+    manifest = sha256_file(source.paths.manifest)
     return hashlib.sha256(f"{manifest}\n{_settings(cfg.preprocess)}".encode()).hexdigest()
 
 
@@ -164,48 +210,42 @@ def _input_key(records: list[ManifestRecord], cfg: PreprocessConfig) -> str:
     return h.hexdigest()
 
 
-def _shard_done(layout: DataLayout, k: int, key: str) -> ShardMarker | None:
-    info = read_marker(layout.shard_marker(k))
+def _shard_done(prepared: DatasetPaths, k: int, key: str) -> ShardMarker | None:
+    info = read_marker(prepared.marker(k))
     if info is None:
         return None
-    npz = layout.shard(k)
+    npz = prepared.shard(k)
     if info.get("input_key") != key or not npz.is_file() or sha256_file(npz) != info.get("sha256"):
         return None
     return info
 
 
-def _input_path(layout: DataLayout, record: ManifestRecord) -> str | None:
-    """The image's path, or None if the manifest points outside generated/ (never opened)."""
-    path = layout.inside_generated(str(record["file"]))
+def _input_path(source: Source, record: ManifestRecord) -> str | None:
+    """The image's path, or None if the manifest points outside the source (never opened)."""
+    path = source.paths.inside(str(record["file"]))
     return str(path) if path is not None else None
 
 
 def _process_shard(
-    k: int, records: list[ManifestRecord], cfg: PipelineConfig, images: Iterable[DecodeResult]
+    prepared: DatasetPaths,
+    k: int,
+    records: list[ManifestRecord],
+    pre: PreprocessConfig,
+    images: Iterable[DecodeResult],
 ) -> ShardMarker:
     """Stream one shard's decoded rows into shard-k.npz; write its marker last; return it."""
-    pre = cfg.preprocess
-    layout = DataLayout(cfg.data_root)
     rows: list[RowRecord] = []
     rejects: list[RejectRecord] = []
-    npz = layout.shard(k)
-    with ShardWriter(layout.shard_rows(k), (pre.channels, pre.height, pre.width)) as writer:
+    npz = prepared.shard(k)
+    with ShardWriter(prepared.rows(k), (pre.channels, pre.height, pre.width)) as writer:
         for rec, (pixels, reason) in zip(records, images, strict=True):
             if pixels is None:
-                rejects.append(
-                    {
-                        "id": rec["id"],
-                        "file": rec["file"],
-                        "reason": reason or "",
-                        "class": rec["class"],
-                    }
-                )
+                rejects.append({"id": rec["id"], "file": rec["file"], "reason": reason or "",
+                                "class": rec["class"]})  # fmt: skip
                 continue
             writer.append(pixels)
-            rows.append(
-                {"id": rec["id"], "row": len(rows), "label": rec["label"], "class": rec["class"],
-                 "file": rec["file"]}
-            )  # fmt: skip
+            rows.append({"id": rec["id"], "row": len(rows), "label": rec["label"],
+                         "class": rec["class"], "file": rec["file"]})  # fmt: skip
         writer.finish(
             npz,
             labels=np.array([r["label"] for r in rows], np.int64),
@@ -220,7 +260,7 @@ def _process_shard(
         "rows": rows,
         "rejects": rejects,
     }
-    write_json_atomic(layout.shard_marker(k), info)
+    write_json_atomic(prepared.marker(k), info)
     hold_point("shard")
     return info
 
@@ -229,39 +269,46 @@ def _process_shard(
 
 
 def finish_dataset(
-    cfg: PipelineConfig, summary: PreprocessSummary, verified: dict[int, ShardMarker]
+    cfg: PipelineConfig,
+    source: Source,
+    summary: PreprocessSummary,
+    verified: dict[tuple[str, int], ShardMarker],
 ) -> bool:
-    """When every shard has a valid marker, write manifest, rejects, previews, dataset.json."""
-    layout = DataLayout(cfg.data_root)
-    with file_lock(layout.dataset_lock):
-        shards, counts, rejected = _count_shards(cfg, layout, verified)
-        summary.processed, summary.rejected = counts, rejected
+    """When every shard of `source` has a valid marker, write its manifest, rejects, previews
+    and dataset.json; stage.json, last, says from what (complete or not, with timings)."""
+    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    with file_lock(prepared.lock):
+        shards, counts, rejected = _count_shards(cfg, source, verified)
+        summary.processed[source.name], summary.rejected[source.name] = counts, rejected
         if shards is not None:
-            markers = [layout.preprocessed / marker_file(s["file"]) for s in shards]
-            _write_lists(layout, markers)
-            _remove_stale_shards(layout, len(shards))
-            _write_previews(layout, _read_markers(markers), cfg)
-            write_json_atomic(layout.dataset, _dataset_info(cfg, shards, counts, rejected))
-        facts: dict[str, Any] = {"images": sum(counts.values())}
+            markers = [prepared.folder / marker_file(s["file"]) for s in shards]
+            _write_lists(prepared, markers)
+            _remove_stale_shards(prepared, len(shards))
+            _write_previews(prepared, _read_markers(markers), source, cfg)
+            info = _dataset_info(cfg, source, shards, counts, rejected)
+            write_json_atomic(prepared.dataset, info)
+        facts: dict[str, Any] = {"images": sum(counts.values()), "source": source.name}
         if shards is not None:
-            facts["dataset_sha256"] = sha256_file(layout.dataset)
+            facts["dataset_sha256"] = sha256_file(prepared.dataset)
         write_stage_marker(
-            layout, "preprocess", key=dataset_key(cfg), seconds=summary.seconds,
-            complete=shards is not None, facts=facts,
+            prepared.stage_marker, "preprocess", key=dataset_key(cfg, source),
+            seconds=summary.seconds, complete=shards is not None, facts=facts,
         )  # fmt: skip
     return shards is not None
 
 
 def _count_shards(
-    cfg: PipelineConfig, layout: DataLayout, verified: dict[int, ShardMarker]
+    cfg: PipelineConfig, source: Source, verified: dict[tuple[str, int], ShardMarker]
 ) -> tuple[list[ShardEntry] | None, dict[str, int], dict[str, int]]:
     """Every shard's entry and the per-class counts; entries None if a shard is not done."""
+    prepared = DataLayout(cfg.data_root).prepared(source.name)
     counts = {name: 0 for name in cfg.class_names}
     rejected = {name: 0 for name in cfg.class_names}
     shards: list[ShardEntry] = []  # small per-shard facts only: rows stream from the markers
-    for k, records in _shards(layout, cfg.preprocess):
+    for k, records in _shards(source, cfg.preprocess):
         # Shards this run wrote or verified are not hashed a second time.
-        info = verified.get(k) or _shard_done(layout, k, _input_key(records, cfg.preprocess))
+        key = _input_key(records, cfg.preprocess)
+        info = verified.get((source.name, k)) or _shard_done(prepared, k, key)
         if info is None:
             return None, counts, rejected
         for r in info["rows"]:
@@ -272,11 +319,11 @@ def _count_shards(
     return shards, counts, rejected
 
 
-def _write_lists(layout: DataLayout, markers: list[Path]) -> None:
+def _write_lists(prepared: DatasetPaths, markers: list[Path]) -> None:
     """manifest.jsonl and rejects.jsonl in one pass over the markers (they hold every row)."""
     with (
-        atomic_write(layout.preprocessed_manifest, "w") as manifest,
-        atomic_write(layout.rejects, "w") as rejects,
+        atomic_write(prepared.manifest, "w") as manifest,
+        atomic_write(prepared.rejects, "w") as rejects,
     ):
         for info in _read_markers(markers):
             for r in info["rows"]:
@@ -285,20 +332,26 @@ def _write_lists(layout: DataLayout, markers: list[Path]) -> None:
                 rejects.write(json.dumps(j, sort_keys=True) + "\n")
 
 
-def _remove_stale_shards(layout: DataLayout, n_shards: int) -> None:
+def _remove_stale_shards(prepared: DatasetPaths, n_shards: int) -> None:
     """Shards left from a larger earlier dataset."""
-    for stale in layout.preprocessed.glob("shard-[0-9]*.npz"):
+    for stale in prepared.folder.glob("shard-[0-9]*.npz"):
         k = shard_index(stale.name)
         if k is not None and k >= n_shards:
             stale.unlink()
-            (layout.preprocessed / marker_file(stale.name)).unlink(missing_ok=True)
+            (prepared.folder / marker_file(stale.name)).unlink(missing_ok=True)
 
 
 def _dataset_info(
-    cfg: PipelineConfig, shards: list[ShardEntry], counts: dict[str, int], rejected: dict[str, int]
+    cfg: PipelineConfig,
+    source: Source,
+    shards: list[ShardEntry],
+    counts: dict[str, int],
+    rejected: dict[str, int],
 ) -> DatasetInfo:
     pre = cfg.preprocess
     return {
+        "source": source.name,
+        "split": source.split,
         "layout": LAYOUT,
         "order": "fortran",
         "dtype": "float32",
@@ -328,22 +381,24 @@ def _read_markers(markers: list[Path]) -> Iterator[ShardMarker]:
         yield info
 
 
-def _write_previews(layout: DataLayout, infos: Iterable[ShardMarker], cfg: PipelineConfig) -> None:
+def _write_previews(
+    prepared: DatasetPaths, infos: Iterable[ShardMarker], source: Source, cfg: PipelineConfig
+) -> None:
     """A few images per class as the model sees them (images.preview), decoded again from the
-    source PNGs, which keeps memory flat: no shard is loaded whole."""
-    layout.previews.mkdir(exist_ok=True)
+    source files, which keeps memory flat: no shard is loaded whole."""
+    prepared.previews.mkdir(exist_ok=True)
     written = set()
     for r in _preview_rows(infos, cfg.class_names):
         try:
-            im = preview(layout.inside_generated(r["file"]) or Path(), cfg.preprocess)
+            im = preview(source.paths.inside(r["file"]) or Path(), cfg.preprocess)
         except Rejected as e:  # the source changed since its shard was made: skip it
             log.warning("preprocess: no preview for %s: %s", r["file"], e)
             continue
-        path = layout.preview(r["class"], r["id"])
+        path = prepared.preview(r["class"], r["id"])
         with atomic_write(path) as f:
             im.save(f, format="PNG")
         written.add(path)
-    for old in layout.previews.glob("*.png"):  # of images no longer in the dataset
+    for old in prepared.previews.glob("*.png"):  # of images no longer in the dataset
         if old not in written:
             old.unlink()
 
@@ -363,48 +418,52 @@ def _preview_rows(infos: Iterable[ShardMarker], classes: list[str]) -> Iterator[
 # --- done-ness ----------------------------------------------------------------------------
 
 
-def shard_states(cfg: PipelineConfig) -> Iterator[tuple[int, ShardMarker | None]]:
-    """Each output shard k with its verified done marker, or None if it is not done (yet)."""
-    layout = DataLayout(cfg.data_root)
-    for k, records in _shards(layout, cfg.preprocess):
-        yield k, _shard_done(layout, k, _input_key(records, cfg.preprocess))
+def shard_states(cfg: PipelineConfig, source: Source) -> Iterator[tuple[int, ShardMarker | None]]:
+    """Each output shard k of `source` with its verified done marker, or None if not done."""
+    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    for k, records in _shards(source, cfg.preprocess):
+        yield k, _shard_done(prepared, k, _input_key(records, cfg.preprocess))
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
-    """Output shards done per task of n; complete once dataset.json lists exactly them and was
-    made from the current manifest and settings."""
-    layout = DataLayout(cfg.data_root)
+    """Output shards done per task of n (numbered across sources); complete once every
+    source's dataset.json lists exactly them and was made from its current manifest."""
     shards = [ShardState(i, 0, 0) for i in range(n)]
-    done_files: list[tuple[str, str]] = []
-    for k, info in shard_states(cfg):
-        task = shards[k % n]
-        task.total += 1
-        if info is not None:
-            task.done += 1
-            done_files.append((info["file"], info["sha256"]))
-    try:
-        require_complete(cfg)
-        listed = [(s["file"], s["sha256"]) for s in read_dataset(layout)["shards"]]
-    except (DataError, KeyError, TypeError):
-        listed = None
+    complete, g = True, 0
+    for source in all_sources(cfg):
+        done_files: list[tuple[str, str]] = []
+        for _, info in shard_states(cfg, source):
+            task = shards[g % n]
+            task.total, g = task.total + 1, g + 1
+            if info is not None:
+                task.done += 1
+                done_files.append((info["file"], info["sha256"]))
+        try:
+            listed = [(s["file"], s["sha256"]) for s in require_complete(cfg, source)["shards"]]
+        except (DataError, KeyError, TypeError):
+            listed = None
+        complete = complete and listed == done_files
     shards_done = all(s.complete for s in shards)
-    complete = shards_done and listed == done_files
     note = "" if complete or not shards_done else "dataset.json not written yet"
-    return StageState("preprocess", shards, complete, note)
+    return StageState("preprocess", shards, complete and shards_done, note)
 
 
-def require_complete(cfg: PipelineConfig) -> None:
-    """For the stages after preprocess: a clear error unless dataset.json is finished and was
-    made from the current manifest with the current settings."""
-    layout = DataLayout(cfg.data_root)
-    read_dataset(layout)  # its own clear error when missing
-    marker = read_stage_marker(layout.stage_marker("preprocess"))
-    fresh = marker is not None and marker.get("complete") and marker.get("key") == dataset_key(cfg)
-    if not fresh or marker is None or marker.get("dataset_sha256") != sha256_file(layout.dataset):
+def require_complete(cfg: PipelineConfig, source: Source) -> DatasetInfo:
+    """For the stages after preprocess: `source`'s dataset.json, or a clear error unless it is
+    finished and was made from the source's current manifest with the current settings."""
+    from synthflux.contracts import read_dataset
+
+    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    info = read_dataset(prepared)  # its own clear error when missing
+    marker = read_stage_marker(prepared.stage_marker)
+    key = dataset_key(cfg, source) if source.paths.manifest.is_file() else None
+    fresh = marker is not None and marker.get("complete") and marker.get("key") == key
+    if not fresh or marker is None or marker.get("dataset_sha256") != sha256_file(prepared.dataset):
         raise DataError(
-            f"{layout.dataset} is not the dataset of the current manifest and [preprocess] "
-            "settings: run `synthflux preprocess`"
+            f"{prepared.dataset} is not the dataset of {source.name!r}'s current manifest and "
+            "[preprocess] settings: run `synthflux preprocess`"
         )
+    return info
 
 
 STAGE = Stage(

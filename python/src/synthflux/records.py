@@ -13,6 +13,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict, cast
 
 import numpy as np
@@ -54,6 +55,11 @@ ManifestRecord = TypedDict(
         "flagged_seeds": list[int],
         "status": str,  # "ok" or "dropped" (flagged by the safety checker on every attempt)
         "sha256": str | None,  # of the PNG file; None when dropped
+        # Imported (real) images: no prompt or seed, but where they came from.
+        "source": str,  # "real"
+        "original": str,  # the file imported
+        "original_size": int,
+        "original_mtime_ns": int,
     },
     total=False,
 )
@@ -280,29 +286,63 @@ def merge_manifest(
 
 def iter_manifest(layout: DataLayout) -> Iterator[ManifestRecord]:
     """The generation manifest, streamed; a clear error if generate never ran or a line is bad."""
-    path = layout.manifest
     if not layout.root.is_dir():
         raise DataError(f"data root {layout.root} does not exist: run `synthflux generate` first")
+    return iter_records(layout.manifest, "run `synthflux generate` first")
+
+
+def iter_records(path: Path, missing: str) -> Iterator[ManifestRecord]:
+    """Any source's manifest, streamed; `missing` says what to do when there is none."""
     if not path.is_file():
-        raise DataError(f"{path} not found: run `synthflux generate` first")
+        raise DataError(f"{path} not found: {missing}")
+    return _records(path)
+
+
+def _records(path: Path) -> Iterator[ManifestRecord]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                _ = rec["id"], rec["file"], rec["label"], rec["class"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: malformed record ({e})") from None
-            yield cast(ManifestRecord, rec)
+            if line.strip():
+                yield _parse(path, lineno, line)
+
+
+def _parse(path: Path, lineno: int, line: str | bytes) -> ManifestRecord:
+    try:
+        rec = json.loads(line)
+        _ = rec["id"], rec["file"], rec["label"], rec["class"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}:{lineno}: malformed record ({e})") from None
+    return cast(ManifestRecord, rec)
+
+
+def mixed_records(path: Path, missing: str, salt: str) -> Iterator[ManifestRecord]:
+    """A manifest's records in a mixed order: by a hash of (salt, id), not class by class.
+
+    A manifest lists each class's images together; shards cut from it in that order would
+    each hold one class, and training, which keeps one shard in memory at a time, would see
+    batches of one class. Only the (hash, offset) of every line is held; records are read
+    back one at a time.
+    """
+    if not path.is_file():
+        raise DataError(f"{path} not found: {missing}")
+    keys = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(iter(f.readline, b""), 1):
+            if line.strip():
+                image_id = _parse(path, lineno, line)["id"]
+                digest = hashlib.sha256(f"{salt}:{image_id}".encode()).digest()[:8]
+                keys.append((digest, f.tell() - len(line), lineno))
+    keys.sort()
+    with open(path, "rb") as f:
+        for _, offset, lineno in keys:
+            f.seek(offset)
+            yield _parse(path, lineno, f.readline())
 
 
 def read_manifest(layout: DataLayout) -> list[ManifestRecord]:
     return list(iter_manifest(layout))
 
 
-def count_manifest(layout: DataLayout) -> int:
+def count_records(path: Path) -> int:
     """Manifest lines, counted without parsing them (the full parse streams later)."""
-    next(iter_manifest(layout), None)  # the clear errors for a missing data root / manifest
-    with open(layout.manifest, "rb") as f:
+    with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())

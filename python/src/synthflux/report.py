@@ -1,14 +1,16 @@
-"""`synthflux report`: a self-contained HTML page and a contact-sheet PNG of a classified run.
+"""`synthflux report`: a self-contained HTML page and pictures of a trained and evaluated run.
 
-A person would rather look than read a CSV: thumbnails grouped by class, each with its prompt,
-seed and predicted probabilities, and the confusion matrix. Reads DATA/predictions/
-(predictions.csv, summary.json) and the generated PNGs; writes DATA/report/.
+A person would rather look than read a CSV: the learning curves, each split's scores and
+confusion matrix, the real test images the model got wrong, and thumbnails by class with
+prompt, seed and probabilities. Reads DATA/predictions/, DATA/evaluation/ and
+DATA/training/run/metrics.jsonl (each when there); writes DATA/report/ (or --out).
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import json
@@ -19,15 +21,18 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageOps
 
+from synthflux import plots
 from synthflux.config import PipelineConfig
 from synthflux.drawing import Writer
 from synthflux.errors import DataError
-from synthflux.layout import DataLayout
+from synthflux.layout import SYNTHETIC, DataLayout
 from synthflux.progress import plural
-from synthflux.storage import atomic_write, write_bytes_atomic
+from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.storage import atomic_write, sha256_file, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
 CAPTION_LINES = 6
+MISTAKES = 48  # at most this many wrongly classified test images are shown
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,41 @@ class Report:
     contact_sheet: Path
     shown: int
     total: int
+    pictures: list[Path]
 
 
-def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
+def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = None) -> Report:
+    """Write index.html, contact-sheet.png and the plots for up to `per_class` images a class."""
     layout = DataLayout(cfg.data_root)
+    out = out or layout.report  # elsewhere, for a read-only data root
+    summary, rows = _load(layout)
+    evaluation, eval_rows = _load_evaluation(layout)
+    epochs = _load_metrics(layout)
+    classes: list[str] = summary["classes"]
+    # 1. thumbnails by class, of the synthetic images (else the first source's)
+    first = next((r["source"] for r in rows if r["source"] == SYNTHETIC), rows[0]["source"])
+    picked = {c: [r for r in rows if r["source"] == first and r["class"] == c][:per_class]
+              for c in classes}  # fmt: skip
+    thumbs = {(r["source"], r["id"]): _thumbnail(layout, r) for g in picked.values() for r in g}
+    sheet_path = out / "contact-sheet.png"
+    write_bytes_atomic(sheet_path, _png(_contact_sheet(picked, thumbs, classes, summary)))
+    # 2. the plots; 3. the test images the model got wrong
+    pictures = _plots(out, classes, evaluation, epochs)
+    wrong = [r for r in eval_rows if r["kind"] == "test" and r["correct"] == "0"][:MISTAKES]
+    thumbs |= {(r["source"], r["id"]): _thumbnail(layout, r) for r in wrong}
+    # 4. the page, everything in it
+    page = _html(picked, thumbs, classes, summary, evaluation, epochs, pictures, wrong)
+    html_path = out / "index.html"
+    with atomic_write(html_path, "w") as f:
+        f.write(page)
+    shown = sum(len(g) for g in picked.values())
+    return Report(html_path, sheet_path, shown, len(rows), list(pictures.values()))
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def _load(layout: DataLayout) -> tuple[dict[str, Any], list[dict[str, str]]]:
     pred = layout.predictions
     summary_path, csv_path = layout.summary, layout.predictions_csv
     if not summary_path.is_file() or not csv_path.is_file():
@@ -51,7 +87,7 @@ def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
         with open(csv_path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
-        wanted = {"id", "name", "class", "prompt", "seed", "file", "predicted"}
+        wanted = {"id", "source", "name", "class", "prompt", "seed", "file", "predicted"}
         wanted |= {f"p_{c}" for c in summary["classes"]}
         missing = wanted - set(reader.fieldnames or [])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -62,13 +98,41 @@ def _load(cfg: PipelineConfig) -> tuple[dict[str, Any], list[dict[str, str]]]:
         raise DataError(
             f"{csv_path} lacks columns {sorted(missing)} (another config?); re-run `synthflux classify`"
         )
+    if not rows:
+        raise DataError(f"{csv_path} has no predictions: re-run `synthflux classify`")
     return summary, rows
 
 
-def _thumbnail(cfg: PipelineConfig, row: dict[str, str]) -> Image.Image:
-    path = DataLayout(cfg.data_root).inside_generated(row["file"])
+def _load_evaluation(layout: DataLayout) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    """evaluation/summary.json and its rows (each with its split's kind), if evaluate ran."""
     try:
-        if path is None:  # never open a path outside generated/
+        evaluation = json.loads(layout.evaluation_summary.read_text(encoding="utf-8"))
+        with open(layout.evaluation_csv, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return None, []
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{layout.evaluation}: unreadable ({e}); re-run `synthflux evaluate`"
+        ) from None
+    kinds = {name: s.get("kind") for name, s in evaluation.get("splits", {}).items()}
+    for r in rows:
+        r["kind"] = kinds.get(r["split"], "")
+    return evaluation, rows
+
+
+def _load_metrics(layout: DataLayout) -> list[dict[str, Any]]:
+    path = layout.training_run / "metrics.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _thumbnail(layout: DataLayout, row: dict[str, str]) -> Image.Image:
+    path = layout.source(row.get("source") or SYNTHETIC).inside(row["file"])
+    try:
+        if path is None:  # never open a path outside the source's folder
             raise ValueError(row["file"])
         with Image.open(path) as im:
             # contain() also enlarges: tiny-model images are 32 px; keep their pixels sharp.
@@ -81,28 +145,47 @@ def _probabilities(row: dict[str, str], classes: list[str]) -> str:
     return " ".join(f"{c}={float(row[f'p_{c}']):.2f}" for c in classes)
 
 
-def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = None) -> Report:
-    """Write DATA/report/index.html and contact-sheet.png for up to `per_class` images a class."""
-    summary, rows = _load(cfg)
-    classes: list[str] = summary["classes"]
-    picked = {c: [r for r in rows if r["class"] == c][:per_class] for c in classes}
-    out = out or DataLayout(cfg.data_root).report  # elsewhere, for a read-only data root
-    thumbs = {r["id"]: _thumbnail(cfg, r) for group in picked.values() for r in group}
-    sheet = _contact_sheet(picked, thumbs, classes, summary)
-    sheet_path = out / "contact-sheet.png"
+# --- pictures ---------------------------------------------------------------------------------
+
+
+def _png(im: Image.Image) -> bytes:
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    write_bytes_atomic(sheet_path, buf.getvalue())
-    html_path = out / "index.html"
-    with atomic_write(html_path, "w") as f:
-        f.write(_html(picked, thumbs, classes, summary))
-    shown = sum(len(g) for g in picked.values())
-    return Report(html_path, sheet_path, shown, len(rows))
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _plots(
+    out: Path, classes: list[str], evaluation: dict[str, Any] | None, epochs: list[dict[str, Any]]
+) -> dict[str, Path]:
+    """learning-curves.png and confusion-<split>.png, by what they show."""
+    pictures: dict[str, Path] = {}
+    if epochs:
+        best = _kept_epoch(epochs)
+        pictures["learning curves"] = out / "learning-curves.png"
+        write_bytes_atomic(pictures["learning curves"], plots.learning_curves(epochs, best))
+    for name, split in (evaluation or {}).get("splits", {}).items():
+        path = out / f"confusion-{name}.png"
+        title = (
+            f"{name}: accuracy {split['accuracy']:.3f}"
+            if split.get("accuracy") is not None
+            else name
+        )
+        write_bytes_atomic(path, plots.confusion_matrix(split["confusion_matrix"]["matrix"],
+                                                        classes, title))  # fmt: skip
+        pictures[name] = path
+    return pictures
+
+
+def _kept_epoch(epochs: list[dict[str, Any]]) -> int:
+    scored = [e for e in epochs if e.get("val_loss") is not None]
+    if not scored:
+        return int(epochs[-1]["epoch"])
+    return int(min(scored, key=lambda e: (e["val_loss"], e["epoch"]))["epoch"])
 
 
 def _contact_sheet(
     picked: dict[str, list[dict[str, str]]],
-    thumbs: dict[str, Image.Image],
+    thumbs: dict[tuple[str, str], Image.Image],
     classes: list[str],
     summary: dict[str, Any],
 ) -> Image.Image:
@@ -120,7 +203,7 @@ def _contact_sheet(
         for i, row in enumerate(picked[c]):
             x0, y0 = 8 + (i % cols) * cell_w, y + header_h + (i // cols) * cell_h
             right = row["predicted"] == row["class"]
-            sheet.paste(thumbs[row["id"]], (x0, y0))
+            sheet.paste(thumbs[row["source"], row["id"]], (x0, y0))
             write.draw.rectangle(
                 (x0 - 2, y0 - 2, x0 + THUMB + 1, y0 + THUMB + 1),
                 outline="green" if right else "red",
@@ -140,7 +223,7 @@ def _draw_matrix(
 ) -> None:
     """The confusion matrix as a table: every cell right-aligned in its column."""
     x, y = at
-    write.text((x, y), "confusion matrix (rows: prompt class, columns: predicted)")
+    write.text((x, y), "confusion matrix (rows: true class, columns: predicted)")
     names = [c[:12] for c in classes]
     first = max(write.length(n) for n in names) + 12
     width = max(max(write.length(n) for n in names), write.length("0000")) + 12
@@ -152,62 +235,152 @@ def _draw_matrix(
             write.right(x + first + (j + 1) * width, y + 32 + i * 16, str(value))
 
 
+# --- the page ---------------------------------------------------------------------------------
+
+
 def _timing(stage: str, t: dict[str, Any]) -> str:
     """The result's cost, and this run's when it differs (a resumed or skipped run)."""
-    result, run = t.get("result_seconds", t.get("seconds", 0.0)), t.get("seconds", 0.0)
+    result = t.get("result_seconds", t.get("seconds", t.get("classifier_seconds", 0.0)))
+    run = t.get("seconds", result)
     return f"{stage} {result:.1f}s" + (f" ({run:.1f}s in the last run)" if run != result else "")
 
 
-def _data_uri(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def _data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _card(r: dict[str, str], thumb: Image.Image, classes: list[str], wrong_only: bool) -> str:
+    e = html.escape
+    ok = "ok" if r["predicted"] == r["class"] else "wrong"
+    detail = (f"true <b>{e(r['class'])}</b>, predicted <b>{e(r['predicted'])}</b><br>{e(r['file'])}"
+              if wrong_only else
+              f"seed {e(r['seed'])}<br>{e(_probabilities(r, classes))}<br>predicted "
+              f"<b>{e(r['predicted'])}</b><br><i>{e(r['prompt'])}</i>")  # fmt: skip
+    return (f'<figure class="{ok}"><img src="{_data_uri(_png(thumb))}" alt="{e(r["name"])}">'
+            f"<figcaption><b>#{e(r['id'])}</b> {detail}</figcaption></figure>")  # fmt: skip
+
+
+def _evaluation_html(evaluation: dict[str, Any] | None, pictures: dict[str, Path]) -> str:
+    if not evaluation:
+        return "<p>Not evaluated yet (<code>synthflux evaluate</code>).</p>"
+    e = html.escape
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = "".join(
+        f"<tr><th>{e(name)}</th><td>{e(', '.join(s['sources']))}</td><td>{s['images']}</td>"
+        f"<td>{fmt(s['accuracy'])}</td><td>{fmt(s['macro']['f1'])}</td></tr>"
+        for name, s in evaluation["splits"].items()
+    )
+    parts = [f"<table><tr><th>split</th><th>sources</th><th>images</th><th>accuracy</th>"
+             f"<th>macro F1</th></tr>{rows}</table>"]  # fmt: skip
+    for name, s in evaluation["splits"].items():
+        cells = "".join(
+            f"<tr><th>{e(c)}</th><td>{fmt(v['precision'])}</td><td>{fmt(v['recall'])}</td>"
+            f"<td>{fmt(v['f1'])}</td><td>{v['support']}</td></tr>"
+            for c, v in s["per_class"].items()
+        )
+        image = f'<img class="plot" src="{_data_uri(pictures[name].read_bytes())}" alt="{e(name)}">'
+        parts.append(f"<h3>{e(name)}</h3><div class='pair'>{image}<table><tr><th>class</th>"
+                     f"<th>precision</th><th>recall</th><th>F1</th><th>images</th></tr>{cells}"
+                     "</table></div>")  # fmt: skip
+    parts += [f"<p><i>{e(note)}</i></p>" for note in evaluation.get("notes", [])]
+    return "".join(parts)
 
 
 def _html(
     picked: dict[str, list[dict[str, str]]],
-    thumbs: dict[str, Image.Image],
+    thumbs: dict[tuple[str, str], Image.Image],
     classes: list[str],
     summary: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    epochs: list[dict[str, Any]],
+    pictures: dict[str, Path],
+    wrong: list[dict[str, str]],
 ) -> str:
     e = html.escape
-    matrix = summary["confusion_matrix"]["matrix"]
-    head = "".join(f"<th>{e(c)}</th>" for c in classes)
-    body = "".join(
-        f"<tr><th>{e(c)}</th>" + "".join(f"<td>{v}</td>" for v in matrix[i]) + "</tr>"
-        for i, c in enumerate(classes)
-    )
     timings = ", ".join(_timing(stage, t) for stage, t in summary.get("timings", {}).items())
+    curves = (f'<img class="plot" src="{_data_uri(pictures["learning curves"].read_bytes())}" '
+              f'alt="learning curves"><p>{len(epochs)} epochs; the kept weights are epoch '
+              f"{_kept_epoch(epochs)}'s.</p>" if epochs else "<p>No training metrics.</p>")  # fmt: skip
+    mistakes = "".join(_card(r, thumbs[r["source"], r["id"]], classes, True) for r in wrong)
     sections = []
     for c in classes:
-        cards = []
-        for r in picked[c]:
-            ok = "ok" if r["predicted"] == r["class"] else "wrong"
-            cards.append(
-                f'<figure class="{ok}"><img src="{_data_uri(thumbs[r["id"]])}" alt="{e(r["name"])}">'
-                f"<figcaption><b>#{e(r['id'])}</b> seed {e(r['seed'])}<br>{e(_probabilities(r, classes))}"
-                f"<br>predicted <b>{e(r['predicted'])}</b><br><i>{e(r['prompt'])}</i></figcaption></figure>"
-            )
+        cards = "".join(_card(r, thumbs[r["source"], r["id"]], classes, False) for r in picked[c])
         sections.append(
-            f"<h2>{e(c)} <small>({plural(summary['counts'].get(c, 0), 'image')}, showing {len(picked[c])})</small></h2>"
-            f'<div class="grid">{"".join(cards)}</div>'
+            f"<h3>{e(c)} <small>({plural(summary['counts'].get(c, 0), 'image')}, showing "
+            f'{len(picked[c])})</small></h3><div class="grid" data-class="{e(c)}">{cards}</div>'
         )
+    accuracy = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>synthflux report</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #aaa; padding: .3em .8em; text-align: right; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-figure {{ width: {THUMB + 40}px; margin: 0; font-size: 12px; border: 3px solid #ccc; padding: 4px; }}
+table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #aaa; padding: .3em .8em; text-align: right; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }} .pair {{ display: flex; gap: 2em; align-items: flex-start; }}
+figure {{ width: {THUMB + 40}px; margin: 0; font-size: 12px; border: 3px solid #ccc; padding: 4px; overflow-wrap: anywhere; }}
 figure.ok {{ border-color: #3a3; }} figure.wrong {{ border-color: #c33; }}
-img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-rendering: pixelated; }}
+figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-rendering: pixelated; }}
+img.plot {{ max-width: 100%; }}
 </style></head><body>
 <h1>synthflux report</h1>
-<p>{plural(summary["images"], "image")} in {plural(summary["shards"], "shard")}; accuracy against the prompt labels
-<b>{"n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"}</b> ({summary["correct"]}/{summary["images"]}); backend {e(str(summary.get("backend")))};
-timings: {e(timings)}.</p>
-<h2>Confusion matrix</h2>
-<table><tr><th>prompt \\ predicted</th>{head}</tr>{body}</table>
+<p>{plural(summary["images"], "image")} in {plural(summary["shards"], "shard")} classified with
+backend {e(str(summary.get("backend")))}: accuracy against their labels <b>{accuracy}</b>
+({summary["correct"]}/{summary["images"]}); timings: {e(timings)}.</p>
+<h2>Training</h2>{curves}
+<h2>Evaluation</h2>{_evaluation_html(evaluation, pictures)}
+<h2>Test images it got wrong <small>({len(wrong)} shown)</small></h2>
+<div class="grid" id="mistakes">{mistakes or "<p>None (or no test set).</p>"}</div>
+<h2>Predictions by class</h2>
 {"".join(sections)}
 </body></html>
 """
+
+
+# --- as the pipeline's last stage -------------------------------------------------------------
+
+
+@dataclass
+class ReportSummary:
+    report: Report
+    complete: bool = True
+
+    def lines(self) -> list[str]:
+        r = self.report
+        return [f"{r.shown} of {r.total} images shown", f"  {r.html}", f"  {r.contact_sheet}"]
+
+
+def run(cfg: PipelineConfig, *, per_class: int = 24, out: Path | None = None) -> ReportSummary:
+    """Build the report; stage.json says from which predictions and evaluation."""
+    report = build_report(cfg, per_class=per_class, out=out)
+    layout = DataLayout(cfg.data_root)
+    if out is None:
+        write_stage_marker(
+            layout.stage_marker("report"), "report", key=inputs_key(cfg), seconds=0.0,
+            complete=True, facts={"outputs": {p.name: sha256_file(p) for p in
+                                              [report.html, report.contact_sheet, *report.pictures]}},
+        )  # fmt: skip
+    return ReportSummary(report)
+
+
+def inputs_key(cfg: PipelineConfig) -> str:
+    layout = DataLayout(cfg.data_root)
+    markers = {s: (read_stage_marker(layout.stage_marker(s)) or {}).get("key")
+               for s in ("train", "classify", "evaluate")}  # fmt: skip
+    return hashlib.sha256(json.dumps(markers, sort_keys=True).encode()).hexdigest()
+
+
+def state(cfg: PipelineConfig, n: int) -> StageState:
+    layout = DataLayout(cfg.data_root)
+    marker = read_stage_marker(layout.stage_marker("report")) or {}
+    outputs = marker.get("outputs", {})
+    try:
+        complete = marker.get("key") == inputs_key(cfg) and all(
+            sha256_file(layout.report / name) == digest for name, digest in outputs.items()
+        )
+    except OSError:
+        complete = False
+    return StageState("report", [ShardState(0, int(complete), 1)], complete)
+
+
+STAGE = Stage(
+    "report", run, state, sharded=False, resumes=False, unit="reports", product="report pages"
+)

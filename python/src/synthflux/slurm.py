@@ -1,10 +1,15 @@
 """`synthflux submit`: the pipeline as Slurm job arrays, one job per stage (pipeline.STAGES).
 
-`synthflux submit CONFIG --shards N` submits three jobs, each waiting for the previous one:
+`synthflux submit CONFIG --shards N` submits one job per stage, each waiting for the previous:
 
     generate    array 0..N-1, task i runs `synthflux generate CONFIG --data DATA --shard i/N`
     preprocess  array 0..N-1, task i runs `synthflux preprocess ... --shard i/N`   (afterok)
-    classify    one job running `synthflux classify CONFIG --data DATA`              (afterok)
+    train       one job running `synthflux train CONFIG --data DATA`             (afterok)
+    classify    one job running `synthflux classify CONFIG --data DATA`          (afterok)
+    evaluate    one job running `synthflux evaluate CONFIG --data DATA`          (afterok)
+
+generate is left out for a config that trains on real images only; generate and train get
+--gpus-per-task; train, classify and evaluate get --classify-backend (where the CNN runs).
 
 `synthflux status CONFIG` (synthflux.status) reads completion from the files the stages write,
 never from the scheduler, and `submit --resubmit-failed` resubmits exactly the shards status
@@ -45,6 +50,10 @@ from synthflux.storage import write_json_atomic
 log = logging.getLogger("synthflux")
 
 APPTAINER = "apptainer"  # the --classify-backend handled here (classify sees "local")
+
+
+CNN_STAGES = ("train", "classify", "evaluate")  # they run the CNN: --classify-backend is theirs
+GPU_STAGES = tuple(st.name for st in STAGES if st.uses_gpu)  # they get --gpus-per-task
 
 
 class _Template(string.Template):
@@ -140,7 +149,7 @@ def _command(stage: str, paths: Paths, opts: SubmitOptions) -> str:
     backend = opts.classify_backend
     if backend == APPTAINER:
         backend = "local"  # `julia` on PATH is the apptainer shim written beside the script
-    return cmd + (f" --backend {q(backend)}" if backend else "")
+    return cmd + (f" --backend {q(backend)}" if backend and stage in CNN_STAGES else "")
 
 
 def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int] | None) -> str:
@@ -165,11 +174,11 @@ def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int
         directives.append(f"--time={opts.time}")
     if opts.cpus_per_task:
         directives.append(f"--cpus-per-task={opts.cpus_per_task}")
-    if stage == "generate" and opts.gpus_per_task:
+    if stage in GPU_STAGES and opts.gpus_per_task:
         directives.append(f"--gpus-per-task={opts.gpus_per_task}")
     directives.extend(opts.sbatch_options)
     setup = ""
-    if stage == "classify" and opts.classify_backend == APPTAINER:
+    if stage in CNN_STAGES and opts.classify_backend == APPTAINER:
         setup = f"export PATH={shlex.quote(str(paths.slurm / 'bin'))}:$PATH\n"
     return _template("slurm-job.sbatch").substitute(
         stage=stage,
@@ -238,8 +247,9 @@ class Plan:
     tasks: dict[str, list[int] | None]
 
     @classmethod
-    def full(cls, shards: int) -> Plan:
-        return cls({st.name: list(range(shards)) if st.sharded else None for st in STAGES})
+    def full(cls, cfg: PipelineConfig, shards: int) -> Plan:
+        return cls({st.name: list(range(shards)) if st.sharded else None
+                    for st in STAGES if st.applies(cfg)})  # fmt: skip
 
     @classmethod
     def failed(cls, status: Status) -> Plan:
@@ -252,6 +262,8 @@ class Plan:
         tasks: dict[str, list[int] | None] = {}
         for st in STAGES:
             state = status.stages[st.name]
+            if not state.needed:
+                continue
             if tasks:
                 tasks[st.name] = list(range(status.shards)) if st.sharded else None
             elif not state.complete:
@@ -285,7 +297,7 @@ def dry_run(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[str]:
         out.append(f"# sbatch --parsable{dep} {script}")
         out.append(text.rstrip("\n"))
         prev = stage
-    if opts.classify_backend == APPTAINER and "classify" in plan.tasks:
+    if opts.classify_backend == APPTAINER and set(CNN_STAGES) & set(plan.tasks):
         out.append(f"# {paths.slurm / 'bin' / 'julia'} (the classify job's `julia`)")
         out.append(render_apptainer_shim(opts.sif or "").rstrip("\n"))
     return out
@@ -294,7 +306,7 @@ def dry_run(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[str]:
 def submit(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[Submitted]:
     """Write the scripts to DATA/slurm/ and submit them, each stage after the previous one."""
     paths.slurm.mkdir(parents=True, exist_ok=True)
-    if opts.classify_backend == APPTAINER and "classify" in plan.tasks:
+    if opts.classify_backend == APPTAINER and set(CNN_STAGES) & set(plan.tasks):
         shim = paths.slurm / "bin" / "julia"
         shim.parent.mkdir(exist_ok=True)
         shim.write_text(render_apptainer_shim(opts.sif or ""))
@@ -348,7 +360,7 @@ def plan_submission(
         raise SubmitError(
             "--shards N is required (or --resubmit-failed to repeat the last submission)"
         )
-    return Plan.full(given["shards"]), paths, SubmitOptions.from_json(given), None
+    return Plan.full(cfg, given["shards"]), paths, SubmitOptions.from_json(given), None
 
 
 def check_not_running(data: Path) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from synthflux.config import PipelineConfig
-from synthflux.layout import DataLayout
 from synthflux.storage import write_json_atomic
 
 
@@ -47,6 +46,7 @@ class StageState:
     complete: bool
     note: str = ""
     waiting: bool = False  # the stage before is incomplete, so this one's shards are unknown
+    needed: bool = True  # False: the config does not use this stage (it counts as complete)
 
     def incomplete(self) -> list[int]:
         return [s.index for s in self.shards if not s.complete]
@@ -75,6 +75,9 @@ class Stage:
     resumes: bool
     unit: str  # what state() counts: "images", "output shards"
     product: str  # what it makes, for a person: "images", "predictions"
+    applies: Callable[[PipelineConfig], bool] = lambda cfg: True  # e.g. generate: not needed
+    # for a config that trains on real images only
+    uses_gpu: bool = False  # on a cluster, its tasks get --gpus-per-task
 
 
 # --- stage.json: a stage's done marker and its timings --------------------------------------
@@ -89,7 +92,7 @@ def read_stage_marker(path: Path) -> dict[str, Any] | None:
 
 
 def write_stage_marker(
-    layout: DataLayout,
+    path: Path,
     stage: str,
     *,
     key: str,
@@ -100,7 +103,6 @@ def write_stage_marker(
     """Write stage.json: what the result was made from (`key`), whether it is complete, and
     two timings: this run's, and the result's (every run's seconds since `key` last changed,
     so a resumed or sharded result still says what it cost)."""
-    path = layout.stage_marker(stage)
     previous = read_stage_marker(path) or {}
     carried = previous.get("result_seconds", 0.0) if previous.get("key") == key else 0.0
     marker = {

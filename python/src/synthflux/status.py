@@ -33,6 +33,9 @@ class Status:
             if state.waiting:
                 out.append(f"{head} waiting for the stage before it")
                 continue
+            if not state.needed:
+                out.append(f"{st.name:<11} not needed by this config")
+                continue
             if st.sharded:
                 head += f" {sum(s.complete for s in state.shards)}/{len(state.shards)} tasks done"
             out.append((head + (f"  ({state.note})" if state.note else "")).rstrip())
@@ -51,6 +54,7 @@ class Status:
                     "complete": st.complete,
                     "note": st.note,
                     "waiting": st.waiting,
+                    "needed": st.needed,
                     "incomplete": st.incomplete(),
                     "shards": [asdict(s) for s in st.shards],
                 }
@@ -64,10 +68,14 @@ def pipeline_status(cfg: PipelineConfig, shards: int) -> Status:
     states: dict[str, StageState] = {}
     ready = True
     for st in STAGES:
+        n = shards if st.sharded else 1
+        if not st.applies(cfg):
+            empty = [ShardState(i, 0, 0) for i in range(n)]
+            states[st.name] = StageState(st.name, empty, True, needed=False)
+            continue
         if ready:
-            states[st.name] = st.state(cfg, shards if st.sharded else 1)
+            states[st.name] = st.state(cfg, n)
         else:
-            n = shards if st.sharded else 1
             empty = [ShardState(i, 0, 0) for i in range(n)]
             states[st.name] = StageState(st.name, empty, False, waiting=True)
         ready = ready and states[st.name].complete

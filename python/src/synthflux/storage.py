@@ -14,12 +14,16 @@ import socket
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from synthflux.errors import ConfigError, DataError
+
+# What np.load raises for a missing, truncated or non-npz file.
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 # Temp files name their writer, so a later run can remove those a killed process left behind.
 # Dots are replaced so the tag stays one dot-separated field of the temp file's name.

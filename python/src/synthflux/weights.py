@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synthflux.contracts import UNREADABLE
 from synthflux.errors import DataError
-from synthflux.storage import atomic_write
+from synthflux.storage import UNREADABLE, atomic_write
 
 FORMAT_VERSION = 1
 _ARCH_HEADER = 7  # format_version, W, H, C, K, kernel, n_blocks; then one entry per block

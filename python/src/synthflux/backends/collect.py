@@ -1,7 +1,8 @@
-"""Backend "none": nothing runs; take the probabilities already in DATA/predictions.
+"""Backend "none": nothing runs here; another process ran flux_model.jl (compose's julia
+services), and its files are collected and checked like any backend's output.
 
-For compose's julia service, which writes them itself: they are checked like any
-classifier's output before anything is published.
+classify: the probabilities already in DATA/predictions/<source>/. train: the trainer's files
+already in DATA/training/run/, made from DATA/training/job.args (`flux_model.jl @job.args`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ from synthflux.layout import DataLayout, probs_file
 
 
 def run(cfg: PipelineConfig, job: Job) -> None:
-    published = DataLayout(cfg.data_root)
+    layout = DataLayout(cfg.data_root)
+    if job.command == "train":
+        missing = [name for name in job.outputs if not (job.output / name).is_file()]
+        if missing:
+            raise ClassifyError(
+                f"{job.output} has no {', '.join(missing)} yet: backend 'none' only collects "
+                f"what another process trained; run `julia julia/flux_model.jl @{layout.job_args}` "
+                "(compose: the train service), then this again"
+            )
+        return
+    source = job.inputs[0][0]
     for shard in job.shards:
-        src = published.probs(shard)
+        src = layout.predicted(source) / probs_file(shard)
         if not src.is_file():
             raise ClassifyError(
                 f"{src} not found: backend 'none' only collects outputs that the classifier "

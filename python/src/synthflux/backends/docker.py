@@ -25,7 +25,7 @@ from synthflux.backends.job import Job
 from synthflux.backends.supervise import TAIL_LINES, LogStream, Watchdog, failure
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifyError
-from synthflux.layout import DataLayout, probs_file
+from synthflux.layout import probs_file
 from synthflux.storage import atomic_write
 
 log = logging.getLogger("synthflux")
@@ -38,29 +38,29 @@ LABEL = "synthflux.stage"
 
 
 def run(cfg: PipelineConfig, job: Job) -> None:
-    """Create, attach, start, wait for and always remove one container for every shard."""
+    """Create, attach, start, wait for and always remove one container for the whole job."""
     import docker
     import requests
 
     image = cfg.classify.image
     client = _client()
-    name = f"synthflux-classify-{uuid.uuid4().hex[:12]}"
+    name = f"synthflux-{job.command}-{uuid.uuid4().hex[:12]}"
     container = None
     try:
         _require_image(client, image)
-        _remove_leftovers(client, cfg)
+        _remove_leftovers(client, cfg, job)
         user = container_user()
         plan = _plan(cfg, client, job, user)
         if os.geteuid() == 0 and not plan.copy_back:
-            os.chown(job.output, *user)  # the bind-mounted output must be writable for nobody
-        container = _create(client, cfg, plan, user, name)
+            _give_to(job.output, user)  # the bind-mounted output must be writable for nobody
+        container = _create(client, cfg, job, plan, user, name)
         if plan.copy_back:
-            container.put_archive(VOLUME_OUT, _out_dir_tar(user))
-        log.info("classify: container %s (%s) over %d shards", name, image, len(job.shards))
-        code, tail, timed_out = _attach_and_wait(container, cfg.classify.timeout_s)
-        _check_exit(container, cfg, code, tail, timed_out)
+            container.put_archive(VOLUME_OUT, _out_dir_tar(job.output, user))
+        log.info("%s: container %s (%s)", job.command, name, image)
+        code, tail, timed_out = _attach_and_wait(container, job)
+        _check_exit(container, cfg, job, code, tail, timed_out)
         if plan.copy_back:
-            _copy_out(container, job.output, {probs_file(s) for s in job.shards})
+            _copy_out(container, job.output, set(job.outputs) | {probs_file(s) for s in job.shards})
     except docker.errors.APIError as e:
         raise ClassifyError(f"Docker refused: {e.explanation or e}") from None
     except (docker.errors.DockerException, requests.RequestException) as e:
@@ -68,6 +68,12 @@ def run(cfg: PipelineConfig, job: Job) -> None:
     finally:
         _remove_container(client, container, name)
         client.close()
+
+
+def _give_to(folder: Path, user: tuple[int, int]) -> None:
+    """chown the output folder and what is in it (a checkpoint to resume from) to the user."""
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, *user)
 
 
 # --- the engine and the image --------------------------------------------------------------
@@ -129,37 +135,48 @@ class _Plan:
 
 def _plan(cfg: PipelineConfig, client: Any, job: Job, user: tuple[int, int]) -> _Plan:
     """Bind mounts of the job's folders (driver on the host), or the named volume read-only
-    and an anonymous /out (driver inside compose, classify.volume set)."""
+    and an anonymous /out (driver inside compose, classify.volume set). Inside, every path
+    keeps its place under the data root (/data/preprocessed/<source>, /data/model/...)."""
     from docker.types import Mount
 
-    inputs = job.inputs.resolve()
-    shards = [inputs / s for s in job.shards]
-    weights = job.weights.resolve()
     root = cfg.data_root.resolve()
+    folders = [folder.resolve() for _, folder in job.inputs]
+    files = [f / s for f in folders for s in job.shards] + [job.weights.resolve()]
     if not cfg.classify.volume:
-        # Inside, the shards keep their place under the data root (/data/preprocessed).
-        input_mount = f"{DATA_MOUNT}/{job.inputs.relative_to(cfg.data_root).as_posix()}"
-        _check_readable([*shards, weights], [inputs], user)
-        inside = DataLayout(Path(DATA_MOUNT))  # the same layout, as the container sees it
-        weights_mount = str(inside.default_weights)
-        output_mount = str(inside.predictions)
+        _check_readable(files, folders, user)
+        inputs = [f"{DATA_MOUNT}/{_inside(folder, cfg.data_root)}" for _, folder in job.inputs]
+        weights = f"{DATA_MOUNT}/{_inside(job.weights, cfg.data_root, 'model/weights.npz')}"
+        output = f"{DATA_MOUNT}/{job.output_inside}"
         mounts = [
-            Mount(input_mount, str(inputs), type="bind", read_only=True),
-            Mount(weights_mount, str(weights), type="bind", read_only=True),
-            Mount(output_mount, str(job.output.resolve()), type="bind"),
+            Mount(i, str(f), type="bind", read_only=True)
+            for i, f in zip(inputs, folders, strict=True)
         ]
-        return _Plan(mounts, job.args(input_mount, weights_mount, output_mount), copy_back=False)
+        mounts += [
+            Mount(weights, str(job.weights.resolve()), type="bind", read_only=True),
+            Mount(output, str(job.output.resolve()), type="bind"),
+        ]
+        return _Plan(mounts, job.args(inputs, weights, output), copy_back=False)
     _require_volume(client, cfg.classify.volume)
-    input_mount = f"{DATA_MOUNT}/{_relative(inputs, root, 'the shards')}"
-    rel_weights = _relative(weights, root, "with classify.volume the weights")
+    inputs = [f"{DATA_MOUNT}/{_relative(f, root, 'the shards')}" for f in folders]
+    rel_weights = _relative(job.weights.resolve(), root, "with classify.volume the weights")
     parents = [root / p for p in Path(rel_weights).parents if str(p) != "."]
-    _check_readable([*shards, weights], [root, inputs, *parents], user)
+    _check_readable(files, [root, *folders, *parents], user)
     mounts = [
         Mount(DATA_MOUNT, cfg.classify.volume, type="volume", read_only=True),
         Mount(VOLUME_OUT, None, type="volume"),  # anonymous: removed with the container
     ]
-    command = job.args(input_mount, f"{DATA_MOUNT}/{rel_weights}", VOLUME_PREDICTIONS)
+    command = job.args(inputs, f"{DATA_MOUNT}/{rel_weights}", VOLUME_PREDICTIONS)
     return _Plan(mounts, command, copy_back=True)
+
+
+def _inside(path: Path, root: Path, otherwise: str = "") -> str:
+    """Where `path` is under the data root (unresolved: a symlinked folder stays in place)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        if otherwise:
+            return otherwise  # e.g. classify.weights elsewhere: mounted where the default lives
+        raise ClassifyError(f"{path} is not under the data root {root}") from None
 
 
 def _relative(path: Path, root: Path, what: str) -> str:
@@ -199,14 +216,21 @@ def _check_readable(paths: list[Path], dirs: list[Path], user: tuple[int, int]) 
             )
 
 
-def _out_dir_tar(user: tuple[int, int]) -> bytes:
-    """A tar holding the empty output folder, for put_archive into /out before start."""
+def _out_dir_tar(output: Path, user: tuple[int, int]) -> bytes:
+    """A tar of the output folder as it is (empty, or a checkpoint to resume from), for
+    put_archive into /out before start."""
     buf = io.BytesIO()
+    folder = Path(VOLUME_PREDICTIONS).name
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(Path(VOLUME_PREDICTIONS).name)
+        info = tarfile.TarInfo(folder)
         # 0777 too, in case the engine does not keep the tar's owner: no one else is in there.
         info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o777, *user
         tar.addfile(info)
+        for path in sorted(p for p in output.iterdir() if p.is_file()):
+            entry = tar.gettarinfo(str(path), f"{folder}/{path.name}")
+            entry.uid, entry.gid, entry.mode = *user, 0o666
+            with open(path, "rb") as f:
+                tar.addfile(entry, f)
     return buf.getvalue()
 
 
@@ -230,7 +254,9 @@ def _copy_out(container: Any, output: Path, wanted: set[str]) -> None:
 # --- the container's life -------------------------------------------------------------------
 
 
-def _create(client: Any, cfg: PipelineConfig, plan: _Plan, user: tuple[int, int], name: str) -> Any:
+def _create(
+    client: Any, cfg: PipelineConfig, job: Job, plan: _Plan, user: tuple[int, int], name: str
+) -> Any:
     cpus = _cpu_limit(client, cfg.classify.cpus)
     threads = str(max(1, int(cpus)))
     return client.containers.create(
@@ -248,14 +274,14 @@ def _create(client: Any, cfg: PipelineConfig, plan: _Plan, user: tuple[int, int]
         memswap_limit=cfg.classify.memory,  # no swap on top of the memory limit
         nano_cpus=int(cpus * 1e9),
         mounts=plan.mounts,
-        labels={**_labels(cfg), "synthflux.run": name},
+        labels={**_labels(cfg, job), "synthflux.run": name},
         # BLAS and Julia would otherwise size their thread pools by the host's cores.
         environment={"JULIA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads},
         detach=True,
     )
 
 
-def _attach_and_wait(container: Any, timeout: int) -> tuple[int, list[str], bool]:
+def _attach_and_wait(container: Any, job: Job) -> tuple[int, list[str], bool]:
     """Attach, start, stream its log, kill it at the timeout: (exit code, last lines, timed out)."""
     import docker
     import requests
@@ -267,9 +293,9 @@ def _attach_and_wait(container: Any, timeout: int) -> tuple[int, list[str], bool
         with suppress(docker.errors.DockerException, requests.RequestException):
             container.kill()
 
-    logs = LogStream()
+    logs = LogStream(job.listener)
     container.start()
-    with Watchdog(timeout, kill) as dog:
+    with Watchdog(job.timeout_s, kill) as dog:
         for out, err in stream:  # ends when the container stops
             logs.feed(out, "out")
             logs.feed(err, "err")
@@ -280,28 +306,29 @@ def _attach_and_wait(container: Any, timeout: int) -> tuple[int, list[str], bool
 
 
 def _check_exit(
-    container: Any, cfg: PipelineConfig, code: int, tail: list[str], timed_out: bool
+    container: Any, cfg: PipelineConfig, job: Job, code: int, tail: list[str], timed_out: bool
 ) -> None:
+    what = "classifier" if job.command == "classify" else "trainer"
     if timed_out:
         raise failure(
-            f"the classifier container timed out after {cfg.classify.timeout_s}s "
-            "(classify.timeout_s) and was killed", code, tail, True,
+            f"the {what} container timed out after {job.timeout_s}s ({job.timeout_name}) and "
+            "was killed", code, tail, True,
         )  # fmt: skip
     if code != 0:
         container.reload()
         oom = container.attrs.get("State", {}).get("OOMKilled")
         why = f" (out of memory: classify.memory = {cfg.classify.memory})" if oom else ""
-        raise failure(f"the classifier container exited with code {code}{why}", code, tail)
+        raise failure(f"the {what} container exited with code {code}{why}", code, tail)
 
 
-def _labels(cfg: PipelineConfig) -> dict[str, str]:
-    return {LABEL: "classify", "synthflux.data_root": str(cfg.data_root.resolve())}
+def _labels(cfg: PipelineConfig, job: Job) -> dict[str, str]:
+    return {LABEL: job.command, "synthflux.data_root": str(cfg.data_root.resolve())}
 
 
-def _remove_leftovers(client: Any, cfg: PipelineConfig) -> None:
+def _remove_leftovers(client: Any, cfg: PipelineConfig, job: Job) -> None:
     """A driver killed outright (SIGKILL, power loss) cannot remove its container: do it now.
-    One classify per data root at a time; a second one would overwrite the same outputs."""
-    filters = {"label": [f"{k}={v}" for k, v in _labels(cfg).items()]}
+    The stage holds the data root's lock, so no live run owns another such container."""
+    filters = {"label": [f"{k}={v}" for k, v in _labels(cfg, job).items()]}
     for old in client.containers.list(all=True, filters=filters):
         log.warning("classify: removing container %s left by an earlier run", old.name)
         old.remove(force=True, v=True)

@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from synthflux.config import PipelineConfig
+
+# A line the CNN printed; True when the caller used it (a progress line), so it is not logged.
+LineListener = Callable[[str], bool]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One classifier run over every shard, as flux_model.jl's command line sees it."""
+    """One run of julia/flux_model.jl (or its twin): read `inputs` and `weights`, write only
+    `output`. julia/README.md documents both commands."""
 
-    inputs: Path  # the folder of shard-*.npz (read-only)
-    shards: tuple[str, ...]  # the shard files in it that must be classified
+    command: Literal["classify", "train"]
+    inputs: tuple[tuple[str, Path], ...]  # (source name, folder of shard-*.npz), read-only
+    shards: tuple[str, ...]  # classify: the shard files in its one input that must be done
     weights: Path  # read-only
-    output: Path  # the only folder the classifier may write
-    batch_size: int
+    output: Path  # the only folder the CNN may write
+    output_inside: str  # where it is under the data root, as a container sees it
+    options: tuple[str, ...] = ()  # further flux_model.jl options, e.g. ("--batch-size", "64")
+    outputs: tuple[str, ...] = ()  # the files it must leave in `output`
+    timeout_s: int = 3600
+    timeout_name: str = "classify.timeout_s"  # the setting, for the error message
+    listener: LineListener | None = field(default=None, compare=False)
 
-    def args(self, inputs: str, weights: str, output: str) -> list[str]:
-        """flux_model.jl's arguments, with the paths as the classifier sees them."""
-        return ["--input", inputs, "--weights", weights, "--output", output,
-                "--batch-size", str(self.batch_size)]  # fmt: skip
+    def args(self, inputs: list[str], weights: str, output: str) -> list[str]:
+        """flux_model.jl's arguments, with the paths as the CNN sees them."""
+        if self.command == "classify":
+            head = ["--input", *inputs]
+        else:
+            named = [f"{name}={path}" for (name, _), path in zip(self.inputs, inputs, strict=True)]
+            head = ["train", "--input", *named]
+        return [*head, "--weights", weights, "--output", output, *self.options]
 
 
 Backend = Callable[[PipelineConfig, Job], None]

@@ -47,10 +47,11 @@ def julia_command(cfg: PipelineConfig, args: list[str]) -> list[str]:
 
 
 def run(cfg: PipelineConfig, job: Job) -> None:
-    cmd = julia_command(cfg, job.args(str(job.inputs), str(job.weights), str(job.output)))
-    log.debug("classify: %s", " ".join(cmd))
-    timeout = cfg.classify.timeout_s
-    logs = LogStream()
+    inputs = [str(folder) for _, folder in job.inputs]
+    cmd = julia_command(cfg, job.args(inputs, str(job.weights), str(job.output)))
+    log.debug("%s: %s", job.command, " ".join(cmd))
+    timeout = job.timeout_s
+    logs = LogStream(job.listener)
     proc: subprocess.Popen[bytes] | None = None
 
     def kill() -> None:

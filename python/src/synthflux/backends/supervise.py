@@ -28,11 +28,13 @@ TAIL_LINES = 20
 
 
 class LogStream:
-    """Byte chunks in, lines out: each logged as it completes, the last TAIL_LINES kept."""
+    """Byte chunks in, lines out: each logged as it completes (unless `listener` takes it, e.g.
+    a progress line), the last TAIL_LINES kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: Callable[[str], bool] | None = None) -> None:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._partial: dict[str, str] = {}
+        self.listener = listener
 
     def feed(self, chunk: bytes | None, stream: str = "out") -> None:
         if not chunk:
@@ -47,7 +49,8 @@ class LogStream:
     def line(self, text: str) -> None:
         text = text.rstrip("\r\n")
         self.tail.append(text)
-        log.info("%s | %s", LOG_PREFIX, text)
+        if self.listener is None or not self.listener(text):
+            log.info("%s | %s", LOG_PREFIX, text)
 
     def close(self) -> list[str]:
         for rest in self._partial.values():

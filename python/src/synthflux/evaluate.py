@@ -1,0 +1,198 @@
+"""Stage 6, evaluate: how well the trained CNN does on images it did not learn from.
+
+Splits: `validation` (the training sources' images the split rule held out:
+synthflux.trainplan.is_validation), `train` (the rest, to see overfitting), and every
+imported test source under its own name (train on synthetic, test on real). For each:
+accuracy, per-class precision/recall/F1, the confusion matrix and counts, in
+DATA/evaluation/summary.json, and every image's prediction in DATA/evaluation/predictions.csv.
+It reads classify's probabilities (classifying first if they are not current).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from synthflux import classify
+from synthflux.config import PipelineConfig
+from synthflux.contracts import load_dataset
+from synthflux.errors import DataError
+from synthflux.layout import DataLayout
+from synthflux.metrics import per_class, summarize
+from synthflux.progress import plural
+from synthflux.records import iter_records
+from synthflux.sources import Source, all_sources, test_sources, training_sources
+from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.storage import atomic_write, sha256_file, write_json_atomic
+from synthflux.trainplan import validation_mask
+
+log = logging.getLogger("synthflux")
+
+
+@dataclass
+class EvaluateSummary:
+    classes: list[str]
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    complete: bool = True
+
+    def lines(self) -> list[str]:
+        out = []
+        for name, s in self.splits.items():
+            acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
+            f1 = s["macro"]["f1"]
+            f1_text = "n/a" if f1 is None else f"{f1:.3f}"
+            out.append(f"{name} ({', '.join(s['sources'])}; {plural(s['images'], 'image')}): "
+                       f"accuracy {acc} ({s['correct']}/{s['images']}), macro F1 {f1_text}")  # fmt: skip
+            if s["kind"] == "test":
+                out += classify.confusion_lines(self.classes, s["confusion_matrix"]["matrix"],
+                                                "true class")  # fmt: skip
+        return out + self.notes + ["wrote evaluation/summary.json and evaluation/predictions.csv"]
+
+
+def run(
+    cfg: PipelineConfig, *, backend: str | None = None, image: str | None = None
+) -> EvaluateSummary:
+    started = time.monotonic()
+    cfg = classify.with_overrides(cfg, backend=backend, image=image)
+    layout = DataLayout(cfg.data_root)
+    # 1. current predictions for every source (made now, if they are not)
+    if not classify.is_current(cfg):
+        log.info("evaluate: the predictions are not current: classifying first")
+        classify.run(cfg)
+    # 2. every image into its split; 3. the scores of each split
+    rows = _rows(cfg)
+    summary = EvaluateSummary(cfg.class_names)
+    for name, kind in _split_names(cfg):
+        chosen = [r for r in rows if r["split"] == name]
+        if chosen:
+            summary.splits[name] = _scores(cfg, chosen, kind)
+    if not any(s["kind"] == "test" for s in summary.splits.values()):
+        summary.notes.append(
+            "no test set: import real images with `synthflux import CONFIG FOLDER --as test` "
+            "to see how the model does on them"
+        )
+    if "validation" not in summary.splits:
+        summary.notes.append(
+            "no validation images (train.val_fraction is 0, or too few images): the scores "
+            "above are of images the model learned from"
+        )
+    if not summary.splits:
+        raise DataError("nothing to evaluate: no image was classified")
+    # 4. summary.json, predictions.csv, then stage.json
+    write_json_atomic(layout.evaluation_summary, {
+        "classes": cfg.class_names, "splits": summary.splits, "notes": summary.notes,
+        "weights": str(classify.weights_path(cfg)),
+        "trained_on": [s.name for s in training_sources(cfg)]})  # fmt: skip
+    _write_csv(layout, cfg.class_names, rows)
+    outputs = {p.name: sha256_file(p) for p in (layout.evaluation_summary, layout.evaluation_csv)}
+    write_stage_marker(
+        layout.stage_marker("evaluate"), "evaluate", key=inputs_key(cfg),
+        seconds=time.monotonic() - started, complete=True, facts={"outputs": outputs},
+    )  # fmt: skip
+    return summary
+
+
+def _split_names(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(split, kind) in the order they are reported."""
+    return [("validation", "validation"), ("train", "train")] + [
+        (s.name, "test") for s in test_sources(cfg)
+    ]
+
+
+def _rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Every classified image with its split, true label and probabilities."""
+    layout = DataLayout(cfg.data_root)
+    training = {s.name for s in training_sources(cfg)}
+    t = cfg.train
+    rows = []
+    for source in all_sources(cfg):
+        if source.split == "train" and source.name not in training:
+            continue  # imported for training, but this config does not train on it
+        ds = load_dataset(cfg, source.name)
+        records = {int(r["id"]): r for r in iter_records(source.paths.manifest, "import it again")}
+        for shard in ds.shards:
+            with np.load(layout.predicted(source.name) / shard.probs_file) as z:
+                probs = z["probs"]
+            held_out = validation_mask(t.seed, source.name, shard.ids, t.val_fraction)
+            for row, image_id in enumerate(shard.ids.tolist()):
+                split = _split(source, bool(held_out[row]))
+                rec = records[image_id]
+                rows.append({"split": split, "source": source.name, "id": image_id,
+                             "name": rec.get("name", ""), "file": rec.get("file", ""),
+                             "label": int(shard.labels[row]), "probs": probs[row]})  # fmt: skip
+    return rows
+
+
+def _split(source: Source, held_out: bool) -> str:
+    if source.split == "test":
+        return source.name
+    return "validation" if held_out else "train"
+
+
+def _scores(cfg: PipelineConfig, rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    labels = np.array([r["label"] for r in rows], np.int64)
+    probs = np.stack([r["probs"] for r in rows])
+    scores = summarize(labels, probs, cfg.class_names, rows="true class")
+    sources = sorted({r["source"] for r in rows})
+    return {"kind": kind, "sources": sources, **scores,
+            **per_class(scores["confusion_matrix"]["matrix"], cfg.class_names)}  # fmt: skip
+
+
+def _write_csv(layout: DataLayout, classes: list[str], rows: list[dict[str, Any]]) -> None:
+    header = ["split", "source", "id", "name", "file", "class", "label"]
+    header += [f"p_{c}" for c in classes] + ["predicted", "correct"]
+    with atomic_write(layout.evaluation_csv, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for r in rows:
+            predicted = int(np.argmax(r["probs"]))
+            writer.writerow(
+                [r["split"], r["source"], r["id"], r["name"], r["file"], classes[r["label"]],
+                 r["label"], *(f"{v:.6f}" for v in r["probs"].tolist()), classes[predicted],
+                 int(predicted == r["label"])]
+            )  # fmt: skip
+
+
+# --- done-ness ----------------------------------------------------------------------------
+
+
+def inputs_key(cfg: PipelineConfig) -> str:
+    """The predictions it reads (classify's own key) and the split rule's settings."""
+    marker = read_stage_marker(DataLayout(cfg.data_root).stage_marker("classify")) or {}
+    t = cfg.train
+    inputs = {"classify": marker.get("key"), "outputs": marker.get("outputs"), "seed": t.seed,
+              "val_fraction": t.val_fraction, "sources": t.sources}  # fmt: skip
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def is_current(cfg: PipelineConfig) -> bool:
+    layout = DataLayout(cfg.data_root)
+    marker = read_stage_marker(layout.stage_marker("evaluate"))
+    try:
+        if not classify.is_current(cfg) or marker is None or marker.get("key") != inputs_key(cfg):
+            return False
+        outputs = marker.get("outputs") or {}
+        return bool(outputs) and all(
+            sha256_file(layout.evaluation / name) == digest for name, digest in outputs.items()
+        )
+    except (OSError, DataError):
+        return False
+
+
+def state(cfg: PipelineConfig, n: int) -> StageState:
+    complete = is_current(cfg)
+    note = "" if complete else "no evaluation of the current predictions yet"
+    return StageState("evaluate", [ShardState(0, int(complete), 1)], complete, note)
+
+
+STAGE = Stage(
+    "evaluate", run, state, sharded=False, resumes=False, unit="evaluations", product="evaluations"
+)

@@ -1,0 +1,65 @@
+"""The report's pictures, with matplotlib: learning curves and confusion matrices.
+
+Figures are built without pyplot (no global state, no display needed) and saved as PNG bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def learning_curves(epochs: list[dict[str, Any]], best_epoch: int | None) -> bytes:
+    """Loss and accuracy per epoch, training and validation, the kept epoch marked."""
+    fig = _figure(9, 3.4)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    x = [e["epoch"] for e in epochs]
+    for ax, key, title in ((loss_ax, "loss", "loss (cross-entropy)"),
+                           (acc_ax, "accuracy", "accuracy")):  # fmt: skip
+        ax.plot(x, [e[f"train_{key}"] for e in epochs], "o-", label="training", markersize=3)
+        val = [e.get(f"val_{key}") for e in epochs]
+        if any(v is not None for v in val):
+            ax.plot(x, [np.nan if v is None else v for v in val], "s-", label="validation",
+                    markersize=3)  # fmt: skip
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    acc_ax.set_ylim(0, 1.02)
+    loss_ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def confusion_matrix(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
+    """Counts in every cell, shaded by each true class's share."""
+    m = np.asarray(matrix, dtype=float)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    side = max(3.0, 0.45 * len(classes) + 1.8)
+    fig = _figure(side + 0.6, side)
+    ax = fig.subplots()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)

@@ -1,0 +1,422 @@
+"""The PyTorch twin of `flux_model.jl train` (julia/src/train.jl): the same rules, the same files.
+
+docs/training.md is the specification both follow: the split, the order of shards and images,
+the augmentation, the loss and a hand-written AdamW step, so that from the same initial
+weights both take the same steps (tests/fixtures/golden/train/ pins them together). Weights
+and optimizer state are kept in Flux's layout in the files, so a checkpoint means the same in
+both languages. It holds one shard and one batch in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthflux import reference
+from synthflux.errors import DataError
+from synthflux.layout import SHARD_PATTERN
+from synthflux.storage import atomic_write, hold_point, write_jsonl_atomic
+from synthflux.trainplan import augment, augmentation, image_order, shard_order, validation_mask
+from synthflux.weights import Weights, check_weights, load_weights, save_weights
+
+log = logging.getLogger("synthflux")
+
+CHECKPOINT_FORMAT = 1
+HISTORY = ("epoch", "steps", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+           "seconds", "images_per_s")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    patience: int = 3
+    seed: int = 0
+    flip: bool = False
+    shift: int = 0
+
+
+def parse_args(argv: Sequence[str]) -> tuple[list[tuple[str, Path]], Path, Path, Settings]:
+    """flux_model.jl train's command line (without the word `train`)."""
+    p = argparse.ArgumentParser(prog="python -m synthflux.reference_train")
+    p.add_argument("--input", nargs="+", required=True, metavar="NAME=DIR")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    defaults = Settings()
+    for name in Settings.__dataclass_fields__:
+        kind = float if isinstance(getattr(defaults, name), float) else int
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    args = p.parse_args(argv)
+    inputs = []
+    for item in args.input:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise DataError(f"--input {item!r}: must be NAME=FOLDER")
+        inputs.append((name, Path(folder)))
+    values = {name: getattr(args, name) for name in Settings.__dataclass_fields__}
+    values["flip"] = bool(values["flip"])
+    return inputs, args.weights, args.output, Settings(**values)
+
+
+def main(argv: Sequence[str], listener: Callable[[str], bool] | None = None) -> int:
+    inputs, weights, output, settings = parse_args(argv)
+
+    def emit(line: str) -> None:
+        if listener is None or not listener(line):
+            log.info("reference | %s", line)
+
+    train(inputs, weights, output, settings, emit)
+    return 0
+
+
+# --- the data -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Shard:
+    source: str
+    path: Path
+    ids: np.ndarray
+    labels: np.ndarray
+    validation: np.ndarray  # bool per row
+
+
+def _shards(inputs: list[tuple[str, Path]], settings: Settings, n_classes: int) -> list[_Shard]:
+    shards = []
+    for source, folder in inputs:
+        files = sorted(p for p in folder.glob("shard-*.npz") if SHARD_PATTERN.match(p.name))
+        if not files:
+            raise DataError(f"{folder}: no shard-*.npz files (input {source!r})")
+        for path in files:
+            with np.load(path, allow_pickle=False) as z:
+                ids, labels = z["ids"].astype(np.int64), z["labels"].astype(np.int64)
+            if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+                raise DataError(f"{path}: labels must be in 0..{n_classes - 1}")
+            mask = validation_mask(settings.seed, source, ids, settings.val_fraction)
+            shards.append(_Shard(source, path, ids, labels, mask))
+    if not any((~s.validation).any() for s in shards):
+        raise DataError("no training images: every image is in the validation split")
+    return shards
+
+
+def _nchw(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        images: np.ndarray = z["images"]
+    nchw: np.ndarray = images.T  # Fortran (W, H, C, N) -> C-order (N, C, H, W), no copy
+    return nchw
+
+
+# --- the model and the step ---------------------------------------------------------------
+
+
+def _flux_to_torch(name: str, a: np.ndarray) -> np.ndarray:
+    if name.startswith("conv") and name.endswith("_weight"):  # (kw, kh, cin, cout), flipped
+        return np.array(a[::-1, ::-1].transpose(3, 2, 1, 0), order="C", copy=True)
+    return np.array(a, order="C", copy=True)
+
+
+def _torch_to_flux(name: str, a: np.ndarray) -> np.ndarray:
+    if name.startswith("conv") and name.endswith("_weight"):
+        return np.asfortranarray(a.transpose(3, 2, 1, 0)[::-1, ::-1])
+    return np.asfortranarray(a)
+
+
+def _parameters(model: Any) -> dict[str, Any]:
+    """The torch parameters under their weights.npz names."""
+    convs = [m for m in model if m.__class__.__name__ == "Conv2d"]
+    dense = next(m for m in model if m.__class__.__name__ == "Linear")
+    named = {}
+    for i, conv in enumerate(convs, 1):
+        named[f"conv{i}_weight"], named[f"conv{i}_bias"] = conv.weight, conv.bias
+    named["dense_weight"], named["dense_bias"] = dense.weight, dense.bias
+    return named
+
+
+class AdamW:
+    """docs/training.md's step: every scalar from float64 settings, rounded once to float32."""
+
+    def __init__(self, settings: Settings, params: dict[str, Any]) -> None:
+        import torch
+
+        self.s, self.params = settings, params
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.step = 0
+
+    def update(self) -> None:
+        import torch
+
+        self.step += 1
+        s, t = self.s, self.step
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        b1, b2, c1, c2 = f32(s.beta1), f32(s.beta2), f32(1 - s.beta1), f32(1 - s.beta2)
+        a, r, e = f32(s.lr / (1 - s.beta1**t)), f32(math.sqrt(1 - s.beta2**t)), f32(s.eps)
+        decay = f32(1 - s.lr * s.weight_decay)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                m, v = self.m[name], self.v[name]
+                m.copy_(b1 * m + c1 * g)
+                v.copy_(b2 * v + c2 * (g * g))
+                if s.weight_decay > 0:
+                    p.copy_(p * decay)
+                p.copy_(p - a * m / (torch.sqrt(v) / r + e))
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    finished: bool = False
+    best_val_loss: float = math.inf
+    best: Weights = field(default_factory=dict)
+    history: list[list[float]] = field(default_factory=list)
+
+
+def train(
+    inputs: list[tuple[str, Path]],
+    init: Path,
+    output: Path,
+    settings: Settings,
+    emit: Callable[[str], None],
+) -> None:
+    """Train from `init` (or resume from output/checkpoint.npz); write output/weights.npz.
+
+    On one thread: a CPU's reductions split work by thread count, and the same weights on any
+    machine (a laptop, a Slurm node with one CPU) are worth more than speed for this twin.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(inputs, init, output, settings, emit)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    inputs: list[tuple[str, Path]],
+    init: Path,
+    output: Path,
+    settings: Settings,
+    emit: Callable[[str], None],
+) -> None:
+    start_weights = load_weights(init)
+    spec = check_weights(start_weights, str(init))
+    shards = _shards(inputs, settings, spec.n_classes)
+    model = reference.build_model(start_weights).train()
+    params = _parameters(model)
+    opt = AdamW(settings, params)
+    state = _State(best=dict(start_weights))
+    if (output / "checkpoint.npz").is_file():
+        state = _resume(output / "checkpoint.npz", params, opt, spec.to_array())
+        emit(f"resume: from epoch {state.epoch}")
+    n_train = sum(int((~s.validation).sum()) for s in shards)
+    steps = -(-n_train // settings.batch_size)
+    while not state.finished and state.epoch < settings.epochs:
+        epoch = state.epoch + 1
+        t0 = time.monotonic()
+        loss, correct = _epoch(model, opt, shards, settings, epoch, steps, emit)
+        seconds = time.monotonic() - t0
+        val_loss, val_acc = _validate(model, shards)
+        _record(state, epoch, opt.step, loss / n_train, correct / n_train, val_loss, val_acc,
+                seconds, n_train / max(seconds, 1e-9), settings, params)  # fmt: skip
+        _write_checkpoint(output, spec.to_array(), params, opt, state)
+        emit("metrics: " + json.dumps(_metrics_line(state)))
+        hold_point("epoch")
+    state.finished = True
+    _write_checkpoint(output, spec.to_array(), params, opt, state)
+    save_weights(output / "weights.npz", state.best)
+
+
+def _epoch(
+    model: Any, opt: AdamW, shards: list[_Shard], settings: Settings, epoch: int, steps: int,
+    emit: Callable[[str], None],
+) -> tuple[float, int]:  # fmt: skip
+    """One pass over the training images; (summed loss, number right)."""
+    total_loss, correct, done = 0.0, 0, 0
+    every = max(1, steps // 10)
+    for x, y in _batches(shards, settings, epoch):
+        loss_sum, right = _step(model, opt, x, y)
+        total_loss, correct, done = total_loss + loss_sum, correct + right, done + 1
+        if done % every == 0 or done == steps:
+            emit(f"progress: {done}/{steps}")
+    return total_loss, correct
+
+
+def _batches(
+    shards: list[_Shard], settings: Settings, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The epoch's batches (N, C, H, W), labels: shard order, image order, augmentation."""
+    order = shard_order(settings.seed, epoch, [(s.source, s.path.name) for s in shards])
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for k in order:
+        shard = shards[k]
+        rows = np.flatnonzero(~shard.validation)
+        if not len(rows):
+            continue
+        nchw = _nchw(shard.path)
+        for j in image_order(settings.seed, epoch, shard.source, shard.ids[rows]):
+            row = int(rows[j])
+            flipped, dx, dy = augmentation(settings.seed, epoch, shard.source,
+                                           int(shard.ids[row]), settings.flip, settings.shift)  # fmt: skip
+            images.append(augment(nchw[row], flipped, dx, dy))
+            labels.append(int(shard.labels[row]))
+            if len(images) == settings.batch_size:
+                yield np.stack(images), np.array(labels, np.int64)
+                images, labels = [], []
+    if images:
+        yield np.stack(images), np.array(labels, np.int64)
+
+
+def _step(model: Any, opt: AdamW, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    import torch
+    import torch.nn.functional as F
+
+    model.zero_grad(set_to_none=True)
+    logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    target = torch.from_numpy(y)
+    losses = F.cross_entropy(logits, target, reduction="none")
+    losses.mean().backward()
+    opt.update()
+    right = int((logits.argmax(dim=1) == target).sum())
+    return float(losses.detach().double().sum()), right
+
+
+def _validate(model: Any, shards: list[_Shard]) -> tuple[float, float]:
+    """Mean loss and accuracy over the validation images (NaN, NaN without any)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, right, n = 0.0, 0, 0
+    with torch.no_grad():
+        for shard in shards:
+            rows = np.flatnonzero(shard.validation)
+            if not len(rows):
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(_nchw(shard.path)[rows], np.float32))
+            y = torch.from_numpy(shard.labels[rows])
+            logits = model(x)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            right += int((logits.argmax(dim=1) == y).sum())
+            n += len(rows)
+    return (total / n, right / n) if n else (math.nan, math.nan)
+
+
+def _record(
+    state: _State, epoch: int, steps: int, loss: float, acc: float, val_loss: float,
+    val_acc: float, seconds: float, rate: float, settings: Settings, params: dict[str, Any],
+) -> None:  # fmt: skip
+    """The epoch into the history; the best weights and early stopping."""
+    state.epoch = epoch
+    state.history.append([epoch, steps, loss, acc, val_loss, val_acc, seconds, rate])
+    better = math.isnan(val_loss) or val_loss < state.best_val_loss
+    if better:
+        state.best_val_loss = val_loss if not math.isnan(val_loss) else math.inf
+        state.best_epoch, state.bad_epochs = epoch, 0
+        state.best = {**state.best, **_flux_weights(params)}
+    else:
+        state.bad_epochs += 1
+        if settings.patience > 0 and state.bad_epochs >= settings.patience:
+            state.finished = True
+
+
+def _flux_weights(params: dict[str, Any]) -> Weights:
+    return {k: _torch_to_flux(k, p.detach().numpy()) for k, p in params.items()}
+
+
+def _metrics_line(state: _State) -> dict[str, Any]:
+    row = dict(zip(HISTORY, state.history[-1], strict=True))
+    out: dict[str, Any] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                           for k, v in row.items()}  # fmt: skip
+    out["epoch"], out["steps"], out["best_epoch"] = (
+        int(row["epoch"]),
+        int(row["steps"]),
+        state.best_epoch,
+    )
+    return out
+
+
+# --- checkpoint -----------------------------------------------------------------------------
+
+
+def _write_checkpoint(
+    output: Path, arch: np.ndarray, params: dict[str, Any], opt: AdamW, state: _State
+) -> None:
+    arrays: dict[str, np.ndarray] = {"arch": arch, **_flux_weights(params)}
+    for name in params:
+        arrays[f"m_{name}"] = _torch_to_flux(name, opt.m[name].numpy())
+        arrays[f"v_{name}"] = _torch_to_flux(name, opt.v[name].numpy())
+        arrays[f"best_{name}"] = state.best[name]
+    arrays["state"] = np.array([CHECKPOINT_FORMAT, state.epoch, opt.step, state.best_epoch,
+                                state.bad_epochs, int(state.finished)], np.int64)  # fmt: skip
+    best = state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan
+    arrays["best_val_loss"] = np.array([best], np.float64)
+    arrays["history"] = np.asfortranarray(
+        np.array(state.history, np.float64).reshape(-1, len(HISTORY))
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_write(output / "checkpoint.npz") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    write_jsonl_atomic(
+        output / "metrics.jsonl", [_metrics_of(state, i) for i in range(len(state.history))]
+    )
+
+
+def _metrics_of(state: _State, i: int) -> dict[str, Any]:
+    row = dict(zip(HISTORY, state.history[i], strict=True))
+    out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    out["epoch"], out["steps"] = int(row["epoch"]), int(row["steps"])
+    return out
+
+
+def _resume(path: Path, params: dict[str, Any], opt: AdamW, arch: np.ndarray) -> _State:
+    import torch
+
+    with np.load(path, allow_pickle=False) as z:
+        ck = {k: z[k] for k in z.files}
+    if (
+        not np.array_equal(ck.get("arch", np.zeros(0)), arch)
+        or int(ck["state"][0]) != CHECKPOINT_FORMAT
+    ):
+        raise DataError(f"{path}: a checkpoint of another network: delete it to start over")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.from_numpy(_flux_to_torch(name, ck[name])))
+            opt.m[name].copy_(torch.from_numpy(_flux_to_torch(name, ck[f"m_{name}"])))
+            opt.v[name].copy_(torch.from_numpy(_flux_to_torch(name, ck[f"v_{name}"])))
+    _, epoch, step, best_epoch, bad, finished = (int(v) for v in ck["state"])
+    opt.step = step
+    best_loss = float(ck["best_val_loss"][0])
+    best = {"arch": arch, **{k: ck[f"best_{k}"] for k in params}}
+    history = ck["history"].reshape(-1, len(HISTORY)).tolist()
+    return _State(epoch, best_epoch, bad, bool(finished),
+                  best_loss if not math.isnan(best_loss) else math.inf, best, history)  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(main(sys.argv[1:]))

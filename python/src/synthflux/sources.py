@@ -1,0 +1,70 @@
+"""Where images come from: the synthetic set generate makes, and folders of real images
+`synthflux import` brings in, each for training or for testing.
+
+Every source has the same manifest record schema (records.ManifestRecord) and is preprocessed
+the same way into preprocessed/<source>/; `[train] sources` picks which ones the CNN learns
+from, and every imported test source is evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from synthflux.config import PipelineConfig
+from synthflux.errors import DataError
+from synthflux.layout import SYNTHETIC, DataLayout, SourcePaths
+
+Split = Literal["train", "test"]
+SOURCE_FILE = "source.json"  # imported/<name>/source.json: the folder and its split
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    split: Split
+    paths: SourcePaths
+
+    @property
+    def synthetic(self) -> bool:
+        return self.name == SYNTHETIC
+
+
+def imported(layout: DataLayout) -> list[Source]:
+    """The imported sources, by name."""
+    found = []
+    for marker in sorted(layout.imported.glob(f"*/{SOURCE_FILE}")):
+        try:
+            split = json.loads(marker.read_text())["split"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{marker}: unreadable; import that folder again") from None
+        found.append(Source(marker.parent.name, split, layout.source(marker.parent.name)))
+    return found
+
+
+def all_sources(cfg: PipelineConfig) -> list[Source]:
+    """Every source of this data root: the synthetic one first (if the config makes it)."""
+    layout = DataLayout(cfg.data_root)
+    synthetic = [Source(SYNTHETIC, "train", layout.source(SYNTHETIC))] if cfg.generates else []
+    return synthetic + imported(layout)
+
+
+def training_sources(cfg: PipelineConfig) -> list[Source]:
+    """The sources `[train] sources` names; a clear error if one is asked for and absent."""
+    chosen = [
+        s
+        for s in all_sources(cfg)
+        if (s.synthetic and "synthetic" in cfg.train.sources)
+        or (not s.synthetic and s.split == "train" and "real" in cfg.train.sources)
+    ]
+    if "real" in cfg.train.sources and not any(not s.synthetic for s in chosen):
+        raise DataError(
+            'train.sources has "real" but no folder was imported for training: run '
+            "`synthflux import CONFIG FOLDER --as train`"
+        )
+    return chosen
+
+
+def test_sources(cfg: PipelineConfig) -> list[Source]:
+    return [s for s in all_sources(cfg) if s.split == "test"]

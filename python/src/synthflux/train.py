@@ -1,0 +1,267 @@
+"""Stage 4, train: the CNN learns the training sources, with Flux.jl (or its PyTorch twin).
+
+The trainer (julia/flux_model.jl train, or synthflux.reference_train) runs once over the
+training sources' shards from initial weights made here from `[train] seed`, and writes only
+DATA/training/run/: a checkpoint every epoch (so a killed run resumes), metrics.jsonl, and
+weights.npz (the best epoch's). Its `metrics:` lines are streamed into a progress bar or log
+lines. When it is done its files are checked and the weights become DATA/model/weights.npz,
+which classify uses; stage.json, last, says from what they were trained. docs/training.md has
+the rules, the same in both languages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synthflux import preprocess
+from synthflux.backends import BACKENDS, Job
+from synthflux.backends.supervise import interrupts
+from synthflux.classify import with_overrides
+from synthflux.config import PipelineConfig
+from synthflux.contracts import load_dataset
+from synthflux.errors import ClassifyError, DataError
+from synthflux.layout import DataLayout
+from synthflux.progress import Progress
+from synthflux.sources import Source, training_sources
+from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
+from synthflux.weights import check_weights, init_weights, load_weights, save_weights, spec_of
+
+log = logging.getLogger("synthflux")
+
+OUTPUTS = ("checkpoint.npz", "metrics.jsonl", "weights.npz")
+
+
+@dataclass
+class TrainSummary:
+    backend: str
+    sources: list[str]
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
+    seconds: float = 0.0
+    complete: bool = True
+    note: str = ""
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The epoch whose weights were kept: the lowest val loss (the first, on ties), or the
+        last without validation images (docs/training.md)."""
+        scored = [e for e in self.epochs if e.get("val_loss") is not None]
+        if not scored:
+            return self.epochs[-1] if self.epochs else None
+        return min(scored, key=lambda e: (e["val_loss"], e["epoch"]))
+
+    def lines(self) -> list[str]:
+        if not self.complete:
+            return [self.note]
+        out = [f"trained on {', '.join(self.sources)} for {len(self.epochs)} epochs with "
+               f"{BACKEND_NAMES[self.backend]} in {self.seconds:.1f}s"]  # fmt: skip
+        if (best := self.best) is not None:
+            out.append(f"best epoch {best['epoch']}: {epoch_line(best)}")
+        out.append("wrote model/weights.npz (the best epoch's) and training/run/metrics.jsonl")
+        return out
+
+
+BACKEND_NAMES = {"docker": "Flux.jl in docker", "local": "Flux.jl (local julia)",
+                 "reference": "the PyTorch reference", "none": "a trainer run elsewhere"}  # fmt: skip
+
+
+def epoch_line(m: dict[str, Any]) -> str:
+    val = (
+        f"val loss {m['val_loss']:.4f} (accuracy {m['val_accuracy']:.3f})"
+        if m.get("val_loss") is not None
+        else "no validation images"
+    )
+    return (f"train loss {m['train_loss']:.4f} (accuracy {m['train_accuracy']:.3f}), {val}, "
+            f"{m['images_per_s']:.0f} img/s")  # fmt: skip
+
+
+def run(
+    cfg: PipelineConfig, *, backend: str | None = None, image: str | None = None
+) -> TrainSummary:
+    """Train (or resume, or collect a finished run) and publish DATA/model/weights.npz."""
+    started = time.monotonic()
+    cfg = with_overrides(cfg, backend=backend, image=image)
+    layout = DataLayout(cfg.data_root)
+    # 1. the training sources' finished datasets, and what the result will depend on
+    sources = training_sources(cfg)
+    for s in sources:
+        preprocess.require_complete(cfg, s)
+    shape = _shape(cfg, sources)
+    key = inputs_key(cfg, sources)
+    layout.training.mkdir(parents=True, exist_ok=True)
+    with exclusive(layout.training / ".train.lock", "train"):
+        # 2. a run folder that belongs to this key (a stale checkpoint is removed), the initial
+        # weights, and the trainer's arguments (also written for a trainer run elsewhere)
+        job = _prepare(cfg, layout, sources, shape, key)
+        summary = TrainSummary(cfg.classify.backend, [s.name for s in sources])
+        if cfg.classify.backend == "none" and not all((job.output / f).is_file() for f in OUTPUTS):
+            summary.complete = False
+            summary.note = (f"prepared {layout.job_args}: run `julia julia/flux_model.jl "
+                            f"@{layout.job_args}` (compose: the train service), then this again")  # fmt: skip
+            return summary
+        # 3. the trainer, streamed; 4. its files checked, the weights published, stage.json last
+        with interrupts(), Progress("train", cfg.train.epochs, unit="epoch") as progress:
+            job = _with_listener(job, progress)
+            BACKENDS[cfg.classify.backend](cfg, job)
+        summary.epochs = _check_outputs(job.output, shape)
+        save_weights(layout.default_weights, load_weights(job.output / "weights.npz"))
+        summary.seconds = time.monotonic() - started
+        write_stage_marker(
+            layout.stage_marker("train"), "train", key=key, seconds=summary.seconds,
+            complete=True, facts={"backend": summary.backend, "sources": summary.sources,
+                                  "epochs": len(summary.epochs), "outputs": _outputs(layout)},
+        )  # fmt: skip
+    return summary
+
+
+def _shape(cfg: PipelineConfig, sources: list[Source]) -> tuple[int, int, int, int]:
+    """(W, H, C, K) of the training data; every source must agree."""
+    shapes = set()
+    for s in sources:
+        ds = load_dataset(cfg, s.name)
+        shapes.add((ds.width, ds.height, ds.channels, len(ds.classes)))
+    if len(shapes) != 1:
+        raise DataError(f"the training sources' images differ in shape: {sorted(shapes)}")
+    return shapes.pop()
+
+
+def inputs_key(cfg: PipelineConfig, sources: list[Source]) -> str:
+    """What the trained weights depend on: every training shard's bytes, the settings (the
+    initial weights follow from them) and where the training runs."""
+    layout = DataLayout(cfg.data_root)
+    shards = {s.name: [[e["file"], e["sha256"]] for e in json.loads(
+        layout.prepared(s.name).dataset.read_text())["shards"]] for s in sources}  # fmt: skip
+    c = cfg.classify
+    inputs = {"shards": shards, "train": cfg.train.model_dump(exclude={"timeout_s"}),
+              "backend": c.backend, "image": c.image if c.backend == "docker" else None}  # fmt: skip
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare(
+    cfg: PipelineConfig,
+    layout: DataLayout,
+    sources: list[Source],
+    shape: tuple[int, int, int, int],
+    key: str,
+) -> Job:
+    run_dir, marker = layout.training_run, layout.training / "job.json"
+    try:
+        same = json.loads(marker.read_text()).get("key") == key
+    except (OSError, ValueError):
+        same = False
+    if not same:  # another dataset or settings: the checkpoint is not this training's
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t = cfg.train
+        save_weights(layout.init_weights, init_weights(
+            *shape, seed=t.seed, channels_per_block=tuple(t.blocks), kernel=t.kernel))  # fmt: skip
+        write_json_atomic(marker, {"key": key})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    inputs = tuple((s.name, layout.prepared(s.name).folder) for s in sources)
+    job = Job("train", inputs, (), layout.init_weights, run_dir, "training/run",
+              _options(cfg), OUTPUTS, cfg.train.timeout_s, "train.timeout_s")  # fmt: skip
+    with atomic_write(layout.job_args, "w") as f:  # for `flux_model.jl @job.args`
+        inside = DataLayout(Path("/data"))
+        args = job.args([str(inside.prepared(s.name).folder) for s in sources],
+                        str(inside.init_weights), str(inside.training_run))  # fmt: skip
+        f.write("\n".join(args) + "\n")
+    return job
+
+
+def _options(cfg: PipelineConfig) -> tuple[str, ...]:
+    t = cfg.train
+    values = {"epochs": t.epochs, "batch-size": t.batch_size, "lr": t.lr, "beta1": t.betas[0],
+              "beta2": t.betas[1], "eps": t.eps, "weight-decay": t.weight_decay,
+              "val-fraction": t.val_fraction, "patience": t.patience, "seed": t.seed,
+              "flip": int(t.flip), "shift": t.shift}  # fmt: skip
+    return tuple(
+        x
+        for k, v in values.items()
+        for x in (f"--{k}", repr(v) if isinstance(v, float) else str(v))
+    )
+
+
+def _with_listener(job: Job, progress: Progress) -> Job:
+    """The job, with its `metrics:` lines as progress and log lines (`progress:` ones dropped)."""
+    from dataclasses import replace
+
+    def listen(line: str) -> bool:
+        if line.startswith("progress: "):
+            return True
+        if line.startswith("metrics: "):
+            try:
+                m = json.loads(line.removeprefix("metrics: "))
+                log.info("train: epoch %d: %s", m["epoch"], epoch_line(m))
+            except (ValueError, KeyError, TypeError):
+                return False
+            progress.update()
+            return True
+        return False
+
+    return replace(job, listener=listen)
+
+
+def _check_outputs(output: Path, shape: tuple[int, int, int, int]) -> list[dict[str, Any]]:
+    """The trainer's weights must be a valid set for this data; its metrics must parse."""
+    path = output / "weights.npz"
+    if not path.is_file():
+        raise ClassifyError(f"the trainer wrote no {path}")
+    spec = spec_of(load_weights(path))
+    if (spec.width, spec.height, spec.channels, spec.n_classes) != shape:
+        raise ClassifyError(f"{path}: trained for another shape than the data's {shape}")
+    check_weights(load_weights(path), str(path))
+    try:
+        lines = (output / "metrics.jsonl").read_text().splitlines()
+        epochs = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ClassifyError(f"{output / 'metrics.jsonl'}: unreadable ({e})") from None
+    for m in epochs:
+        if not isinstance(m, dict) or not isinstance(m.get("epoch"), int):
+            raise ClassifyError(f"{output / 'metrics.jsonl'}: a line without an epoch: {m}")
+        if not math.isfinite(float(m.get("train_loss") or 0.0)):
+            raise ClassifyError(
+                f"training diverged: train loss {m.get('train_loss')} in epoch {m['epoch']}"
+            )
+    return epochs
+
+
+def _outputs(layout: DataLayout) -> dict[str, str]:
+    files = [layout.training_run / f for f in OUTPUTS] + [layout.default_weights]
+    return {f.relative_to(layout.root).as_posix(): sha256_file(f) for f in files}
+
+
+# --- done-ness ----------------------------------------------------------------------------
+
+
+def is_current(cfg: PipelineConfig) -> bool:
+    """The trained weights were made from the current data and settings, and are intact."""
+    layout = DataLayout(cfg.data_root)
+    marker = read_stage_marker(layout.stage_marker("train"))
+    try:
+        if marker is None or marker.get("key") != inputs_key(cfg, training_sources(cfg)):
+            return False
+        outputs = marker.get("outputs") or {}
+        return bool(outputs) and all(
+            sha256_file(layout.root / name) == digest for name, digest in outputs.items()
+        )
+    except (OSError, ValueError, DataError, KeyError, TypeError):
+        return False
+
+
+def state(cfg: PipelineConfig, n: int) -> StageState:
+    complete = is_current(cfg)
+    note = "" if complete else "no trained model for the current data and settings yet"
+    return StageState("train", [ShardState(0, int(complete), 1)], complete, note)
+
+
+STAGE = Stage(
+    "train", run, state, sharded=False, resumes=False, unit="models", product="trained weights",
+    uses_gpu=True,
+)  # fmt: skip
