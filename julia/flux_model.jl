@@ -1,8 +1,10 @@
-# The classify stage's command line: the synthflux CNN over preprocessed .npz shards.
+# The classify and train stages' command line: the synthflux CNN over preprocessed .npz shards.
 #
 #   julia --project=julia julia/flux_model.jl --input DIR_OR_SHARDS... --weights W --output DIR \
 #         [--batch-size B] [--seed S]
 #   julia --project=julia julia/flux_model.jl IMAGE.png --weights W
+#   julia --project=julia julia/flux_model.jl train --input NAME=DIR... --weights INIT.npz \
+#         --output DIR [--epochs E --lr X ...]      (or: ... train @job.args)
 #
 # All the work is in src/SynthFluxModel.jl (tested by test/runtests.jl); see README.md.
 

@@ -2,22 +2,25 @@
     SynthFluxModel
 
 The synthflux classifier: a small Flux CNN over WHCN image batches, its weights in a
-language-neutral `weights.npz`, and the shard I/O of the classify stage. `julia/flux_model.jl`
-is the command line around [`main`](@ref); `synthflux.reference` is its PyTorch twin.
+language-neutral `weights.npz`, the shard I/O of the classify stage, and its training
+(`train.jl`, docs/training.md). `julia/flux_model.jl` is the command line around
+[`main`](@ref); `synthflux.reference` and `synthflux.reference_train` are its PyTorch twins.
 
-Written against Flux's stable forward-pass API only (Chain, Conv, MaxPool, Dense, relu,
-softmax, reshape), so the same code runs on Julia 1.10 with Flux 0.14-0.16 and on Julia 1.5
-with Flux 0.12.
+Written against Flux's stable API only (Chain, Conv, MaxPool, Dense, relu, softmax, reshape;
+for training `Flux.pullback`, `Flux.logitcrossentropy`, `Flux.logsoftmax` and a hand-written
+AdamW, no Flux optimiser), so the same code runs on Julia 1.10 with Flux 0.14-0.16 and on
+Julia 1.5 with Flux 0.12.
 """
 module SynthFluxModel
 
-using Flux: Chain, Conv, Dense, MaxPool, relu, softmax
+using Flux: Flux, Chain, Conv, Dense, MaxPool, relu, softmax
 using NPZ: NPZ, npzread, npzwrite
 using Printf: @printf, @sprintf
 using Random: MersenneTwister
+using SHA: sha256
 
 export ArchSpec, Weights, InputError, build_model, load_weights, init_weights, save_weights,
-    read_shard, predict, write_probs, probs_name, image_to_whcn, main
+    read_shard, predict, write_probs, probs_name, image_to_whcn, unit_hash, TrainSettings, main
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -52,6 +55,7 @@ include("arch.jl")
 include("weights.jl")
 include("model.jl")
 include("shards.jl")
+include("train.jl")
 include("images.jl")
 include("cli.jl")
 

@@ -1,11 +1,14 @@
-# The command line of julia/flux_model.jl: options, the shard and image modes, `main`.
+# The command line of julia/flux_model.jl: options, the shard, image and train modes, @PATH
+# response files, `main`.
 
 const USAGE = """
 usage: julia --project=julia julia/flux_model.jl --input DIR_OR_SHARD... --weights W --output DIR
                                                  [--batch-size B] [--seed S]
        julia --project=julia julia/flux_model.jl IMAGE.png --weights W [--mean M...] [--std S...]
+       julia --project=julia julia/flux_model.jl train --input NAME=DIR... --weights INIT.npz
+                                                 --output DIR [training options]
 
-Run the synthflux CNN over preprocessed shards (or one PNG/JPEG image).
+Run the synthflux CNN over preprocessed shards (or one PNG/JPEG image), or train it (`train`).
 
   --input PATH...    a folder (all shard-*.npz in it, sorted) or one or more shard files
   --weights W        weights.npz; if it does not exist, initialise from --seed for the
@@ -17,6 +20,18 @@ Run the synthflux CNN over preprocessed shards (or one PNG/JPEG image).
   --std S...         image mode: per-channel normalisation std (default 0.5)
   -h, --help         show this help
 
+Training (`train` first; the rules are docs/training.md's):
+  --input NAME=DIR...   each training source: its name (it enters every hash) and its folder
+                        of shard-*.npz
+  --weights INIT.npz    the initial weights (never changed)
+  --output DIR          checkpoint.npz (every epoch; a rerun goes on from it), metrics.jsonl,
+                        and at the end weights.npz (the best epoch's)
+  --epochs E (10)  --batch-size B (32)  --lr X (1e-3)  --beta1 X (0.9)  --beta2 X (0.999)
+  --eps X (1e-8)  --weight-decay X (0, decoupled)  --val-fraction X (0.1)
+  --patience P (3; 0: never stop early)  --seed S (0)  --flip 0|1 (0)  --shift N (0)
+  stdout: `progress: STEP/STEPS` lines, one `metrics: {...}` line per epoch, `done: ...`
+
+An argument @PATH stands for the lines of PATH, one argument a line (empty lines ignored).
 Errors exit with status 1 and one line on stderr: `flux_model: error: <file>: <problem>`.
 """
 
@@ -240,15 +255,145 @@ function run_image(o::Options, out::IO)
     return nothing
 end
 
+# ---------------------------------------------------------------------------------------------
+# Response files and train mode
+
+"""Replace each `@PATH` argument by the lines of PATH (one argument a line; blank lines skipped)."""
+function expand_response_files(args::AbstractVector{<:AbstractString})
+    out = String[]
+    for arg in args
+        if startswith(arg, "@") && length(arg) > 1
+            path = arg[2:end]
+            isfile(path) || throw(InputError(path, "no such response file (from $arg)"))
+            for line in readlines(path)
+                line = rstrip(line, '\r')
+                isempty(strip(line)) || push!(out, line)
+            end
+        else
+            push!(out, arg)
+        end
+    end
+    return out
+end
+
+Base.@kwdef mutable struct TrainOptions
+    inputs::Vector{Pair{String,String}} = Pair{String,String}[]
+    weights::String = ""
+    output::String = ""
+    settings::Dict{Symbol,Any} = Dict{Symbol,Any}()
+    help::Bool = false
+end
+
+const TRAIN_OPTIONS = ("--input", "--weights", "--output", "--epochs", "--batch-size", "--lr",
+                       "--beta1", "--beta2", "--eps", "--weight-decay", "--val-fraction",
+                       "--patience", "--seed", "--flip", "--shift", "--help")
+
+function parse_real(opt, text, ok, what)
+    v = tryparse(Float64, text)
+    (v === nothing || !isfinite(v) || !ok(v)) &&
+        throw(InputError(opt, "must be a number $what, got \"$text\""))
+    return v
+end
+
+"""Parse `train`'s options (after the word `train`) into `TrainOptions`; `InputError` on bad usage."""
+function parse_train_args(args::AbstractVector{<:AbstractString})
+    o = TrainOptions()
+    i = 1
+    while i <= length(args)
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help")
+            o.help = true
+            continue
+        end
+        startswith(arg, "--") || throw(InputError(arg, "unexpected argument (train takes options only)"))
+        opt, inline = occursin('=', arg) ? Tuple(split(arg, '='; limit=2)) : (arg, nothing)
+        opt in TRAIN_OPTIONS ||
+            throw(InputError(opt, "unknown option for train (valid: $(join(TRAIN_OPTIONS, ", ")))"))
+        values = String[]
+        if inline !== nothing
+            push!(values, inline)
+        else
+            while i <= length(args) && !startswith(args[i], "--") && (opt == "--input" || isempty(values))
+                push!(values, args[i])
+                i += 1
+            end
+        end
+        isempty(values) && throw(InputError(opt, "needs a value"))
+        v = values[1]
+        s = o.settings
+        if opt == "--input"
+            for item in values
+                name, dir = occursin('=', item) ? Tuple(split(item, '='; limit=2)) : ("", "")
+                (isempty(name) || isempty(dir)) &&
+                    throw(InputError(opt, "expected NAME=DIR, got \"$item\""))
+                any(p -> p.first == name, o.inputs) &&
+                    throw(InputError(opt, "source name \"$name\" given twice"))
+                push!(o.inputs, String(name) => String(dir))
+            end
+        elseif opt == "--weights"
+            o.weights = v
+        elseif opt == "--output"
+            o.output = v
+        elseif opt == "--epochs"
+            s[:epochs] = parse_int(opt, v, 0)
+        elseif opt == "--batch-size"
+            s[:batch_size] = parse_int(opt, v, 1)
+        elseif opt == "--patience"
+            s[:patience] = parse_int(opt, v, 0)
+        elseif opt == "--seed"
+            s[:seed] = parse_int(opt, v, 0)
+        elseif opt == "--shift"
+            s[:shift] = parse_int(opt, v, 0)
+            s[:shift] <= 1_000_000 || throw(InputError(opt, "must be <= 1000000, got \"$v\""))
+        elseif opt == "--flip"
+            v in ("0", "1") || throw(InputError(opt, "must be 0 or 1, got \"$v\""))
+            s[:flip] = v == "1"
+        elseif opt == "--lr"
+            s[:lr] = parse_real(opt, v, x -> x > 0, "> 0")
+        elseif opt in ("--beta1", "--beta2")
+            s[Symbol(opt[3:end])] = parse_real(opt, v, x -> 0 <= x < 1, "in [0, 1)")
+        elseif opt == "--eps"
+            s[:eps] = parse_real(opt, v, x -> x > 0, "> 0")
+        elseif opt == "--weight-decay"
+            s[:weight_decay] = parse_real(opt, v, x -> x >= 0, ">= 0")
+        elseif opt == "--val-fraction"
+            s[:val_fraction] = parse_real(opt, v, x -> 0 <= x < 1, "in [0, 1)")
+        end
+    end
+    o.help && return o
+    isempty(o.inputs) && throw(InputError("--input", "is required (NAME=DIR for each source)"))
+    isempty(o.weights) && throw(InputError("--weights", "is required"))
+    isempty(o.output) && throw(InputError("--output", "is required"))
+    return o
+end
+
+train_settings(o::TrainOptions) = TrainSettings(; o.settings...)
+
+"""`train` mode: check the inputs, then train (or go on from OUTPUT's checkpoint)."""
+function run_train(o::TrainOptions, out::IO; hook=nothing)
+    init = load_weights(o.weights)
+    settings = train_settings(o)
+    shards = scan_sources(o.inputs, init.spec, settings)
+    make_output_folder(o.output)
+    return train(TrainJob(init.spec, settings, shards, o.output), init, out; hook=hook)
+end
+
 """
     main(args; out=stdout, err=stderr) -> exit code
 
-The command line (see `USAGE`). Errors are reported as one line on `err`
+The command line (see `USAGE`): classify shards or one image, or `train …`. Errors are reported as one line on `err`
 (`flux_model: error: <file>: <problem>`) with exit code 1; outputs already written stay.
 Set `SYNTHFLUX_DEBUG=1` to get the full stack trace as well.
 """
 function main(args::AbstractVector{<:AbstractString}; out::IO=stdout, err::IO=stderr)
     try
+        args = expand_response_files(args)
+        if !isempty(args) && args[1] == "train"
+            t = parse_train_args(args[2:end])
+            t.help ? print(out, USAGE) : run_train(t, out)
+            return 0
+        end
         o = parse_args(args)
         if o.help
             print(out, USAGE)

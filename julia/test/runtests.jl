@@ -46,6 +46,51 @@ green(c::RGB) = c.g
 blue(c::RGB) = c.b
 end
 
+# --- training helpers -------------------------------------------------------------------------
+
+const TSPEC = ArchSpec(8, 6, 1, 2, 3, [4])
+
+# A source folder of shards whose label shows in the pixels' mean (learnable in a few epochs);
+# `flip_val` gives the validation images (by the split hash) the opposite labels.
+function write_source(dir, name; shards=(10, 7), seed=0, val_fraction=0.0, flip_val=false,
+                      spec=TSPEC, first_id=1)
+    mkpath(dir)
+    rng = M.MersenneTwister(hash((name, seed)))
+    id = first_id
+    for (s, n) in enumerate(shards)
+        ids = collect(Int64, id:id+n-1)
+        id += n
+        labels = Int64[rand(rng, 0:spec.n_classes-1) for _ in 1:n]
+        images = randn(rng, Float32, spec.width, spec.height, spec.channels, n) .* 0.5f0
+        for j in 1:n
+            images[:, :, :, j] .+= 0.8f0 * (2 * labels[j] - 1)
+            if flip_val && M.is_validation(0, name, ids[j], val_fraction)
+                labels[j] = 1 - labels[j]
+            end
+        end
+        write_shard(joinpath(dir, "shard-$(lpad(s - 1, 5, '0')).npz"); images=images,
+                    labels=labels, ids=ids)
+    end
+    return dir
+end
+
+train_args(inputs, weights, output, extra...) =
+    ["train", "--input", inputs..., "--weights", weights, "--output", output, extra...]
+
+metric_lines(text) = [l for l in split(text, '\n') if startswith(l, "metrics: ")]
+
+# The numbers of a `metrics: {...}` line or a metrics.jsonl line (null -> NaN).
+function parse_metrics(line)
+    d = Dict{String,Float64}()
+    for m in eachmatch(r"\"(\w+)\": (null|[-+0-9.eE]+)", line)
+        d[m.captures[1]] = m.captures[2] == "null" ? NaN : parse(Float64, m.captures[2])
+    end
+    return d
+end
+
+same_arrays(a::AbstractDict, b::AbstractDict) =
+    sort!(collect(keys(a))) == sort!(collect(keys(b))) && all(isequal(a[k], b[k]) for k in keys(a))
+
 @testset "SynthFluxModel" begin
 
 @testset "ArchSpec" begin
@@ -338,6 +383,401 @@ end
             code, _, err = run_cli(png, "--weights", joinpath(GOLDEN, "gray", "weights.npz"))
             @test code == 1 && startswith(err, "flux_model: error: $png: reading PNG/JPEG needs")
             @test count(==('\n'), err) == 1
+        end
+    end
+end
+
+@testset "unit_hash and the rules built on it" begin
+    h = unit_hash(0, "split", "synthetic", 5)
+    @test h == 5372812218141759764
+    @test (h >> 11) / 2^53 == 0.2912607339632979 == M.unit_float(h)
+    @test unit_hash(7, "order", 3, "real-train", 1000002) == 18302822084227979998
+    @test unit_hash(123, "shard", 1, "synthetic", "shard-00002.npz") == 12758308679136725817
+    @test unit_hash(7, "augment", 2, "digits", 4611686018427387904) == 16321656232220981730
+    @test unit_hash(Int32(7), "order", UInt8(3), "real-train", 1000002) ==
+          unit_hash(7, "order", 3, "real-train", 1000002)  # decimal text, whatever the type
+    @test_throws ArgumentError unit_hash(1.5)
+    @test_throws ArgumentError unit_hash(true)
+    @test M.is_validation(0, "synthetic", 5, 0.3) && !M.is_validation(0, "synthetic", 5, 0.29)
+    ids = collect(Int64, 1:20)
+    keys_ = [unit_hash(4, "order", 2, "s", i) for i in ids]
+    @test issorted(keys_[M.image_order(4, 2, "s", ids)])
+    @test M.image_order(4, 2, "s", ids) != M.image_order(4, 3, "s", ids)
+    # The augmentation's parameters from the hash's bits.
+    h = unit_hash(7, "augment", 2, "digits", 4611686018427387904)
+    @test M.augmentation(7, 2, "digits", 4611686018427387904, true, 2) ==
+          (isodd(h), Int((h >> 8) % 5) - 2, Int((h >> 24) % 5) - 2)
+    @test M.augmentation(7, 2, "digits", 4611686018427387904, false, 0) == (false, 0, 0)
+end
+
+@testset "augmentation: flip, shift, edge clamp" begin
+    img = Float32[10x + y for x in 0:3, y in 0:2]  # W=4, H=3: value 10x + y at column x, row y
+    img = reshape(img, 4, 3, 1)
+    out = similar(img)
+    @test M.augment!(out, img, false, 0, 0) == img
+    @test M.augment!(out, img, true, 0, 0)[:, :, 1] == Float32[30 31 32; 20 21 22; 10 11 12; 0 1 2]
+    # dx = 1: out[x] = in[x - 1], the left edge repeated; dy = -1: out[y] = in[y + 1].
+    @test M.augment!(out, img, false, 1, -1)[:, :, 1] ==
+          Float32[1 2 2; 1 2 2; 11 12 12; 21 22 22]
+    # Flipped and shifted by dx = 2, dy = 1: out[x, y] = in[clamp(3 - x - 2), clamp(y - 1)].
+    @test M.augment!(out, img, true, 2, 1)[:, :, 1] == Float32[10 10 11; 0 0 1; 0 0 1; 0 0 1]
+    two = cat(img, img .+ 100; dims=3)  # channels move together
+    @test M.augment!(similar(two), two, true, 1, 0)[:, :, 2] ==
+          M.augment!(similar(img), img, true, 1, 0)[:, :, 1] .+ 100
+end
+
+@testset "AdamW step against a hand computation" begin
+    st = TrainSettings(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    p, g = Float32[1.0, -2.0], Float32[0.5, 0.0]
+    m, v = zeros(Float32, 2), zeros(Float32, 2)
+    M.adamw_update!(p, g, m, v, M.adamw_scalars(st, 1))
+    # t = 1: m = 0.1 g, v = 0.001 g², m̂ = g, v̂ = g², so p -= lr · g / (|g| + eps).
+    @test m ≈ Float32[0.05, 0] && v ≈ Float32[0.00025, 0]
+    @test p[1] ≈ 1.0 - 0.1 * 0.5 / (0.5 + 1e-8) atol = 1e-6
+    @test p[2] == -2.0f0  # zero gradient, zero moments: no move
+    # t = 2 with g = 0.5 again, in Float64 by hand.
+    M.adamw_update!(p, g, m, v, M.adamw_scalars(st, 2))
+    m2, v2 = 0.9 * 0.05 + 0.1 * 0.5, 0.999 * 0.00025 + 0.001 * 0.25
+    expected = (1.0 - 0.1 * 0.5 / (0.5 + 1e-8)) - (0.1 / (1 - 0.81)) * m2 / (sqrt(v2) / sqrt(1 - 0.999^2) + 1e-8)
+    @test p[1] ≈ expected atol = 1e-6
+    # Decoupled weight decay: p · (1 - lr·wd) first; a `nothing` gradient is zero.
+    st = TrainSettings(lr=0.01, weight_decay=0.5)
+    p, m, v = Float32[2.0], zeros(Float32, 1), zeros(Float32, 1)
+    M.adamw_update!(p, nothing, m, v, M.adamw_scalars(st, 1))
+    @test p == Float32[2.0f0 * Float32(1 - 0.005)] && m == [0] && v == [0]
+    # The scalars are Float64 expressions rounded once, and the update is this exact Float32 code.
+    k = M.adamw_scalars(TrainSettings(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=0.1), 3)
+    @test k.a == Float32(3e-3 / (1 - 0.8^3)) && k.s == Float32(sqrt(1 - 0.99^3))
+    @test k.c1 == Float32(1 - 0.8) && k.d == Float32(1 - 3e-4) && k.e == Float32(1e-7)
+    p0, g0, m0, v0 = 0.3f0, -0.7f0, 0.01f0, 0.002f0
+    p, m, v = [p0], [m0], [v0]
+    M.adamw_update!(p, [g0], m, v, k)
+    mm = k.b1 * m0 + k.c1 * g0
+    vv = k.b2 * v0 + k.c2 * (g0 * g0)
+    @test m[1] === mm && v[1] === vv && p[1] === (p0 * k.d) - k.a * mm / (sqrt(vv) / k.s + k.e)
+end
+
+@testset "max-pooling: MaxPool's forward, the gradient to the first maximum" begin
+    rng = M.MersenneTwister(2)
+    for (w, h) in ((4, 4), (5, 7), (12, 10))
+        x = randn(rng, Float32, w, h, 3, 2)
+        @test M.pool2x2(x) == M.MaxPool((2, 2))(x)
+    end
+    # A window (x, y) = (0,0) 1.0, (1,0) 1.0001, (0,1) 1.0001, (1,1) 0.5: the gradient goes to
+    # the first true maximum, (1,0), as in PyTorch (NNlib's ∇maxpool takes (0,0), ≈ the max).
+    x = reshape(Float32[1.0, 1.0001, 1.0001, 0.5], 2, 2, 1, 1)
+    y, back = M.Flux.pullback(M.pool2x2, x)
+    @test y == reshape([1.0001f0], 1, 1, 1, 1)
+    @test back(ones(Float32, 1, 1, 1, 1))[1] == reshape(Float32[0, 1, 0, 0], 2, 2, 1, 1)
+    ties = reshape(Float32[0.5, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 9, 9, 9, 9], 2, 2, 3, 1)
+    g = M.Flux.pullback(M.pool2x2, ties)[2](reshape(Float32[1, 2, 3], 1, 1, 3, 1))[1]
+    @test g[:, :, 1, 1] == [0 0; 1 0] && g[:, :, 2, 1] == [2 0; 0 0] && g[:, :, 3, 1] == [3 0; 0 0]
+    # A 5x7 input: the last column and row are dropped and get no gradient.
+    x = randn(rng, Float32, 5, 7, 1, 1)
+    gx = M.Flux.pullback(M.pool2x2, x)[2](ones(Float32, 2, 3, 1, 1))[1]
+    @test all(gx[5, :, 1, 1] .== 0) && all(gx[:, 7, 1, 1] .== 0) && sum(gx) == 6
+end
+
+@testset "explicit gradient against finite differences" begin
+    spec = ArchSpec(6, 4, 2, 3, 3, [3])
+    w = init_weights(spec; seed=4)
+    f64 = Dict(k => Float64.(a) for (k, a) in w.arrays)
+    model64 = M.Chain(M.Conv(f64["conv1_weight"], f64["conv1_bias"], M.relu; pad=1),
+                      M.pool2x2, M.flatten_whcn, M.Dense(f64["dense_weight"], f64["dense_bias"]))
+    rng = M.MersenneTwister(9)
+    x = randn(rng, Float64, 6, 4, 2, 5)
+    labels = [0, 2, 1, 1, 0]
+    y = M.onehot_matrix(Float64, labels, 3)
+    loss(m) = M.Flux.logitcrossentropy(m(x), y)
+    logits, l, g = M.loss_and_gradient(model64, x, labels, 3)
+    @test l ≈ loss(model64) && logits ≈ model64(x)
+    ls, right = M.example_stats(logits, labels)
+    @test ls / 5 ≈ l
+    @test right == count(j -> argmax(logits[:, j]) == labels[j] + 1, 1:5)
+    worst = 0.0
+    for slot in M.param_slots(spec)
+        p, gp = M.param_array(model64, slot), M.grad_array(g, slot)
+        @test size(gp) == size(p)
+        for i in eachindex(p)
+            old = p[i]
+            p[i] = old + 1e-6; up = loss(model64)
+            p[i] = old - 1e-6; down = loss(model64)
+            p[i] = old
+            worst = max(worst, abs((up - down) / 2e-6 - gp[i]))
+        end
+    end
+    @test worst < 1e-6
+    # Float32, as training runs it: the same gradient up to float32 rounding.
+    model32 = M.train_model(w)
+    @test model32(Float32.(x)) == build_model(w)(Float32.(x))  # classify's logits, bit for bit
+    _, _, g32 = M.loss_and_gradient(model32, Float32.(x), labels, 3)
+    for slot in M.param_slots(spec)
+        a, b = M.grad_array(g32, slot), M.grad_array(g, slot)
+        @test maximum(abs.(a .- b)) <= 1e-4 * max(maximum(abs.(b)), 1e-3)
+    end
+    @test M.grad_array(nothing, M.param_slots(spec)[1]) === nothing
+    @test M.grad_array((layers=(nothing, nothing, nothing, nothing),), M.param_slots(spec)[1]) === nothing
+end
+
+@testset "train: a tiny run through the CLI" begin
+    mktempdir() do dir
+        a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(10, 7, 9))
+        b = write_source(joinpath(dir, "real"), "real"; shards=(6,), first_id=1000001)
+        init = joinpath(dir, "init.npz")
+        save_weights(init, init_weights(TSPEC; seed=3))
+        out = joinpath(dir, "run")
+        code, text, err = run_cli(train_args(["synthetic=$a", "real=$b"], init, out,
+            "--epochs", "5", "--batch-size", "4", "--lr", "0.01", "--val-fraction", "0.25",
+            "--patience", "0", "--flip", "1", "--shift", "1")...)
+        @test code == 0 && err == ""
+        lines = metric_lines(text)
+        @test length(lines) == 5
+        ms = parse_metrics.(lines)
+        @test [m["epoch"] for m in ms] == 1:5
+        n_val = count(s -> true, (1 for (name, ids) in (("synthetic", 1:26), ("real", 1000001:1000006))
+                                  for i in ids if M.is_validation(0, name, i, 0.25)))
+        steps = cld(32 - n_val, 4)
+        @test [m["steps"] for m in ms] == steps .* (1:5)
+        @test ms[end]["train_loss"] < ms[1]["train_loss"]
+        @test ms[end]["train_accuracy"] > 0.8
+        @test all(m -> 0 <= m["val_accuracy"] <= 1 && m["val_loss"] > 0 && m["images_per_s"] > 0, ms)
+        @test all(m -> m["best_epoch"] == argmin([x["val_loss"] for x in ms[1:Int(m["epoch"])]]), ms)
+        @test occursin(Regex("^progress: $steps/$steps\$", "m"), text)
+        @test count(l -> startswith(l, "progress: "), split(text, '\n')) == 5 * min(steps, 10)
+        @test occursin(r"^done: stopped after 5 epochs; best epoch \d", split(text, '\n')[end-1])
+        @test sort(readdir(out)) == ["checkpoint.npz", "metrics.jsonl", "weights.npz"]
+        jsonl = readlines(joinpath(out, "metrics.jsonl"))
+        @test length(jsonl) == 5 && all(startswith.(jsonl, "{\"epoch\": "))
+        @test [parse_metrics(l)["train_loss"] for l in jsonl] ≈ [m["train_loss"] for m in ms]
+        @test parse_metrics(jsonl[end])["best_epoch"] == ms[end]["best_epoch"]
+        ck = npzread(joinpath(out, "checkpoint.npz"))
+        best = Int(ms[end]["best_epoch"])
+        @test ck["state"] == [1, 5, 5 * steps, best, 5 - best, 1]
+        @test size(ck["history"]) == (5, 8) && ck["history"][:, 1] == 1:5
+        @test ck["best_val_loss"] == [ck["history"][best, 5]]
+        result = load_weights(joinpath(out, "weights.npz"))
+        @test result.spec == TSPEC
+        @test all(result.arrays[k] == ck["best_" * k] for k in keys(result.arrays))
+        @test all(ck[k] != init_weights(TSPEC; seed=3).arrays[k] for k in keys(result.arrays))
+
+        # Without validation images: val_* are null and the last epoch is the best.
+        out2 = joinpath(dir, "run2")
+        code, text, err = run_cli(train_args(["synthetic=$a"], init, out2, "--epochs", "2",
+                                             "--val-fraction", "0", "--batch-size", "32")...)
+        @test code == 0
+        lines = metric_lines(text)
+        @test occursin("\"val_loss\": null, \"val_accuracy\": null", lines[1])
+        @test [parse_metrics(l)["best_epoch"] for l in lines] == [1, 2]
+        @test [parse_metrics(l)["steps"] for l in lines] == [1, 2]  # 26 images, one batch
+        ck = npzread(joinpath(out2, "checkpoint.npz"))
+        @test all(ck[k] == ck["best_" * k] for k in keys(init_weights(TSPEC).arrays))
+        @test isnan(ck["best_val_loss"][1])
+
+        # --epochs 0: the initial weights are the result, and a checkpoint with no epochs.
+        out3 = joinpath(dir, "run3")
+        code, text, _ = run_cli(train_args(["synthetic=$a"], init, out3, "--epochs", "0")...)
+        @test code == 0 && isempty(metric_lines(text))
+        @test same_arrays(npzread(joinpath(out3, "weights.npz")), npzread(init))
+        @test read(joinpath(out3, "metrics.jsonl"), String) == ""
+        ck = M.read_checkpoint(joinpath(out3, "checkpoint.npz"), TSPEC)[2]
+        @test (ck.epoch, ck.step, ck.finished, size(ck.history)) == (0, 0, true, (0, 8))
+        code, text, _ = run_cli(train_args(["synthetic=$a"], init, out3, "--epochs", "0")...)
+        @test code == 0 && startswith(text, "resume: from epoch 0\ndone: ")
+        # ... from which --epochs 2 trains as a fresh run does.
+        code, text, _ = run_cli(train_args(["synthetic=$a"], init, out3, "--epochs", "2",
+                                           "--val-fraction", "0", "--batch-size", "32")...)
+        @test code == 0 && length(metric_lines(text)) == 2
+        @test same_arrays(npzread(joinpath(out3, "weights.npz")), npzread(joinpath(out2, "weights.npz")))
+    end
+end
+
+@testset "train: resume gives the uninterrupted run's weights, bit for bit" begin
+    mktempdir() do dir
+        a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(9, 8, 5), seed=1)
+        b = write_source(joinpath(dir, "digits"), "digits"; shards=(7, 6), seed=2, first_id=5000000)
+        init = joinpath(dir, "init.npz")
+        save_weights(init, init_weights(TSPEC; seed=8))
+        inputs = ["synthetic=$a", "digits=$b"]
+        opts(epochs) = ("--epochs", string(epochs), "--batch-size", "5", "--lr", "0.02",
+                        "--weight-decay", "0.01", "--val-fraction", "0.2", "--patience", "0",
+                        "--flip", "1", "--shift", "2", "--seed", "11")
+        straight = joinpath(dir, "straight")
+        code, text, _ = run_cli(train_args(inputs, init, straight, opts(4)...)...)
+        @test code == 0 && length(metric_lines(text)) == 4
+        ref = npzread(joinpath(straight, "checkpoint.npz"))
+
+        # Two epochs, then the same folder with --epochs 4.
+        twice = joinpath(dir, "twice")
+        @test run_cli(train_args(inputs, init, twice, opts(2)...)...)[1] == 0
+        code, text, _ = run_cli(train_args(inputs, init, twice, opts(4)...)...)
+        @test code == 0 && startswith(text, "resume: from epoch 2\n")
+        @test [parse_metrics(l)["epoch"] for l in metric_lines(text)] == [3, 4]
+
+        # Killed in the middle of epoch 3 (after its second step), then run again.
+        killed = joinpath(dir, "killed")
+        o = M.parse_train_args(train_args(inputs, init, killed, opts(4)...)[2:end])
+        @test_throws InterruptException M.run_train(o, IOBuffer();
+            hook=(epoch, step, loss) -> (epoch == 3 && step == 2) && throw(InterruptException()))
+        @test npzread(joinpath(killed, "checkpoint.npz"))["state"][2] == 2
+        @test !isfile(joinpath(killed, "weights.npz"))
+        code, text, _ = run_cli(train_args(inputs, init, killed, opts(4)...)...)
+        @test code == 0 && startswith(text, "resume: from epoch 2\n")
+
+        for run in (twice, killed)
+            ck = npzread(joinpath(run, "checkpoint.npz"))
+            @test sort!(collect(keys(ck))) == sort!(collect(keys(ref)))
+            @test all(isequal(ck[k], ref[k]) for k in keys(ref) if k != "history")
+            @test isequal(ck["history"][:, 1:6], ref["history"][:, 1:6])  # not the timings
+            @test same_arrays(npzread(joinpath(run, "weights.npz")), npzread(joinpath(straight, "weights.npz")))
+            @test length(readlines(joinpath(run, "metrics.jsonl"))) == 4
+        end
+        # A finished run, run again: nothing more to do; weights.npz and metrics.jsonl rewritten.
+        rm(joinpath(straight, "weights.npz"))
+        code, text, _ = run_cli(train_args(inputs, init, straight, opts(4)...)...)
+        @test code == 0 && startswith(text, "resume: from epoch 4\ndone: ") && isempty(metric_lines(text))
+        @test same_arrays(npzread(joinpath(straight, "weights.npz")), npzread(joinpath(twice, "weights.npz")))
+        # A checkpoint past --epochs, or of another network, is an error naming it.
+        code, _, err = run_cli(train_args(inputs, init, straight, opts(3)...)...)
+        @test code == 1 && occursin("checkpoint.npz: is at epoch 4, past --epochs 3", err)
+        other = joinpath(dir, "other.npz")
+        save_weights(other, init_weights(ArchSpec(8, 6, 1, 2, 3, [5]); seed=8))
+        code, _, err = run_cli(train_args(inputs, other, straight, opts(4)...)...)
+        @test code == 1 && occursin("checkpoint.npz: made for another network", err)
+        @test count(==('\n'), err) == 1
+    end
+end
+
+@testset "train: early stopping with patience" begin
+    mktempdir() do dir
+        # The validation images' labels are the opposite of what the pixels say, so every epoch
+        # of learning makes val_loss worse: epoch 1 stays the best.
+        a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(12, 12), seed=5,
+                         val_fraction=0.3, flip_val=true)
+        init = joinpath(dir, "init.npz")
+        save_weights(init, init_weights(TSPEC; seed=1))
+        args(out, epochs) = train_args(["synthetic=$a"], init, out, "--epochs", string(epochs),
+            "--batch-size", "4", "--lr", "0.05", "--val-fraction", "0.3", "--patience", "2")
+        out = joinpath(dir, "run")
+        code, text, _ = run_cli(args(out, 20)...)
+        @test code == 0
+        ms = parse_metrics.(metric_lines(text))
+        @test length(ms) == 3 && all(m -> m["best_epoch"] == 1, ms)
+        @test ms[3]["val_loss"] > ms[2]["val_loss"] > ms[1]["val_loss"]
+        @test occursin("done: stopped early after epoch 3 (2 epochs without a better val_loss)", text)
+        ck = npzread(joinpath(out, "checkpoint.npz"))
+        @test ck["state"][[2, 4, 5, 6]] == [3, 1, 2, 1]
+        one = joinpath(dir, "one")
+        @test run_cli(args(one, 1)...)[1] == 0
+        @test same_arrays(npzread(joinpath(out, "weights.npz")), npzread(joinpath(one, "weights.npz")))
+        # Run again: finished, so only the outputs are rewritten.
+        code, text, _ = run_cli(args(out, 20)...)
+        @test code == 0 && isempty(metric_lines(text)) && occursin("resume: from epoch 3", text)
+    end
+end
+
+@testset "train: errors are one line" begin
+    mktempdir() do dir
+        a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(6,))
+        init = joinpath(dir, "init.npz")
+        save_weights(init, init_weights(TSPEC; seed=1))
+        out = joinpath(dir, "run")
+        wrong = joinpath(dir, "wrong")
+        mkpath(wrong)
+        write_shard(joinpath(wrong, "shard-00000.npz"); images=zeros(Float32, 6, 8, 1, 2))
+        badlabel = joinpath(dir, "badlabel")
+        mkpath(badlabel)
+        write_shard(joinpath(badlabel, "shard-00000.npz"); images=zeros(Float32, 8, 6, 1, 3),
+                    labels=Int64[0, 2, 1], ids=Int64[7, 8, 9])
+        empty = joinpath(dir, "empty")
+        mkpath(empty)
+        write_shard(joinpath(empty, "shard-00000.npz"); images=zeros(Float32, 8, 6, 1, 0))
+        nofiles = joinpath(dir, "nofiles")
+        mkpath(nofiles)
+        absent = joinpath(dir, "absent")
+        for (args, expected) in (
+                (train_args(["synthetic=$absent"], init, out), "$absent: no such folder"),
+                (train_args(["synthetic=$nofiles"], init, out), "$nofiles: no shard-*.npz files"),
+                (train_args(["synthetic"], init, out), "--input: expected NAME=DIR, got \"synthetic\""),
+                (train_args(["=$a"], init, out), "--input: expected NAME=DIR"),
+                (train_args(["s=$a", "s=$a"], init, out), "--input: source name \"s\" given twice"),
+                (train_args(["s=$wrong"], init, out),
+                 "$(joinpath(wrong, "shard-00000.npz")): images are (W, H, C) = (6, 8, 1)"),
+                (train_args(["s=$badlabel"], init, out),
+                 "$(joinpath(badlabel, "shard-00000.npz")): label 2 (image id 8) is outside 0..1"),
+                (train_args(["s=$empty"], init, out), "--input: no training images"),
+                (train_args(["s=$a"], joinpath(dir, "nope.npz"), out), "nope.npz: no such weights file"),
+                (train_args(["s=$a"], init, out, "--flip", "2"), "--flip: must be 0 or 1"),
+                (train_args(["s=$a"], init, out, "--lr", "-1"), "--lr: must be a number > 0"),
+                (train_args(["s=$a"], init, out, "--beta2", "1"), "--beta2: must be a number in [0, 1)"),
+                (train_args(["s=$a"], init, out, "--val-fraction", "x"), "--val-fraction: must be a number"),
+                (train_args(["s=$a"], init, out, "--batch-size", "0"), "--batch-size: must be an integer >= 1"),
+                (train_args(["s=$a"], init, out, "--frobnicate", "1"), "--frobnicate: unknown option for train"),
+                (train_args(["s=$a"], init, out, "stray"), "stray: unexpected argument"),
+                (["train", "--input", "s=$a", "--output", out], "--weights: is required"),
+                (["train", "--weights", init, "--output", out], "--input: is required"),
+                (["train", "--input", "s=$a", "--weights", init], "--output: is required"),
+                (train_args(["s=$a"], init, init), "init.npz: exists and is not a folder"),
+                (["@$(joinpath(dir, "none.args"))"], "none.args: no such response file"))
+            code, stdout_text, err = run_cli(args...)
+            @test code == 1
+            @test err == "flux_model: error: $(first(split(err[20:end], '\n')))\n"
+            @test count(==('\n'), err) == 1
+            @test occursin(expected, err)
+            occursin(expected, err) || println("unexpected error text: ", err)
+        end
+        @test !isdir(out)  # nothing was trained or written
+        code, text, err = run_cli("train", "--help")
+        @test code == 0 && occursin("--val-fraction", text) && err == ""
+    end
+end
+
+@testset "response files (@PATH) in both modes" begin
+    mktempdir() do dir
+        a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(6,))
+        init = joinpath(dir, "init.npz")
+        save_weights(init, init_weights(TSPEC; seed=1))
+        job = joinpath(dir, "job.args")
+        out = joinpath(dir, "run with space")
+        write(job, join(["train", "--input", "synthetic=$a", "", "--weights", init, "--output", out,
+                         "--epochs", "1\r", "--val-fraction", "0", ""], "\n"))
+        code, text, err = run_cli("@$job")
+        @test code == 0 && err == "" && length(metric_lines(text)) == 1
+        @test isfile(joinpath(out, "weights.npz"))
+        @test M.expand_response_files(["x", "@$job", "y"])[1:3] == ["x", "train", "--input"]
+        # Classify reads one too; the options after it still count.
+        cargs = joinpath(dir, "classify.args")
+        write(cargs, "--input\n$(joinpath(a, "shard-00000.npz"))\n--weights\n$init\n")
+        code, text, err = run_cli("@$cargs", "--output", joinpath(dir, "pred"))
+        @test code == 0 && occursin("summary: 6 images in 1 shards", text)
+        @test isfile(joinpath(dir, "pred", "shard-00000.probs.npz"))
+    end
+end
+
+@testset "golden training run from the PyTorch twin" begin
+    gdir = joinpath(GOLDEN, "train")
+    mktempdir() do dir
+        out = joinpath(dir, "run")
+        args = M.expand_response_files(["--input", "golden=$(joinpath(gdir, "data"))",
+            "--weights", joinpath(gdir, "init.npz"), "--output", out, "@$(joinpath(gdir, "args.txt"))"])
+        losses = Float64[]
+        M.run_train(M.parse_train_args(args), IOBuffer(); hook=(e, s, l) -> push!(losses, l))
+        expected = npzread(joinpath(gdir, "expected.npz"))
+        rel(a, b) = maximum(abs.(Float64.(a) .- Float64.(b))) / maximum(abs.(Float64.(b)))
+        @test length(losses) == length(expected["step_loss"])
+        @test maximum(abs.(losses .- expected["step_loss"]) ./ abs.(expected["step_loss"])) <= 1e-4
+        ck = npzread(joinpath(out, "checkpoint.npz"))
+        h, eh = ck["history"], expected["history"]
+        @test size(h, 1) == size(eh, 1)
+        @test h[:, [1, 2, 4, 6]] == eh[:, [1, 2, 4, 6]]  # epochs, steps, accuracies
+        @test maximum(abs.(h[:, [3, 5]] .- eh[:, [3, 5]]) ./ abs.(eh[:, [3, 5]])) <= 1e-4
+        for k in sort!([k for k in keys(expected) if startswith(k, "weights_")])
+            @test rel(ck[k[9:end]], expected[k]) <= 1e-4
+        end
+        if !isempty(get(ENV, "SYNTHFLUX_GOLDEN_REPORT", ""))
+            println("golden: step losses ", maximum(abs.(losses .- expected["step_loss"]) ./ abs.(expected["step_loss"])),
+                    "; history ", maximum(abs.(h[:, [3, 5]] .- eh[:, [3, 5]]) ./ abs.(eh[:, [3, 5]])),
+                    "; weights ", join(("$(k[9:end]) $(rel(ck[k[9:end]], expected[k]))"
+                                        for k in sort!([k for k in keys(expected) if startswith(k, "weights_")])), ", "))
         end
     end
 end
