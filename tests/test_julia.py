@@ -8,6 +8,7 @@ golden files, and so the Julia side's expected numbers, checked without Julia.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -36,7 +37,10 @@ def find_julia() -> tuple[str | None, str]:
     name = os.environ.get("SYNTHFLUX_JULIA", "julia")
     exe = shutil.which(name)
     if exe is None:
-        return None, f"no Julia: {name!r} is not on PATH (set SYNTHFLUX_JULIA to one with Flux/NPZ)"
+        return (
+            None,
+            f"no Julia: {name!r} is not on PATH (set SYNTHFLUX_JULIA to one with Flux/NPZ)",
+        )
     probe = [exe, f"--project={JULIA_PROJECT}", "-e", "using Flux, NPZ"]
     try:
         r = subprocess.run(probe, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -67,7 +71,11 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_julia_runtests(julia: str) -> None:
-    cmd = [julia, f"--project={JULIA_PROJECT}", str(JULIA_PROJECT / "test" / "runtests.jl")]
+    cmd = [
+        julia,
+        f"--project={JULIA_PROJECT}",
+        str(JULIA_PROJECT / "test" / "runtests.jl"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "Test Summary" in r.stdout
@@ -88,7 +96,10 @@ def test_flux_model_matches_golden(julia: str, tmp_path: Path, case: str) -> Non
     assert any(line.startswith("summary:") for line in lines)
     for shard in shards:
         name = probs_file(shard.name)
-        got, expected = load_npz(out / name), load_npz(GOLDEN / case / "expected" / name)
+        got, expected = (
+            load_npz(out / name),
+            load_npz(GOLDEN / case / "expected" / name),
+        )
         assert got["probs"].dtype == np.float32 and got["ids"].dtype == np.int64
         assert got["probs"].shape == expected["probs"].shape
         atol = expected["atol"][0]  # from the float64 truth, within the case's float32 tolerance
@@ -107,7 +118,13 @@ def test_flux_model_corrupt_shard_exits_1_and_keeps_outputs(julia: str, tmp_path
     stale = out / "shard-00001.probs.npz"
     stale.write_bytes(b"earlier output")
     r = run_flux_model(
-        julia, "--input", inputs, "--weights", GOLDEN / "gray" / "weights.npz", "--output", out
+        julia,
+        "--input",
+        inputs,
+        "--weights",
+        GOLDEN / "gray" / "weights.npz",
+        "--output",
+        out,
     )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1
@@ -116,7 +133,10 @@ def test_flux_model_corrupt_shard_exits_1_and_keeps_outputs(julia: str, tmp_path
     expected = load_npz(GOLDEN / "gray" / "expected" / "shard-00000.probs.npz")
     np.testing.assert_allclose(good["probs"], expected["probs"], atol=expected["atol"][0], rtol=0)
     assert stale.read_bytes() == b"earlier output"
-    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.probs.npz", stale.name]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "shard-00000.probs.npz",
+        stale.name,
+    ]
 
 
 def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path: Path) -> None:
@@ -136,7 +156,15 @@ def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path
     weights_path, out = tmp_path / "model" / "weights.npz", tmp_path / "pred"
 
     r = run_flux_model(
-        julia, "--input", inputs, "--weights", weights_path, "--output", out, "--seed", "3"
+        julia,
+        "--input",
+        inputs,
+        "--weights",
+        weights_path,
+        "--output",
+        out,
+        "--seed",
+        "3",
     )
     assert r.returncode == 0, r.stderr
     assert "initialised from seed 3" in r.stdout
@@ -148,3 +176,51 @@ def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path
     np.testing.assert_array_equal(got["ids"], ids)
     got_empty = load_npz(out / "shard-00001.probs.npz")
     assert got_empty["probs"].shape == (0, 2) and got_empty["ids"].shape == (0,)
+
+
+def test_a_julia_checkpoint_goes_on_in_the_twin_and_the_files_agree(
+    julia: str, tmp_path: Path
+) -> None:
+    """Julia trains the golden case for 2 epochs; the PyTorch twin resumes its checkpoint to 3
+    and lands where the twin's own 3 epochs do (the files mean the same in both languages);
+    both write metrics.jsonl in one format."""
+    from synthflux import reference_train
+
+    train = GOLDEN / "train"
+    common = [
+        "--input",
+        f"golden={train / 'data'}",
+        "--weights",
+        str(train / "init.npz"),
+    ]
+    args = [*(train / "args.txt").read_text().split(), "--epochs"]
+    r = run_flux_model(julia, "train", *common, "--output", tmp_path / "j", *args, "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("done: stopped after 2 epochs; best epoch ")
+    julia_lines = (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()
+    printed = [x.removeprefix("metrics: ") for x in r.stdout.splitlines() if "metrics: " in x]
+    assert julia_lines == printed
+
+    def twin(out: Path) -> None:
+        reference_train.main([*common, "--output", str(out), *args, "3"], lambda _: True)
+
+    twin(tmp_path / "j")
+    twin(tmp_path / "py")
+    got, want = (
+        load_npz(tmp_path / "j" / "checkpoint.npz"),
+        load_npz(tmp_path / "py" / "checkpoint.npz"),
+    )
+    np.testing.assert_array_equal(got["state"], want["state"])
+    for name in load_weights(train / "init.npz"):
+        if name != "arch":
+            assert np.abs(got[name] - want[name]).max() <= 1e-4 * np.abs(want[name]).max(), name
+    resumed = (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()
+    assert resumed[:2] == julia_lines  # the twin keeps Julia's history as Julia wrote it
+    python_lines = (tmp_path / "py" / "metrics.jsonl").read_text().splitlines()
+    for a, b in zip(resumed, python_lines, strict=True):
+        ja, jb = json.loads(a), json.loads(b)
+        assert list(ja) == list(jb)
+        assert {k: ja[k] for k in ("epoch", "steps", "best_epoch", "train_accuracy")} == {
+            k: jb[k] for k in ("epoch", "steps", "best_epoch", "train_accuracy")
+        }
+        assert ja["train_loss"] == pytest.approx(jb["train_loss"], rel=1e-4)

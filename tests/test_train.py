@@ -111,6 +111,56 @@ def test_the_twin_reproduces_the_golden_training(tmp_path, monkeypatch):
     assert len(losses) == 6  # 12 training images, batches of 4, 2 epochs
 
 
+def golden_run(out: Path, *overrides: str) -> list[str]:
+    """The golden case's run with some settings changed; the lines it printed."""
+    lines: list[str] = []
+    args = [*(GOLDEN / "args.txt").read_text().split(), *overrides]
+    reference_train.main(["--input", f"golden={GOLDEN / 'data'}", "--weights",
+                          str(GOLDEN / "init.npz"), "--output", str(out), *args],
+                         lambda line: lines.append(line) is None)  # fmt: skip
+    return lines
+
+
+def test_the_stopping_rule_is_asked_afresh_on_every_start(tmp_path):
+    """More epochs go on from a finished run, to the weights of one long run; a checkpoint past
+    --epochs is refused; metrics.jsonl holds the printed metrics lines, in train.jl's format."""
+    golden_run(tmp_path / "long", "--epochs", "3")
+    golden_run(tmp_path / "grown", "--epochs", "2")
+    lines = golden_run(tmp_path / "grown", "--epochs", "3")
+    assert lines[0] == "resume: from epoch 2"
+    assert lines[-1].startswith("done: stopped after 3 epochs; best epoch ")
+    assert (tmp_path / "grown" / "weights.npz").read_bytes() == (
+        tmp_path / "long" / "weights.npz"
+    ).read_bytes()
+    printed = [line.removeprefix("metrics: ") for line in lines if line.startswith("metrics: ")]
+    written = (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()
+    assert written[2:] == printed and len(written) == 3
+    first = json.loads(written[0])
+    assert list(first) == ["epoch", "steps", "train_loss", "train_accuracy", "val_loss",
+                           "val_accuracy", "images_per_s", "seconds", "best_epoch"]  # fmt: skip
+    assert first["epoch"] == 1 and first["steps"] == 3
+    with pytest.raises(DataError, match="past --epochs 2"):
+        golden_run(tmp_path / "long", "--epochs", "2")
+
+
+def test_the_best_epoch_and_early_stopping():
+    """Lowest val_loss, the first on ties, NaN never better than a number; without validation
+    the last epoch; patience counts the epochs since the best."""
+    nb, nan = reference_train.next_best, math.nan
+    assert nb(0, nan, 1, 0.5, True) == (1, 0.5)
+    assert nb(1, 0.5, 2, 0.5, True) == (1, 0.5)  # a tie keeps the first
+    assert nb(1, 0.5, 2, 0.4, True) == (2, 0.4)
+    assert nb(1, 0.5, 2, nan, True) == (1, 0.5)  # diverged: not an improvement
+    assert nb(0, nan, 1, nan, True)[0] == 1 and nb(1, nan, 2, 0.9, True) == (2, 0.9)
+    assert nb(3, nan, 4, nan, False)[0] == 4
+    history = [[e, e, 1.0, 0.5, loss, 0.5, 1.0, 1.0] for e, loss in enumerate([3, 2, 2, 5], 1)]
+    assert reference_train.best_epochs(history) == [1, 2, 2, 2]
+    settings = reference_train.Settings(epochs=10, patience=2)
+    state = reference_train._State(epoch=4, best_epoch=2, bad_epochs=2)
+    assert reference_train.stop_now(state, settings)
+    assert not reference_train.stop_now(state, reference_train.Settings(epochs=10, patience=0))
+
+
 # --- real images: train on real, test on real ---------------------------------------------
 
 
@@ -233,7 +283,7 @@ def test_train_on_synthetic_and_test_on_real(write_config, tmp_path):
     assert splits["validation"]["images"] + splits["train"]["images"] == 8
     assert splits["photos"]["images"] == 12 and splits["photos"]["kind"] == "test"
     assert result["trained_on"] == ["synthetic"]
-    assert isinstance(summaries[-1], evaluate.EvaluateSummary)
+    assert [type(s).__name__ for s in summaries[-2:]] == ["EvaluateSummary", "ReportSummary"]
     rows = (cfg.data_root / "evaluation" / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("split,source,id") and len(rows) == 1 + 8 + 12
 

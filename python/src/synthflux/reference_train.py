@@ -4,17 +4,18 @@ docs/training.md is the specification both follow: the split, the order of shard
 the augmentation, the loss and a hand-written AdamW step, so that from the same initial
 weights both take the same steps (tests/fixtures/golden/train/ pins them together). Weights
 and optimizer state are kept in Flux's layout in the files, so a checkpoint means the same in
-both languages. It holds one shard and one batch in memory.
+both languages. It holds one shard and one batch in memory. (One module, as train.jl is one
+file: the twin reads side by side with it.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 from synthflux import reference
 from synthflux.errors import DataError
 from synthflux.layout import SHARD_PATTERN
-from synthflux.storage import atomic_write, hold_point, write_jsonl_atomic
+from synthflux.storage import atomic_write, hold_point, write_bytes_atomic
 from synthflux.trainplan import augment, augmentation, image_order, shard_order, validation_mask
 from synthflux.weights import Weights, check_weights, load_weights, save_weights
 
@@ -187,11 +188,51 @@ class _State:
     best_epoch: int = 0
     bad_epochs: int = 0
     finished: bool = False
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.nan
     best: Weights = field(default_factory=dict)
     history: list[list[float]] = field(default_factory=list)
 
 
+def next_best(
+    best_epoch: int, best_val_loss: float, epoch: int, val_loss: float, has_val: bool
+) -> tuple[int, float]:
+    """The best epoch after `epoch`: the lowest val_loss (the first on ties, NaN never better
+    than a number), or, without validation images, the last epoch. (train.jl's `next_best`.)"""
+    if not has_val:
+        return epoch, math.nan
+    if best_epoch == 0 or _isless(val_loss, best_val_loss):
+        return epoch, val_loss
+    return best_epoch, best_val_loss
+
+
+def _isless(a: float, b: float) -> bool:
+    """Julia's `isless` on floats: NaN sorts after every number."""
+    return (not math.isnan(a) and math.isnan(b)) or a < b
+
+
+def stop_now(state: _State, settings: Settings) -> bool:
+    """Asked afresh on every start, with this run's settings: more epochs go on from a run that
+    ended at its old limit; one that stopped early stays stopped."""
+    return state.epoch >= settings.epochs or (
+        settings.patience > 0 and state.bad_epochs >= settings.patience
+    )
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """A CPU's reductions split work by thread count: the same weights on any machine (a
+    laptop, a Slurm node with one CPU) are worth more than speed for this twin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_thread()
 def train(
     inputs: list[tuple[str, Path]],
     init: Path,
@@ -199,28 +240,7 @@ def train(
     settings: Settings,
     emit: Callable[[str], None],
 ) -> None:
-    """Train from `init` (or resume from output/checkpoint.npz); write output/weights.npz.
-
-    On one thread: a CPU's reductions split work by thread count, and the same weights on any
-    machine (a laptop, a Slurm node with one CPU) are worth more than speed for this twin.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _train(inputs, init, output, settings, emit)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(
-    inputs: list[tuple[str, Path]],
-    init: Path,
-    output: Path,
-    settings: Settings,
-    emit: Callable[[str], None],
-) -> None:
+    """Train from `init` (or resume from output/checkpoint.npz); write output/weights.npz."""
     start_weights = load_weights(init)
     spec = check_weights(start_weights, str(init))
     shards = _shards(inputs, settings, spec.n_classes)
@@ -228,25 +248,52 @@ def _train(
     params = _parameters(model)
     opt = AdamW(settings, params)
     state = _State(best=dict(start_weights))
-    if (output / "checkpoint.npz").is_file():
-        state = _resume(output / "checkpoint.npz", params, opt, spec.to_array())
+    ckpt = output / "checkpoint.npz"
+    if ckpt.is_file():
+        state = _resume(ckpt, params, opt, spec.to_array())
+        if state.epoch > settings.epochs:
+            raise DataError(f"{ckpt}: is at epoch {state.epoch}, past --epochs "
+                            f"{settings.epochs} (delete it, or the output folder, to start over)")  # fmt: skip
         emit(f"resume: from epoch {state.epoch}")
+    # finished (or --epochs 0): the outputs again, nothing to train
+    if stop_now(state, settings) and not (ckpt.is_file() and state.finished):
+        state.finished = True
+        _write_checkpoint(output, spec.to_array(), params, opt, state)
     n_train = sum(int((~s.validation).sum()) for s in shards)
     steps = -(-n_train // settings.batch_size)
-    while not state.finished and state.epoch < settings.epochs:
-        epoch = state.epoch + 1
+    while not stop_now(state, settings):
         t0 = time.monotonic()
-        loss, correct = _epoch(model, opt, shards, settings, epoch, steps, emit)
+        loss, correct = _epoch(model, opt, shards, settings, state.epoch + 1, steps, emit)
         seconds = time.monotonic() - t0
-        val_loss, val_acc = _validate(model, shards)
-        _record(state, epoch, opt.step, loss / n_train, correct / n_train, val_loss, val_acc,
-                seconds, n_train / max(seconds, 1e-9), settings, params)  # fmt: skip
+        val_loss, val_acc = _validate(model, shards, settings.batch_size)
+        state.epoch += 1
+        best_epoch, state.best_val_loss = next_best(
+            state.best_epoch, state.best_val_loss, state.epoch, val_loss, not math.isnan(val_acc)
+        )
+        if best_epoch == state.epoch:
+            state.best = {**state.best, **_flux_weights(params)}
+        state.best_epoch, state.bad_epochs = best_epoch, state.epoch - best_epoch
+        rate = n_train / seconds if seconds > 0 else math.inf
+        row = [state.epoch, opt.step, loss / n_train, correct / n_train, val_loss, val_acc,
+               seconds, rate]  # fmt: skip
+        state.history.append([float(v) for v in row])
+        state.finished = stop_now(state, settings)
         _write_checkpoint(output, spec.to_array(), params, opt, state)
-        emit("metrics: " + json.dumps(_metrics_line(state)))
+        emit("metrics: " + metrics_json(state.history[-1], state.best_epoch))
         hold_point("epoch")
-    state.finished = True
-    _write_checkpoint(output, spec.to_array(), params, opt, state)
-    save_weights(output / "weights.npz", state.best)
+    _write_result(output, state)
+    why = (f"after {state.epoch} epochs" if state.epoch >= settings.epochs else
+           f"early after epoch {state.epoch} ({state.bad_epochs} epochs without a better val_loss)")  # fmt: skip
+    emit(f"done: stopped {why}; best epoch {state.best_epoch} -> {output / 'weights.npz'}")
+
+
+def _write_result(output: Path, state: _State) -> None:
+    path = output / "weights.npz"
+    if not all(np.isfinite(a).all() for k, a in state.best.items() if k != "arch"):
+        raise DataError(f"{path}: not written: the best weights (epoch {state.best_epoch}) hold "
+                        "NaN or Inf; training diverged, try a smaller --lr")  # fmt: skip
+    save_weights(path, state.best)
+    _write_metrics(output, state.history)
 
 
 def _epoch(
@@ -304,8 +351,9 @@ def _step(model: Any, opt: AdamW, x: np.ndarray, y: np.ndarray) -> tuple[float, 
     return float(losses.detach().double().sum()), right
 
 
-def _validate(model: Any, shards: list[_Shard]) -> tuple[float, float]:
-    """Mean loss and accuracy over the validation images (NaN, NaN without any)."""
+def _validate(model: Any, shards: list[_Shard], batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy over the validation images (NaN, NaN without any), in batches as
+    train.jl's, each image's loss summed in float64."""
     import torch
     import torch.nn.functional as F
 
@@ -315,47 +363,51 @@ def _validate(model: Any, shards: list[_Shard]) -> tuple[float, float]:
             rows = np.flatnonzero(shard.validation)
             if not len(rows):
                 continue
-            x = torch.from_numpy(np.ascontiguousarray(_nchw(shard.path)[rows], np.float32))
-            y = torch.from_numpy(shard.labels[rows])
-            logits = model(x)
-            total += float(F.cross_entropy(logits, y, reduction="sum"))
-            right += int((logits.argmax(dim=1) == y).sum())
-            n += len(rows)
+            nchw = _nchw(shard.path)
+            for start in range(0, len(rows), batch_size):
+                sel = rows[start : start + batch_size]
+                x = torch.from_numpy(np.ascontiguousarray(nchw[sel], np.float32))
+                y = torch.from_numpy(shard.labels[sel])
+                logits = model(x)
+                losses = F.cross_entropy(logits, y, reduction="none")
+                total += float(losses.double().sum())
+                right += int((logits.argmax(dim=1) == y).sum())
+                n += len(sel)
     return (total / n, right / n) if n else (math.nan, math.nan)
-
-
-def _record(
-    state: _State, epoch: int, steps: int, loss: float, acc: float, val_loss: float,
-    val_acc: float, seconds: float, rate: float, settings: Settings, params: dict[str, Any],
-) -> None:  # fmt: skip
-    """The epoch into the history; the best weights and early stopping."""
-    state.epoch = epoch
-    state.history.append([epoch, steps, loss, acc, val_loss, val_acc, seconds, rate])
-    better = math.isnan(val_loss) or val_loss < state.best_val_loss
-    if better:
-        state.best_val_loss = val_loss if not math.isnan(val_loss) else math.inf
-        state.best_epoch, state.bad_epochs = epoch, 0
-        state.best = {**state.best, **_flux_weights(params)}
-    else:
-        state.bad_epochs += 1
-        if settings.patience > 0 and state.bad_epochs >= settings.patience:
-            state.finished = True
 
 
 def _flux_weights(params: dict[str, Any]) -> Weights:
     return {k: _torch_to_flux(k, p.detach().numpy()) for k, p in params.items()}
 
 
-def _metrics_line(state: _State) -> dict[str, Any]:
-    row = dict(zip(HISTORY, state.history[-1], strict=True))
-    out: dict[str, Any] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                           for k, v in row.items()}  # fmt: skip
-    out["epoch"], out["steps"], out["best_epoch"] = (
-        int(row["epoch"]),
-        int(row["steps"]),
-        state.best_epoch,
-    )
+def metrics_json(row: list[float], best_epoch: int) -> str:
+    """A `metrics:` object, as train.jl writes it: this key order, %.9g, null for NaN/Inf."""
+    r = dict(zip(HISTORY, row, strict=True))
+    fields: list[tuple[str, float | int]] = [
+        ("epoch", int(r["epoch"])), ("steps", int(r["steps"])),
+        *((k, r[k]) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                              "images_per_s", "seconds")),
+        ("best_epoch", best_epoch),
+    ]  # fmt: skip
+
+    def number(x: float | int) -> str:
+        return str(x) if isinstance(x, int) else f"{x:.9g}" if math.isfinite(x) else "null"
+
+    return "{" + ", ".join(f'"{k}": {number(v)}' for k, v in fields) + "}"
+
+
+def best_epochs(history: list[list[float]]) -> list[int]:
+    """The best epoch after each row of a history (what metrics.jsonl says)."""
+    out, best, loss = [], 0, math.nan
+    for row in history:
+        best, loss = next_best(best, loss, int(row[0]), row[4], not math.isnan(row[5]))
+        out.append(best)
     return out
+
+
+def _write_metrics(output: Path, history: list[list[float]]) -> None:
+    lines = (metrics_json(row, b) for row, b in zip(history, best_epochs(history), strict=True))
+    write_bytes_atomic(output / "metrics.jsonl", "".join(f"{line}\n" for line in lines).encode())
 
 
 # --- checkpoint -----------------------------------------------------------------------------
@@ -371,24 +423,14 @@ def _write_checkpoint(
         arrays[f"best_{name}"] = state.best[name]
     arrays["state"] = np.array([CHECKPOINT_FORMAT, state.epoch, opt.step, state.best_epoch,
                                 state.bad_epochs, int(state.finished)], np.int64)  # fmt: skip
-    best = state.best_val_loss if math.isfinite(state.best_val_loss) else math.nan
-    arrays["best_val_loss"] = np.array([best], np.float64)
+    arrays["best_val_loss"] = np.array([state.best_val_loss], np.float64)
     arrays["history"] = np.asfortranarray(
         np.array(state.history, np.float64).reshape(-1, len(HISTORY))
     )
     output.mkdir(parents=True, exist_ok=True)
     with atomic_write(output / "checkpoint.npz") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
-    write_jsonl_atomic(
-        output / "metrics.jsonl", [_metrics_of(state, i) for i in range(len(state.history))]
-    )
-
-
-def _metrics_of(state: _State, i: int) -> dict[str, Any]:
-    row = dict(zip(HISTORY, state.history[i], strict=True))
-    out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-    out["epoch"], out["steps"] = int(row["epoch"]), int(row["steps"])
-    return out
+    _write_metrics(output, state.history)
 
 
 def _resume(path: Path, params: dict[str, Any], opt: AdamW, arch: np.ndarray) -> _State:
@@ -408,11 +450,11 @@ def _resume(path: Path, params: dict[str, Any], opt: AdamW, arch: np.ndarray) ->
             opt.v[name].copy_(torch.from_numpy(_flux_to_torch(name, ck[f"v_{name}"])))
     _, epoch, step, best_epoch, bad, finished = (int(v) for v in ck["state"])
     opt.step = step
-    best_loss = float(ck["best_val_loss"][0])
     best = {"arch": arch, **{k: ck[f"best_{k}"] for k in params}}
     history = ck["history"].reshape(-1, len(HISTORY)).tolist()
-    return _State(epoch, best_epoch, bad, bool(finished),
-                  best_loss if not math.isnan(best_loss) else math.inf, best, history)  # fmt: skip
+    return _State(
+        epoch, best_epoch, bad, bool(finished), float(ck["best_val_loss"][0]), best, history
+    )
 
 
 if __name__ == "__main__":
