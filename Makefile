@@ -54,6 +54,7 @@ test-fast: lint ## lint, then the tests that need no Docker, Slurm or Julia (a m
 bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by side)
 	$(BIN)/python bench/generate_overhead.py
 	$(BIN)/python bench/preprocess_throughput.py
+	$(BIN)/python bench/train_throughput.py
 
 .PHONY: clean
 clean: ## remove the demo data and caches (not the virtualenv)
@@ -82,14 +83,19 @@ images: ## build the Python (PY_IMAGE) and Julia (JULIA_IMAGE) images
 all: images ## images, then every stage in containers on volume DATA_VOLUME; results to DATA/containers
 	$(COMPOSE_RUN) generate
 	$(COMPOSE_RUN) preprocess
+	$(COMPOSE_RUN) train-prepare
+	$(COMPOSE_RUN) train
+	$(COMPOSE_RUN) train-collect
 	$(COMPOSE_RUN) classify
 	$(COMPOSE_RUN) collect
+	$(COMPOSE_RUN) evaluate
 	$(COMPOSE_RUN) report
 	mkdir -p $(DATA)/containers
 	cid=$$(docker create -v $(DATA_VOLUME):/data:ro $(PY_IMAGE)) && { \
-		docker cp $$cid:/data/predictions $(DATA)/containers/ && \
-		docker cp $$cid:/data/report $(DATA)/containers/; rc=$$?; docker rm $$cid >/dev/null; exit $$rc; }
-	@echo "copied predictions/ and report/ from volume $(DATA_VOLUME) to $(DATA)/containers/"
+		rc=0; for d in model evaluation report; do \
+			docker cp $$cid:/data/$$d $(DATA)/containers/ || { rc=1; break; }; done; \
+		docker rm $$cid >/dev/null; exit $$rc; }
+	@echo "copied model/, evaluation/ and report/ from volume $(DATA_VOLUME) to $(DATA)/containers/"
 
 .PHONY: test-images
 test-images: $(BIN)/.stamp ## only the container tests (part of `make test`): compose, lint, the Python image

@@ -1,6 +1,7 @@
 # Run at image build time (docker/julia.Dockerfile): classify one random shard end to end, the
-# way the classify stage does. It proves the image works before it is tagged, and it is the
-# workload whose compiled code goes into the optional PackageCompiler sysimage.
+# way the classify stage does, then train on it for an epoch, the way the train stage does. It
+# proves the image works before it is tagged, and it is the workload whose compiled code (the
+# gradient above all) goes into the optional PackageCompiler sysimage.
 using NPZ
 
 include("/opt/synthflux/julia/src/SynthFluxModel.jl")
@@ -16,4 +17,10 @@ mktempdir() do dir
     code = SynthFluxModel.main(args)
     code == 0 || error("warm-up classification failed with exit code $code")
     isfile(joinpath(dir, "out", "shard-00000.probs.npz")) || error("warm-up wrote no probs")
+    train = ["train", "--input", "warmup=$dir", "--weights", joinpath(dir, "weights.npz"),
+             "--output", joinpath(dir, "run"), "--epochs", "1", "--batch-size", "2",
+             "--val-fraction", "0", "--flip", "1", "--shift", "1"]
+    code = SynthFluxModel.main(train)
+    code == 0 || error("warm-up training failed with exit code $code")
+    isfile(joinpath(dir, "run", "weights.npz")) || error("warm-up training wrote no weights")
 end

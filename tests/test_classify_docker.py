@@ -75,15 +75,19 @@ def setup(tmp_path: Path, image: str) -> Setup:
     return _setup
 
 
-def containers(engine: Any, fx: Fixture, *, running_only: bool = False) -> list[Any]:
-    """This test's classify containers (found by the driver's labels)."""
-    filters = {"label": [f"{LABEL}=classify", f"synthflux.data_root={fx.root.resolve()}"]}
+def containers(
+    engine: Any, fx: Fixture, *, running_only: bool = False, stage: str = "classify"
+) -> list[Any]:
+    """This test's containers of a stage (found by the driver's labels)."""
+    filters = {"label": [f"{LABEL}={stage}", f"synthflux.data_root={fx.root.resolve()}"]}
     return engine.containers.list(all=not running_only, filters=filters)
 
 
-def wait_for_container(engine: Any, fx: Fixture, alive: Callable[[], bool]) -> Any:
+def wait_for_container(
+    engine: Any, fx: Fixture, alive: Callable[[], bool], stage: str = "classify"
+) -> Any:
     deadline = time.monotonic() + 60
-    while not (found := containers(engine, fx, running_only=True)):
+    while not (found := containers(engine, fx, running_only=True, stage=stage)):
         assert alive(), "the driver stopped before its container ran"
         assert time.monotonic() < deadline, "no running classify container after 60 s"
         time.sleep(0.05)
@@ -331,3 +335,49 @@ def test_unreadable_input_fails_before_any_container(setup: Setup, engine: Any) 
                        r"65534:65534: run `chmod -R a\+rX .*preprocessed/synthetic`"):  # fmt: skip
         classify.run(cfg)
     assert containers(engine, fx) == []
+
+
+# --- training through the same driver -----------------------------------------------------------
+
+
+def test_training_runs_sealed_off_and_publishes_the_weights(setup: Setup, engine: Any) -> None:
+    """`flux_model.jl train` in a container: inputs and initial weights read-only, only the
+    run folder writable, metrics streamed, the weights published; a re-run resumes."""
+    from synthflux import train
+
+    fx, _, cfg = setup()
+    control_standin(fx, hold=True)
+    run = Background(cfg, train.run)
+    try:
+        container = wait_for_container(engine, fx, run.thread.is_alive, stage="train")
+        mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+        assert set(mounts) == {"/data/preprocessed/synthetic", "/data/training/init-weights.npz",
+                               "/data/training/run"}  # fmt: skip
+        assert not mounts["/data/preprocessed/synthetic"]["RW"]
+        assert not mounts["/data/training/init-weights.npz"]["RW"]
+        assert mounts["/data/training/run"]["RW"]
+        assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+        command = container.attrs["Config"]["Cmd"]
+        assert command[:3] == ["train", "--input", "synthetic=/data/preprocessed/synthetic"]
+        assert "--epochs" in command
+    finally:
+        release_standin(fx)
+    summary = run.join()
+    assert summary.complete and len(summary.epochs) == cfg.train.epochs
+    assert (fx.root / "model" / "weights.npz").is_file()
+    assert train.is_current(cfg) and containers(engine, fx, stage="train") == []
+
+
+def test_a_failed_training_keeps_its_checkpoint_for_the_next_run(setup: Setup, engine: Any) -> None:
+    from synthflux import train
+
+    fx, _, cfg = setup()
+    control_standin(fx, fail_epoch=2)
+    with pytest.raises(ClassifierFailed, match="trainer container exited with code 3") as err:
+        train.run(cfg)
+    assert "simulated failure in epoch 2" in str(err.value)
+    control_standin(fx)
+    summary = train.run(cfg)
+    assert summary.complete
+    ck = fx.root / "training" / "run" / "checkpoint.npz"
+    assert ck.is_file() and containers(engine, fx, stage="train") == []

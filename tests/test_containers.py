@@ -31,7 +31,9 @@ import yaml
 
 from conftest import REPO, unavailable
 
-STAGES = ["generate", "preprocess", "classify", "collect", "report"]
+STAGES = ["generate", "preprocess", "train-prepare", "train", "train-collect", "classify",
+          "collect", "evaluate", "report"]  # fmt: skip
+JULIA_SERVICES = ("train", "classify")
 CLASSES = {"cat": 3, "dog": 2}  # images per class: 5 in all, so batches of 4 are padded
 USER = "1000:1000"  # the images' user (docker/*.Dockerfile)
 
@@ -90,23 +92,32 @@ def test_compose_wires_the_stages_over_one_volume_with_the_config_mounted(tmp_pa
         assert mounts["/data"] == "data:rw", name  # every stage: the one named volume
         assert services[name]["cap_drop"] == ["ALL"], name
         assert not any("docker.sock" in m for m in mounts.values()), name
-    for name in ("generate", "preprocess", "collect", "report"):
+    for name in set(STAGES) - set(JULIA_SERVICES):
         svc = services[name]
         assert svc["image"] == "py:1"
         assert _mounts(svc)["/config/pipeline.toml"] == f"{config}:ro"  # mounted, not baked in
         assert svc["command"][1:4] == ["/config/pipeline.toml", "--data", "/data"]
-    assert services["collect"]["command"] == [
-        "classify", "/config/pipeline.toml", "--data", "/data", "--backend", "none"
-    ]  # fmt: skip
+    none = ["/config/pipeline.toml", "--data", "/data", "--backend", "none"]
+    for name, command in (("collect", "classify"), ("train-prepare", "train"),
+                          ("train-collect", "train"), ("evaluate", "evaluate")):  # fmt: skip
+        assert services[name]["command"] == [command, *none], name
 
-    # The classifier runs directly from the Julia image, sealed off, after preprocess.
-    julia = services["classify"]
-    assert julia["image"] == "jl:2"
-    assert julia["network_mode"] == "none" and julia["read_only"] is True
-    assert julia["command"][:2] == ["--input", "/data/preprocessed"]  # flux_model.jl's args only
-    assert "--output" in julia["command"]
+    # The trainer and the classifier run directly from the Julia image, sealed off.
+    for name in JULIA_SERVICES:
+        julia = services[name]
+        assert julia["image"] == "jl:2", name
+        assert julia["network_mode"] == "none" and julia["read_only"] is True, name
+    # The trainer's arguments are the ones the driver wrote (flux_model.jl @file) ...
+    assert services["train"]["command"] == ["@/data/training/job.args"]
+    assert "entrypoint" not in services["train"]  # ... to the image's own entry point
+    # ... and the classifier runs flux_model.jl once per source, with the trained weights.
+    loop = " ".join(services["classify"]["command"])
+    assert "/data/preprocessed/*/" in loop and "flux_model.jl" in loop
+    assert "--weights /data/model/weights.npz" in loop
     chain = {
-        "preprocess": "generate", "classify": "preprocess", "collect": "classify", "report": "collect"
+        "preprocess": "generate", "train-prepare": "preprocess", "train": "train-prepare",
+        "train-collect": "train", "classify": "train-collect", "collect": "classify",
+        "evaluate": "collect", "report": "evaluate",
     }  # fmt: skip
     for service, after in chain.items():
         dep = services[service]["depends_on"]

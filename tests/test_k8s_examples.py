@@ -39,7 +39,13 @@ def indexed_jobs() -> dict[str, dict[str, Any]]:
 
 def test_the_examples_exist() -> None:
     names = {name for name, _ in documents()}
-    assert names == {"storage.yaml", "generate.yaml", "preprocess.yaml", "classify.yaml"}
+    assert names == {
+        "storage.yaml",
+        "generate.yaml",
+        "preprocess.yaml",
+        "train.yaml",
+        "classify.yaml",
+    }
     assert set(indexed_jobs()) == {"synthflux-generate", "synthflux-preprocess"}
 
 
@@ -84,18 +90,29 @@ def test_indexed_jobs_follow_the_shard_contract(stage: str) -> None:
         assert sum(s.owns(item) for s in owners) == 1
 
 
-def test_classify_runs_the_julia_image_then_the_report() -> None:
-    """As compose.yaml: flux_model.jl writes the probabilities, `classify --backend none` checks."""
+def test_classify_runs_the_julia_image_then_checks_evaluates_and_reports() -> None:
+    """As compose.yaml: flux_model.jl writes each source's probabilities, then the Python
+    image checks them (`classify --backend none`), evaluates and reports, in that order."""
     job = {doc["metadata"]["name"]: doc for _, doc in documents()}["synthflux-classify"]
     spec = job["spec"]["template"]["spec"]
-    (julia,) = spec["initContainers"]
-    (report,) = spec["containers"]
+    julia, *python = spec["initContainers"] + spec["containers"]
     assert julia["image"].startswith("synthflux-julia:")
-    args = julia["args"]
-    assert args[args.index("--input") + 1] == "/data/preprocessed"
-    assert args[args.index("--output") + 1] == "/data/predictions"
-    parsed = build_parser().parse_args(report["args"])
-    assert (parsed.command, parsed.backend, parsed.data) == ("classify", "none", "/data")
+    loop = " ".join(julia["args"])
+    assert "/data/preprocessed/*/" in loop and "--weights /data/model/weights.npz" in loop
+    commands = [build_parser().parse_args(c["args"]) for c in python]
+    assert [c.command for c in commands] == ["classify", "evaluate", "report"]
+    assert commands[0].backend == commands[1].backend == "none"
+
+
+def test_train_prepares_trains_with_the_julia_image_and_collects() -> None:
+    job = {doc["metadata"]["name"]: doc for _, doc in documents()}["synthflux-train"]
+    spec = job["spec"]["template"]["spec"]
+    prepare, julia, collect = spec["initContainers"] + spec["containers"]
+    assert julia["image"].startswith("synthflux-julia:")
+    assert julia["args"] == ["@/data/training/job.args"] and "command" not in julia
+    for python in (prepare, collect):
+        parsed = build_parser().parse_args(python["args"])
+        assert (parsed.command, parsed.backend, parsed.data) == ("train", "none", "/data")
 
 
 def test_all_pods_share_one_data_volume() -> None:

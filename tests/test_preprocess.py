@@ -232,7 +232,7 @@ def test_bad_inputs_are_quarantined_and_nothing_is_dropped(tmp_path):
     assert "unreadable" in reasons[9]
     assert all(rejects[i]["file"] for i in rejects) and all("\n" not in r for r in reasons.values())
     kept = read_jsonl(data / "preprocessed" / "synthetic" / "manifest.jsonl")
-    assert [r["id"] for r in kept] == [0, 10]
+    assert sorted(r["id"] for r in kept) == [0, 10]  # shard order mixes the classes
     assert set(rejects).isdisjoint(r["id"] for r in kept)
     assert summary.processed == {"synthetic": {"cat": 1, "dog": 1}}
     assert summary.rejected == {"synthetic": {"cat": 3, "dog": 6}}

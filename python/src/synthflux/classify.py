@@ -37,7 +37,14 @@ from synthflux.metrics import summarize
 from synthflux.progress import plural
 from synthflux.records import ManifestRecord, iter_records
 from synthflux.sources import Source, all_sources
-from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.stages import (
+    Stage,
+    StageState,
+    is_fresh,
+    one_job,
+    read_stage_marker,
+    write_stage_marker,
+)
 from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
 from synthflux.weights import load_weights, spec_of
 
@@ -376,17 +383,12 @@ def is_current(cfg: PipelineConfig) -> bool:
     weights and settings, and every published file is still the one it lists. `run`,
     `status` and `submit` all ask this."""
     layout = DataLayout(cfg.data_root)
-    marker = read_stage_marker(layout.stage_marker("classify"))
     weights = weights_path(cfg)
     try:
-        if marker is None or not weights.is_file() or marker.get("key") != inputs_key(cfg, weights):
-            return False
-        outputs = marker.get("outputs") or {}
-        return bool(outputs) and all(
-            sha256_file(layout.predictions / name) == digest for name, digest in outputs.items()
-        )
+        key = inputs_key(cfg, weights) if weights.is_file() else ""
     except (OSError, ValueError, DataError, KeyError, TypeError):
         return False
+    return bool(key) and is_fresh(layout.stage_marker("classify"), key, layout.predictions)
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
@@ -396,9 +398,8 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
     for s in all_sources(cfg):
         with suppress(OSError, ValueError, KeyError, TypeError):
             total += len(json.loads(layout.prepared(s.name).dataset.read_text())["shards"])
-    complete = is_current(cfg)
-    note = "" if complete else "no predictions for the current shards and weights yet"
-    return StageState("classify", [ShardState(0, total if complete else 0, total)], complete, note)
+    note = "no predictions for the current shards and weights yet"
+    return one_job("classify", is_current(cfg), note, done=total, total=total)
 
 
 STAGE = Stage(

@@ -1,7 +1,8 @@
 """The `synthflux` command: a thin argparse layer over the stage functions.
 
-One small builder per command, next to its handler. Errors a user can fix (SynthfluxError, and
-bad arguments) print as one line and exit 2; Ctrl-C exits 130; nothing else is caught.
+One small builder per command, next to its handler (the module is long only because every
+command's --help explains itself). Errors a user can fix (SynthfluxError, bad arguments, OS
+errors) print as one line and exit 2; Ctrl-C and SIGTERM exit 130; nothing else is caught.
 """
 
 from __future__ import annotations
@@ -370,13 +371,19 @@ def _status(sub: Any) -> None:
     )
     p.add_argument("--shards", type=at_least(1), metavar="N",
                    help="group by N tasks (default: the last submission's, else 1)")  # fmt: skip
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="where the CNN trains and runs, as `run --backend` would ask: its "
+                   "results belong to it (default: the last submission's, else "
+                   "classify.backend)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from synthflux.status import pipeline_status, status_shards
+    from synthflux.classify import with_overrides
+    from synthflux.status import pipeline_status, status_backend, status_shards
 
     cfg = _config(args)
+    cfg = with_overrides(cfg, backend=status_backend(cfg, args.backend))
     status = pipeline_status(cfg, status_shards(cfg, args.shards))
     if args.json:
         return _print([json.dumps(status.to_json(), indent=2)])

@@ -198,3 +198,28 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_prompts(pipe: Any, prompts: set[str]) -> dict[str, str]:
+    """What the model reads of each prompt; a prompt its text encoder must cut is said once.
+
+    CLIP reads at most 77 tokens (75 after its start and end markers): the rest, often the
+    style suffix, is silently dropped by diffusers. The record keeps what the model saw.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    seen = {p: p for p in prompts}
+    if tokenizer is None:
+        return seen
+    limit = int(tokenizer.model_max_length)
+    for prompt in sorted(prompts):
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) <= limit:
+            continue
+        kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).strip()
+        seen[prompt] = kept
+        cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+        log.warning(
+            "generate: prompt %r is %d tokens, the model reads %d: it sees %r; cut: %r "
+            "(shorten the prompt or the style)", prompt, len(ids) - 2, limit - 2, kept, cut,
+        )  # fmt: skip
+    return seen

@@ -29,7 +29,14 @@ from synthflux.metrics import per_class, summarize
 from synthflux.progress import plural
 from synthflux.records import iter_records
 from synthflux.sources import Source, all_sources, test_sources, training_sources
-from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.stages import (
+    Stage,
+    StageState,
+    is_fresh,
+    one_job,
+    read_stage_marker,
+    write_stage_marker,
+)
 from synthflux.storage import atomic_write, sha256_file, write_json_atomic
 from synthflux.trainplan import validation_mask
 
@@ -175,22 +182,13 @@ def inputs_key(cfg: PipelineConfig) -> str:
 
 def is_current(cfg: PipelineConfig) -> bool:
     layout = DataLayout(cfg.data_root)
-    marker = read_stage_marker(layout.stage_marker("evaluate"))
-    try:
-        if not classify.is_current(cfg) or marker is None or marker.get("key") != inputs_key(cfg):
-            return False
-        outputs = marker.get("outputs") or {}
-        return bool(outputs) and all(
-            sha256_file(layout.evaluation / name) == digest for name, digest in outputs.items()
-        )
-    except (OSError, DataError):
+    if not classify.is_current(cfg):
         return False
+    return is_fresh(layout.stage_marker("evaluate"), inputs_key(cfg), layout.evaluation)
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
-    complete = is_current(cfg)
-    note = "" if complete else "no evaluation of the current predictions yet"
-    return StageState("evaluate", [ShardState(0, int(complete), 1)], complete, note)
+    return one_job("evaluate", is_current(cfg), "no evaluation of the current predictions yet")
 
 
 STAGE = Stage(

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from synthflux.config import PipelineConfig
-from synthflux.diffusion import load_pipeline, resolve_model
+from synthflux.diffusion import load_pipeline, model_prompts, resolve_model
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
@@ -286,31 +286,6 @@ def _denoise(
     images = result.images[: len(batch)]
     flags = getattr(result, "nsfw_content_detected", None) or [False] * len(batch)
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), list(flags)
-
-
-def model_prompts(pipe: Any, prompts: set[str]) -> dict[str, str]:
-    """What the model reads of each prompt; a prompt its text encoder must cut is said once.
-
-    CLIP reads at most 77 tokens (75 after its start and end markers): the rest, often the
-    style suffix, is silently dropped by diffusers. The record keeps what the model saw.
-    """
-    tokenizer = getattr(pipe, "tokenizer", None)
-    seen = {p: p for p in prompts}
-    if tokenizer is None:
-        return seen
-    limit = int(tokenizer.model_max_length)
-    for prompt in sorted(prompts):
-        ids = tokenizer(prompt, truncation=False).input_ids
-        if len(ids) <= limit:
-            continue
-        kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).strip()
-        seen[prompt] = kept
-        cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
-        log.warning(
-            "generate: prompt %r is %d tokens, the model reads %d: it sees %r; cut: %r "
-            "(shorten the prompt or the style)", prompt, len(ids) - 2, limit - 2, kept, cut,
-        )  # fmt: skip
-    return seen
 
 
 def to_png(pixels: np.ndarray, record: ManifestRecord | dict[str, Any]) -> bytes:

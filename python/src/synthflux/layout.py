@@ -3,15 +3,20 @@
 No other module builds a data path by hand: a stage asks `DataLayout(root)` for its inputs and
 outputs, so the layout below is the whole truth about what lives where (docs/architecture.md).
 
-    DATA/models/tiny/                    the tiny test pipeline; revisions.json: hash cache
-    DATA/generated/<class>/<name>.png    generate: images, parts/, manifest.jsonl, dropped.jsonl
-    DATA/preprocessed/shard-NNNNN.npz    preprocess: shards + .json markers, manifest.jsonl,
-                                         rejects.jsonl, dataset.json, previews/
-    DATA/model/weights.npz               the CNN's default weights
-    DATA/predictions/                    classify: shard-NNNNN.probs.npz, predictions.csv,
-                                         summary.json
-    DATA/report/                         report: index.html, contact-sheet.png
-    DATA/slurm/                          submit: batch scripts, job logs, submission.json
+    DATA/models/tiny/                      the tiny test pipeline; revisions.json: hash cache
+    DATA/generated/<class>/<name>.png      generate (the source "synthetic"): images, parts/,
+                                           manifest.jsonl, dropped.jsonl
+    DATA/imported/<name>/<class>/...       import: a folder's images, manifest.jsonl, source.json
+    DATA/preprocessed/<source>/            preprocess: shard-NNNNN.npz + .json markers,
+                                           manifest.jsonl, rejects.jsonl, dataset.json, previews/
+    DATA/training/                         train: init-weights.npz, job.args, run/ (checkpoint,
+                                           metrics.jsonl, weights.npz)
+    DATA/model/weights.npz                 the trained CNN
+    DATA/predictions/<source>/             classify: shard-NNNNN.probs.npz; predictions.csv and
+                                           summary.json beside the source folders
+    DATA/evaluation/                       evaluate: summary.json, predictions.csv
+    DATA/report/                           report: index.html and its pictures
+    DATA/slurm/                            submit: batch scripts, job logs, submission.json
 
 Every stage folder holds a `stage.json`, written last: the stage's done marker.
 """
@@ -86,12 +91,6 @@ class DataLayout:
         """A generated image by its manifest `file` (relative to generated/)."""
         return self.generated / file
 
-    def inside_generated(self, file: str) -> Path | None:
-        """The image's path, or None if `file` points outside generated/ (never opened)."""
-        root = self.generated.resolve()
-        path = (root / file).resolve()
-        return path if path.is_relative_to(root) else None
-
     @property
     def parts(self) -> Path:
         return self.generated / "parts"
@@ -159,11 +158,6 @@ class DataLayout:
     @property
     def default_weights(self) -> Path:
         return self.model / "weights.npz"
-
-    @property
-    def default_weights_stamp(self) -> Path:
-        """What the default weights were initialised from (seed, shape)."""
-        return self.model / "weights.json"
 
     @property
     def predictions(self) -> Path:

@@ -1,5 +1,8 @@
 """Stage 3, preprocess: every source's images -> normalised float32 .npz shards.
 
+(A long module: one stage's whole life -- planning, writing, finishing, previews, done-ness --
+reads best in one place; the image work is in images.py, the .npz writer in shardwriter.py.)
+
 Each source (the generated images, and every imported folder: synthflux.sources) is its own
 dataset, preprocessed/<source>/. Its manifest's records are taken in a mixed order (a hash of
 each id, so every shard holds every class) and cut into output shards of `shard_size`: shard k
@@ -101,47 +104,15 @@ def run(
 ) -> PreprocessSummary:
     """Preprocess this process's output shards (skipping verified ones); finish the datasets."""
     shard = shard or ShardSpec()
-    pre = cfg.preprocess
     layout = DataLayout(cfg.data_root)
     summary = PreprocessSummary(shard=str(shard))
     # 1. the sources, each finished upstream, and every output shard numbered across them
     sources = _ready_sources(cfg)
-    n_records = {s.name: count_records(s.paths.manifest) for s in sources}
-    counts = {name: -(-n // pre.shard_size) for name, n in n_records.items()}
-    first = dict(zip(counts, itertools.accumulate([0, *counts.values()]), strict=False))
-    summary.shards_total = sum(counts.values())
-    mine = sum(
-        min(pre.shard_size, n - k * pre.shard_size)
-        for name, n in n_records.items()
-        for k in range(counts[name])
-        if shard.owns(first[name] + k)
-    )
+    plan = _Plan(sources, cfg.preprocess, shard)
+    summary.shards_total = plan.total
     # 2. every shard this process owns, unless it is already done
     start = time.monotonic()
-    verified: dict[tuple[str, int], ShardMarker] = {}  # checked in this run
-    n_workers = workers or pre.workers or os.cpu_count() or 1
-    with (
-        Decoder(pre, n_workers) as decode,
-        Progress("preprocess", mine) as progress,
-    ):
-        for source in sources:
-            prepared = layout.prepared(source.name)
-            prepared.folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(prepared.folder)
-            for k, records in _shards(source, pre):
-                if not shard.owns(first[source.name] + k):
-                    continue
-                if (reused := _shard_done(prepared, k, _input_key(records, pre))) is not None:
-                    verified[source.name, k] = reused
-                    summary.shards_reused += 1
-                    progress.update(len(records))
-                    continue
-                tasks = [(_input_path(source, r), r.get("sha256")) for r in records]
-                results = _counted(decode(tasks), progress)
-                info = _process_shard(prepared, k, records, pre, results)
-                verified[source.name, k] = info
-                summary.shards_done += 1
-                summary.images += info["count"] + len(info["rejects"])
+    verified = _process(cfg, plan, summary, workers)
     summary.seconds = time.monotonic() - start
     # 3. each source whose every shard is done is finished; the stage's marker says if all are
     for source in sources:
@@ -153,6 +124,54 @@ def run(
         seconds=summary.seconds, complete=summary.complete, facts={"sources": summary.finished},
     )  # fmt: skip
     return summary
+
+
+class _Plan:
+    """Every source's output shards, numbered across sources; which this process owns."""
+
+    def __init__(self, sources: list[Source], pre: PreprocessConfig, shard: ShardSpec) -> None:
+        self.sources, self.shard, size = sources, shard, pre.shard_size
+        records = {s.name: count_records(s.paths.manifest) for s in sources}
+        counts = {name: -(-n // size) for name, n in records.items()}
+        self.first = dict(zip(counts, itertools.accumulate([0, *counts.values()]), strict=False))
+        self.total = sum(counts.values())
+        self.mine = sum(  # the images of the shards this process owns, for the progress bar
+            min(size, n - k * size)
+            for name, n in records.items()
+            for k in range(counts[name])
+            if self.owns(name, k)
+        )
+
+    def owns(self, source: str, k: int) -> bool:
+        return self.shard.owns(self.first[source] + k)
+
+
+def _process(
+    cfg: PipelineConfig, plan: _Plan, summary: PreprocessSummary, workers: int | None
+) -> dict[tuple[str, int], ShardMarker]:
+    """Write every owned shard that is not done; return the markers checked on the way."""
+    pre, layout = cfg.preprocess, DataLayout(cfg.data_root)
+    verified: dict[tuple[str, int], ShardMarker] = {}
+    n_workers = workers or pre.workers or os.cpu_count() or 1
+    with Decoder(pre, n_workers) as decode, Progress("preprocess", plan.mine) as progress:
+        for source in plan.sources:
+            prepared = layout.prepared(source.name)
+            prepared.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(prepared.folder)
+            for k, records in _shards(source, pre):
+                if not plan.owns(source.name, k):
+                    continue
+                if (reused := _shard_done(prepared, k, _input_key(records, pre))) is not None:
+                    verified[source.name, k] = reused
+                    summary.shards_reused += 1
+                    progress.update(len(records))
+                    continue
+                tasks = [(_input_path(source, r), r.get("sha256")) for r in records]
+                info = _process_shard(prepared, k, records, pre, _counted(decode(tasks), progress))
+                verified[source.name, k] = info
+                summary.shards_done += 1
+                summary.images += info["count"] + len(info["rejects"])
+    return verified
 
 
 def _ready_sources(cfg: PipelineConfig) -> list[Source]:

@@ -27,7 +27,14 @@ from synthflux.drawing import Writer
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout
 from synthflux.progress import plural
-from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.stages import (
+    Stage,
+    StageState,
+    is_fresh,
+    one_job,
+    read_stage_marker,
+    write_stage_marker,
+)
 from synthflux.storage import atomic_write, sha256_file, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
@@ -52,10 +59,11 @@ def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = No
     evaluation, eval_rows = _load_evaluation(layout)
     epochs = _load_metrics(layout)
     classes: list[str] = summary["classes"]
-    # 1. thumbnails by class, of the synthetic images (else the first source's)
+    # 1. thumbnails by class, of the synthetic images (else the first source's), in id order
+    # (shards mix the classes, so the CSV's order is not the images')
     first = next((r["source"] for r in rows if r["source"] == SYNTHETIC), rows[0]["source"])
-    picked = {c: [r for r in rows if r["source"] == first and r["class"] == c][:per_class]
-              for c in classes}  # fmt: skip
+    in_order = sorted((r for r in rows if r["source"] == first), key=lambda r: int(r["id"]))
+    picked = {c: [r for r in in_order if r["class"] == c][:per_class] for c in classes}
     thumbs = {(r["source"], r["id"]): _thumbnail(layout, r) for g in picked.values() for r in g}
     sheet_path = out / "contact-sheet.png"
     write_bytes_atomic(sheet_path, _png(_contact_sheet(picked, thumbs, classes, summary)))
@@ -370,15 +378,8 @@ def inputs_key(cfg: PipelineConfig) -> str:
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
     layout = DataLayout(cfg.data_root)
-    marker = read_stage_marker(layout.stage_marker("report")) or {}
-    outputs = marker.get("outputs", {})
-    try:
-        complete = marker.get("key") == inputs_key(cfg) and all(
-            sha256_file(layout.report / name) == digest for name, digest in outputs.items()
-        )
-    except OSError:
-        complete = False
-    return StageState("report", [ShardState(0, int(complete), 1)], complete)
+    fresh = is_fresh(layout.stage_marker("report"), inputs_key(cfg), layout.report)
+    return one_job("report", fresh, "no report of the current results yet")
 
 
 STAGE = Stage(

@@ -20,7 +20,8 @@ Why plain sbatch scripts rendered from a template, not submitit: a task here is 
 files and the sacct polling it needs buy nothing; job arrays, `afterok` dependencies and
 `--requeue` are one sbatch option each; a rendered script can be read by a person, copied to
 another cluster, golden-tested byte for byte, and shown by `--dry-run`; and no new dependency
-has to match the cluster's Slurm version. The scripts are written to DATA/slurm/ (with the
+has to match the cluster's Slurm version (the reasons, the options and the plan make this module
+longer than most). The scripts are written to DATA/slurm/ (with the
 job logs) and `sbatch` submits them; nothing here waits on or polls the scheduler, except the
 one `squeue` check that refuses to submit while jobs of the last submission are queued.
 """

@@ -116,3 +116,26 @@ def write_stage_marker(
     }
     write_json_atomic(path, marker)
     return marker
+
+
+def is_fresh(marker_path: Path, key: str, outputs_root: Path) -> bool:
+    """A stage's result is current: its stage.json has this key, and every file it lists
+    (relative to `outputs_root`) still has the sha256 it had when it was published."""
+    from synthflux.storage import sha256_file
+
+    marker = read_stage_marker(marker_path)
+    if marker is None or marker.get("key") != key:
+        return False
+    outputs = marker.get("outputs") or {}
+    try:
+        return bool(outputs) and all(
+            sha256_file(outputs_root / name) == digest for name, digest in outputs.items()
+        )
+    except OSError:
+        return False
+
+
+def one_job(stage: str, complete: bool, note: str, done: int = 1, total: int = 1) -> StageState:
+    """The state of a stage that runs as one job (not as tasks)."""
+    shards = [ShardState(0, done if complete else 0, total)]
+    return StageState(stage, shards, complete, "" if complete else note)

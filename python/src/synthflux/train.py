@@ -31,7 +31,7 @@ from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
 from synthflux.sources import Source, training_sources
-from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.stages import Stage, StageState, is_fresh, one_job, write_stage_marker
 from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
 from synthflux.weights import check_weights, init_weights, load_weights, save_weights, spec_of
 
@@ -243,22 +243,17 @@ def _outputs(layout: DataLayout) -> dict[str, str]:
 def is_current(cfg: PipelineConfig) -> bool:
     """The trained weights were made from the current data and settings, and are intact."""
     layout = DataLayout(cfg.data_root)
-    marker = read_stage_marker(layout.stage_marker("train"))
     try:
-        if marker is None or marker.get("key") != inputs_key(cfg, training_sources(cfg)):
-            return False
-        outputs = marker.get("outputs") or {}
-        return bool(outputs) and all(
-            sha256_file(layout.root / name) == digest for name, digest in outputs.items()
-        )
+        key = inputs_key(cfg, training_sources(cfg))
     except (OSError, ValueError, DataError, KeyError, TypeError):
         return False
+    return is_fresh(layout.stage_marker("train"), key, layout.root)
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
-    complete = is_current(cfg)
-    note = "" if complete else "no trained model for the current data and settings yet"
-    return StageState("train", [ShardState(0, int(complete), 1)], complete, note)
+    return one_job(
+        "train", is_current(cfg), "no trained model for the current data and settings yet"
+    )
 
 
 STAGE = Stage(
