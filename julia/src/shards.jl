@@ -77,14 +77,18 @@ function write_probs(path::AbstractString, probs::AbstractMatrix{Float32}, ids::
     return path
 end
 
-# Write to a temp file beside `path`, then rename over it: readers never see a half-written
-# file, and a failure leaves the previous file intact.
 function atomic_npzwrite(path::AbstractString, vars::Dict{String,Any})
+    return atomic_write(tmp -> npzwrite(tmp, vars), path)
+end
+
+# `write_tmp(tmp)` writes the whole file to a temp file beside `path`, then one rename publishes
+# it: readers never see a half-written file, and a failure leaves the previous file intact.
+function atomic_write(write_tmp::Function, path::AbstractString)
     dir = dirname(abspath(path))
     mkpath(dir)
     tmp = joinpath(dir, ".$(basename(path)).$(getpid()).tmp")
     try
-        npzwrite(tmp, vars)
+        write_tmp(tmp)
         replace_file(tmp, path)
     catch
         rm(tmp; force=true)

@@ -409,15 +409,7 @@ end
 function write_metrics(path::AbstractString, history::AbstractMatrix{Float64})
     best = best_epochs(history)
     text = join((metrics_json(history[r, :], best[r]) * "\n" for r in 1:size(history, 1)))
-    tmp = joinpath(dirname(abspath(path)), ".$(basename(path)).$(getpid()).tmp")
-    try
-        write(tmp, text)
-        replace_file(tmp, path)
-    catch
-        rm(tmp; force=true)
-        rethrow()
-    end
-    return path
+    return atomic_write(tmp -> write(tmp, text), path)
 end
 
 # ---------------------------------------------------------------------------------------------
@@ -594,8 +586,9 @@ function warm_up(model, slots, job::TrainJob, state::TrainState)
 end
 
 function print_done(out::IO, job::TrainJob, state::TrainState)
-    why = state.epoch >= job.settings.epochs ? "after $(state.epoch) epochs" :
-        "early after epoch $(state.epoch) ($(state.bad_epochs) epochs without a better val_loss)"
+    epochs(n) = n == 1 ? "1 epoch" : "$n epochs"
+    why = state.epoch >= job.settings.epochs ? "after $(epochs(state.epoch))" :
+        "early after epoch $(state.epoch) ($(epochs(state.bad_epochs)) without a better val_loss)"
     println(out, "done: stopped $why; best epoch $(state.best_epoch) -> ",
             result_path(job.output))
     flush(out)

@@ -282,9 +282,13 @@ def train(
         emit("metrics: " + metrics_json(state.history[-1], state.best_epoch))
         hold_point("epoch")
     _write_result(output, state)
-    why = (f"after {state.epoch} epochs" if state.epoch >= settings.epochs else
-           f"early after epoch {state.epoch} ({state.bad_epochs} epochs without a better val_loss)")  # fmt: skip
+    why = (f"after {_epochs(state.epoch)}" if state.epoch >= settings.epochs else
+           f"early after epoch {state.epoch} ({_epochs(state.bad_epochs)} without a better val_loss)")  # fmt: skip
     emit(f"done: stopped {why}; best epoch {state.best_epoch} -> {output / 'weights.npz'}")
+
+
+def _epochs(n: int) -> str:
+    return "1 epoch" if n == 1 else f"{n} epochs"
 
 
 def _write_result(output: Path, state: _State) -> None:
