@@ -96,17 +96,17 @@ def wait_for_container(
 
 
 class Background:
-    """classify.run(cfg) on a thread, so the test can look at the container while it runs."""
+    """A stage's run(cfg) on a thread, so the test can look at the container while it runs."""
 
-    def __init__(self, cfg: PipelineConfig) -> None:
+    def __init__(self, cfg: PipelineConfig, stage_run: Callable[[PipelineConfig], Any] = classify.run) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(cfg, stage_run), daemon=True)
         self.thread.start()
 
-    def _run(self, cfg: PipelineConfig) -> None:
+    def _run(self, cfg: PipelineConfig, stage_run: Callable[[PipelineConfig], Any]) -> None:
         try:
-            self.result = classify.run(cfg)
+            self.result = stage_run(cfg)
         except BaseException as e:
             self.error = e
 
@@ -132,7 +132,7 @@ def test_success_over_several_shards(setup: Setup, engine: Any) -> None:
     summary = classify.run(cfg)
     check_success(fx, summary)
     assert summary.backend == "docker" and summary.image == cfg.classify.image
-    out = fx.root / "predictions"
+    out = fx.root / "predictions" / "synthetic"
     for file in fx.shard_files:  # written by the container user, handed back to the folder's owner
         assert (out / file.replace(".npz", ".probs.npz")).stat().st_uid == out.stat().st_uid
     assert containers(engine, fx) == []
@@ -314,7 +314,7 @@ def test_named_volume_mode(tmp_path: Path, engine: Any, image: str) -> None:
             assert (data["Type"], data["Name"], data["RW"]) == ("volume", volume.name, False)
             assert out["Type"] == "volume" and out["RW"] and out["Name"] != volume.name
             scratch = out["Name"]  # anonymous: it must go with the container
-            code, output = run_inside(container, "touch", "/data/predictions/synthetic/intruder")
+            code, output = run_inside(container, "touch", "/data/preprocessed/synthetic/intruder")
             assert code != 0 and "Read-only file system" in output
         finally:
             release_standin(fx)
