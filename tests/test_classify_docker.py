@@ -98,7 +98,9 @@ def wait_for_container(
 class Background:
     """A stage's run(cfg) on a thread, so the test can look at the container while it runs."""
 
-    def __init__(self, cfg: PipelineConfig, stage_run: Callable[[PipelineConfig], Any] = classify.run) -> None:
+    def __init__(
+        self, cfg: PipelineConfig, stage_run: Callable[[PipelineConfig], Any] = classify.run
+    ) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(cfg, stage_run), daemon=True)

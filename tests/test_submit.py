@@ -284,7 +284,7 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     ids = job_ids(data)
     wait_for_jobs(list(ids.values()))
     assert re.search(rf"submitted generate +job {ids['generate']}: array 0-2 \(3 tasks\)", out)
-    order = ("generate", "preprocess", "train", "classify", "evaluate")
+    order = ("generate", "preprocess", "train", "classify", "evaluate", "report")
     assert f"squeue -j {','.join(ids[s] for s in order)}" in out
 
     states = job_states(list(ids.values()))
@@ -293,7 +293,7 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     assert sum(k.startswith(ids["generate"] + "_") for k in states) == 3
     logs = sorted(p.name for p in (data / "slurm").glob("*.log"))
     assert logs == sorted(
-        [f"{s}-{ids[s]}.log" for s in ("train", "classify", "evaluate")]
+        [f"{s}-{ids[s]}.log" for s in ("train", "classify", "evaluate", "report")]
         + [
             f"{stage}-{ids[stage]}_{i}.log"
             for stage in ("generate", "preprocess")
@@ -313,7 +313,7 @@ def test_three_shards_through_all_stages_equal_the_unsharded_run(
     assert not status["complete"] and status["note"] == "manifest not merged yet", status
     plan = cli("submit", str(config), "--resubmit-failed", "--dry-run").splitlines()[0]
     assert plan.endswith(
-        "generate tasks 0; preprocess tasks 0-2; train job; classify job; evaluate job"
+        "generate tasks 0; preprocess tasks 0-2; train job; classify job; evaluate job; report job"
     ), plan
 
 
@@ -346,7 +346,7 @@ def test_failed_task_stops_later_stages_and_resubmit_completes(
     plan = cli("submit", str(config), "--resubmit-failed", "--dry-run", "--python", PYTHON)
     assert plan.splitlines()[0] == (
         "resubmitting what the data shows incomplete: "
-        "generate tasks 1; preprocess tasks 0-2; train job; classify job; evaluate job"
+        "generate tasks 1; preprocess tasks 0-2; train job; classify job; evaluate job; report job"
     )
     check_golden("resubmit-failed.txt", normalise(plan, tmp_path))
 
@@ -396,7 +396,10 @@ def test_cancelled_task_is_resubmitted_alone(
     assert status_json(config)["stages"]["generate"]["incomplete"] == [2]
 
     out, new_ids = submit_and_wait(config, "--resubmit-failed")
-    assert "generate tasks 2; preprocess tasks 0-2; train job; classify job; evaluate job" in out
+    assert (
+        "generate tasks 2; preprocess tasks 0-2; train job; classify job; evaluate job; report job"
+        in out
+    )
     assert set(job_states(list(new_ids.values())).values()) == {"COMPLETED"}
     assert status_json(config)["complete"]
     assert_same_as_unsharded(data, unsharded)

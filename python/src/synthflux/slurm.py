@@ -41,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from synthflux.classify import with_overrides
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError, SubmitError
 from synthflux.layout import DataLayout
@@ -147,10 +148,14 @@ def _command(stage: str, paths: Paths, opts: SubmitOptions) -> str:
             cmd + f' --shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'
             ' --workers "${SLURM_CPUS_PER_TASK:-1}"'
         )
-    backend = opts.classify_backend
-    if backend == APPTAINER:
-        backend = "local"  # `julia` on PATH is the apptainer shim written beside the script
+    backend = node_backend(opts.classify_backend)
     return cmd + (f" --backend {q(backend)}" if backend and stage in CNN_STAGES else "")
+
+
+def node_backend(classify_backend: str | None) -> str | None:
+    """The `--backend` the CNN stages run with on the nodes (their results record it)."""
+    # Under Apptainer, `julia` on PATH is the shim written beside the script.
+    return "local" if classify_backend == APPTAINER else classify_backend
 
 
 def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int] | None) -> str:
@@ -355,7 +360,9 @@ def plan_submission(
             )
         stored = dict(previous["options"]) if previous else {}
         opts = SubmitOptions.from_json(stored | given)
-        status = pipeline_status(cfg, opts.shards)
+        # Complete as the nodes would find it: the CNN stages' results belong to a backend.
+        on_nodes = with_overrides(cfg, backend=node_backend(opts.classify_backend))
+        status = pipeline_status(on_nodes, opts.shards)
         return Plan.failed(status), paths, opts, status
     if "shards" not in given:
         raise SubmitError(

@@ -94,10 +94,9 @@ def status_shards(cfg: PipelineConfig, shards: int | None) -> int:
 
 def status_backend(cfg: PipelineConfig, backend: str | None) -> str | None:
     """--backend, else the last submission's (--classify-backend), else None (the config's)."""
-    from synthflux.slurm import APPTAINER, read_submission
+    from synthflux.slurm import node_backend, read_submission
 
     if backend is not None:
         return backend
     previous = read_submission(DataLayout(cfg.data_root)) or {}
-    chosen = previous.get("options", {}).get("classify_backend")
-    return "local" if chosen == APPTAINER else chosen
+    return node_backend(previous.get("options", {}).get("classify_backend"))
