@@ -476,6 +476,18 @@ end
     x = randn(rng, Float32, 5, 7, 1, 1)
     gx = M.Flux.pullback(M.pool2x2, x)[2](ones(Float32, 2, 3, 1, 1))[1]
     @test all(gx[5, :, 1, 1] .== 0) && all(gx[:, 7, 1, 1] .== 0) && sum(gx) == 6
+    # The same values and gradient, bit for bit, as Zygote through `maximum(…; dims)` (the first
+    # maximum by `findmax`), also on ties after relu and on odd sizes.
+    by_maximum(x) = (w2 = size(x, 1) ÷ 2; h2 = size(x, 2) ÷ 2;
+                     xc = x[1:2w2, 1:2h2, :, :];
+                     reshape(maximum(reshape(xc, 2, w2, 2, h2, size(x, 3), size(x, 4)); dims=(1, 3)),
+                             w2, h2, size(x, 3), size(x, 4)))
+    for (w, h) in ((4, 4), (5, 7), (16, 16))
+        x = M.relu.(round.(randn(rng, Float32, w, h, 3, 4); digits=1))  # many equal values
+        dy = randn(rng, Float32, w ÷ 2, h ÷ 2, 3, 4)
+        (a, back_a), (b, back_b) = M.Flux.pullback(M.pool2x2, x), M.Flux.pullback(by_maximum, x)
+        @test a == b && back_a(dy)[1] == back_b(dy)[1]
+    end
 end
 
 @testset "explicit gradient against finite differences" begin
