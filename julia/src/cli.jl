@@ -68,33 +68,53 @@ function parse_floats(opt, values)
     return out
 end
 
-"""Parse the command line into `Options`; throws `InputError(option, …)` for bad usage."""
-function parse_args(args::AbstractVector{<:AbstractString})
-    o = Options()
+"""
+    split_options(args, valid, multi_value; command="", positional=nothing) -> (help, options)
+
+The words of a command line as (option, values) in order: `--opt=v`, or `--opt` and the words
+after it up to the next option (one, or all for `multi_value` ones). `-h`/`--help` sets `help`;
+other words go to `positional`, or are an error where it is `nothing`.
+"""
+function split_options(args::AbstractVector{<:AbstractString}, valid, multi_value;
+                       command::AbstractString="", positional=nothing)
+    help, options = false, Pair{String,Vector{String}}[]
     i = 1
     while i <= length(args)
         arg = args[i]
         i += 1
         if arg in ("-h", "--help")
-            o.help = true
+            help = true
             continue
         elseif !startswith(arg, "--")
-            push!(o.positional, arg)
+            positional === nothing &&
+                throw(InputError(arg, "unexpected argument ($command takes options only)"))
+            push!(positional, arg)
             continue
         end
         opt, inline = occursin('=', arg) ? Tuple(split(arg, '='; limit=2)) : (arg, nothing)
-        opt in OPTIONS || throw(InputError(opt, "unknown option (valid: $(join(OPTIONS, ", ")))"))
+        suffix = isempty(command) ? "" : " for $command"
+        opt in valid || throw(InputError(opt, "unknown option$suffix (valid: $(join(valid, ", ")))"))
         values = String[]
         if inline !== nothing
             push!(values, inline)
-        else  # take following words up to the next option: one, or all for multi-value ones
+        else
             while i <= length(args) && !startswith(args[i], "--") &&
-                  (opt in MULTI_VALUE || isempty(values))
+                  (opt in multi_value || isempty(values))
                 push!(values, args[i])
                 i += 1
             end
         end
         isempty(values) && throw(InputError(opt, "needs a value"))
+        push!(options, String(opt) => values)
+    end
+    return help, options
+end
+
+"""Parse the command line into `Options`; throws `InputError(option, …)` for bad usage."""
+function parse_args(args::AbstractVector{<:AbstractString})
+    o = Options()
+    o.help, options = split_options(args, OPTIONS, MULTI_VALUE; positional=o.positional)
+    for (opt, values) in options
         if opt == "--input"
             append!(o.inputs, values)
         elseif opt == "--weights"
@@ -298,28 +318,8 @@ end
 """Parse `train`'s options (after the word `train`) into `TrainOptions`; `InputError` on bad usage."""
 function parse_train_args(args::AbstractVector{<:AbstractString})
     o = TrainOptions()
-    i = 1
-    while i <= length(args)
-        arg = args[i]
-        i += 1
-        if arg in ("-h", "--help")
-            o.help = true
-            continue
-        end
-        startswith(arg, "--") || throw(InputError(arg, "unexpected argument (train takes options only)"))
-        opt, inline = occursin('=', arg) ? Tuple(split(arg, '='; limit=2)) : (arg, nothing)
-        opt in TRAIN_OPTIONS ||
-            throw(InputError(opt, "unknown option for train (valid: $(join(TRAIN_OPTIONS, ", ")))"))
-        values = String[]
-        if inline !== nothing
-            push!(values, inline)
-        else
-            while i <= length(args) && !startswith(args[i], "--") && (opt == "--input" || isempty(values))
-                push!(values, args[i])
-                i += 1
-            end
-        end
-        isempty(values) && throw(InputError(opt, "needs a value"))
+    o.help, options = split_options(args, TRAIN_OPTIONS, ("--input",); command="train")
+    for (opt, values) in options
         v = values[1]
         s = o.settings
         if opt == "--input"
