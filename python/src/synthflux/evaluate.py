@@ -181,9 +181,10 @@ def inputs_key(cfg: PipelineConfig) -> str:
 
 
 def is_current(cfg: PipelineConfig) -> bool:
+    """The evaluation belongs to classify's result as stage.json records it. Whether that result
+    is itself current, run and status ask classify first (a stage after an incomplete one
+    waits), so it is not hashed again here."""
     layout = DataLayout(cfg.data_root)
-    if not classify.is_current(cfg):
-        return False
     return is_fresh(layout.stage_marker("evaluate"), inputs_key(cfg), layout.evaluation)
 
 
