@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 from PIL import Image
@@ -41,6 +42,19 @@ def test_run_then_rerun_skips_verified_work_and_from_redoes(write_config):
         p = np.array([float(r["p_cat"]), float(r["p_dog"])])
         assert abs(p.sum() - 1) < 1e-5
         assert r["predicted"] == ("cat", "dog")[int(p.argmax())]
+
+
+def test_run_backend_on_the_command_line_skips_what_it_made(write_config):
+    """`run --backend reference` over a config that says docker: the second run finds the
+    reference backend's results complete (they belong to a backend) and skips them."""
+    path, _ = write_config(classify={"backend": "docker"})
+    assert run_cli("run", str(path), "--backend", "reference").returncode == 0
+    again = run_cli("run", str(path), "--backend", "reference")
+    assert again.returncode == 0, again.stderr
+    for stage in ("train", "classify", "evaluate", "report"):
+        assert re.search(rf"^{stage}: .* are complete and verified; skipped", again.stdout, re.M), (
+            again.stdout
+        )
 
 
 def test_report_shows_every_class_with_captions(write_config):

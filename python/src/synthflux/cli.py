@@ -263,10 +263,10 @@ def _run(sub: Any) -> None:
         sub,
         "run",
         cmd_run,
-        "all stages: generate -> preprocess -> classify",
-        "Run generate, preprocess and classify in order. Each stage keeps what is "
-        "already complete and verified, so `run` after an interruption resumes; --from STAGE "
-        "deletes that stage's outputs (and later ones) and redoes them.",
+        "all stages: generate -> preprocess -> train -> classify -> evaluate -> report",
+        "Run the stages in order (generate only where train.sources has synthetic). Each stage "
+        "keeps what is already complete and verified, so `run` after an interruption resumes; "
+        "--from STAGE deletes that stage's outputs (and later ones) and redoes them.",
     )
     p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES,
                    help="redo from this stage: its outputs and later stages' are deleted first")  # fmt: skip
@@ -274,11 +274,13 @@ def _run(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from synthflux.classify import with_overrides
     from synthflux.pipeline import run_pipeline
 
-    where = {"backend": args.backend, "image": args.image}  # where the CNN runs
-    options = {"train": where, "classify": where, "evaluate": where}
-    run_pipeline(_config(args), from_stage=args.from_stage, options=options)
+    # Where the CNN runs belongs to its results: each stage is asked whether it is complete
+    # for this backend, as `status --backend` asks.
+    cfg = with_overrides(_config(args), backend=args.backend, image=args.image)
+    run_pipeline(cfg, from_stage=args.from_stage)
     return 0
 
 
