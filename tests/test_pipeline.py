@@ -57,6 +57,17 @@ def test_run_backend_on_the_command_line_skips_what_it_made(write_config):
         )
 
 
+def test_evaluate_after_the_manifest_lost_an_image_is_a_clear_error(write_config):
+    path, cfg = write_config(classify={"backend": "reference"})
+    assert run_cli("run", str(path)).returncode == 0
+    manifest = cfg.data_root / "generated" / "manifest.jsonl"
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
+    done = run_cli("evaluate", str(path))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.search(r"shard-\d+\.npz: image id \d+ is not in .*manifest\.jsonl", done.stderr)
+
+
 def test_report_shows_every_class_with_captions(write_config):
     path, cfg = write_config(classify={"backend": "reference"})
     assert run_cli("run", str(path)).returncode == 0

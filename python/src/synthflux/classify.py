@@ -133,7 +133,7 @@ def run(
     sources = _ready(cfg)
     datasets = {s.name: load_dataset(cfg, s.name) for s in sources}
     weights = model_weights(cfg, list(datasets.values()))
-    records = {s.name: _join_manifest(s, datasets[s.name]) for s in sources}
+    records = {s.name: join_manifest(s, datasets[s.name]) for s in sources}
     layout.predictions.mkdir(parents=True, exist_ok=True)
     with exclusive(layout.classify_lock, "classify"):
         # 2. the classifier into a private staging folder; 3. every output checked before any
@@ -184,7 +184,7 @@ def _ready(cfg: PipelineConfig) -> list[Source]:
     return sources
 
 
-def _join_manifest(source: Source, ds: Dataset) -> dict[int, ManifestRecord]:
+def join_manifest(source: Source, ds: Dataset) -> dict[int, ManifestRecord]:
     """The record of every shard image; labels must agree with the shards'."""
     path = source.paths.manifest
     by_id = {int(r["id"]): r for r in iter_records(path, "generate or import it again")}

@@ -22,12 +22,11 @@ import numpy as np
 
 from synthflux import classify
 from synthflux.config import PipelineConfig
-from synthflux.contracts import load_dataset
+from synthflux.contracts import check_probs, load_dataset
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import per_class, summarize
 from synthflux.progress import plural
-from synthflux.records import iter_records
 from synthflux.sources import Source, all_sources, test_sources, training_sources
 from synthflux.stages import (
     Stage,
@@ -124,10 +123,11 @@ def _rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if source.split == "train" and source.name not in training:
             continue  # imported for training, but this config does not train on it
         ds = load_dataset(cfg, source.name)
-        records = {int(r["id"]): r for r in iter_records(source.paths.manifest, "import it again")}
+        records = classify.join_manifest(source, ds)  # every shard image's, or a clear error
         for shard in ds.shards:
-            with np.load(layout.predicted(source.name) / shard.probs_file) as z:
-                probs = z["probs"]
+            probs = check_probs(
+                layout.predicted(source.name) / shard.probs_file, shard, len(ds.classes)
+            )
             held_out = validation_mask(t.seed, source.name, shard.ids, t.val_fraction)
             for row, image_id in enumerate(shard.ids.tolist()):
                 split = _split(source, bool(held_out[row]))
