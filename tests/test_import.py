@@ -145,3 +145,17 @@ def test_bad_files_are_quarantined_by_preprocess(tmp_path):
     reasons = {json.loads(line)["file"]: json.loads(line)["reason"] for line in lines}
     assert reasons["dog/empty.jpg"].startswith("empty file")
     assert reasons["cat/broken.png"].startswith(("not an image", "cannot decode"))
+
+
+def test_a_damaged_import_record_is_a_clear_error_on_reimport(tmp_path):
+    folder = folder_of(tmp_path / "photos", {"cat": 2, "dog": 2})
+    path, cfg = config(tmp_path)
+    assert run_cli("import", str(path), str(folder), "--as", "train").returncode == 0
+    source = cfg.data_root / "imported" / "train"
+    for damaged, text in (("manifest.jsonl", '{"id": 1\n'), ("source.json", "[1, 2]")):
+        kept = (source / damaged).read_bytes()
+        (source / damaged).write_text(text)
+        done = run_cli("import", str(path), str(folder), "--as", "train")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"{source / damaged}" in done.stderr, done.stderr
+        (source / damaged).write_bytes(kept)

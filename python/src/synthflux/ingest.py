@@ -13,7 +13,6 @@ classes; each image's id is a hash of its class and path, so adding images never
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from synthflux.config import SAFE_NAME, PipelineConfig
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout, SourcePaths
 from synthflux.progress import Progress, plural
-from synthflux.records import ManifestRecord
-from synthflux.sources import SOURCE_FILE, Split
+from synthflux.records import ManifestRecord, iter_records
+from synthflux.sources import SOURCE_FILE, Split, imported_split
 from synthflux.stages import read_stage_marker, write_stage_marker
 from synthflux.storage import (
     atomic_write,
@@ -117,7 +116,7 @@ def _check_name(layout: DataLayout, name: str, split: Split) -> None:
         raise DataError(f"--name {name!r}: a test set cannot be called like a split; pick another")
     described = layout.source(name).folder / SOURCE_FILE
     if described.is_file():
-        before = json.loads(described.read_text()).get("split")
+        before = imported_split(described)
         if before != split:
             raise DataError(
                 f"source {name!r} was imported --as {before}: give this one another --name"
@@ -166,11 +165,7 @@ def image_id(class_name: str, rel: str) -> int:
 
 
 def _previous_records(source: SourcePaths) -> list[ManifestRecord]:
-    if not source.manifest.is_file():
-        return []
-    return [
-        cast(ManifestRecord, json.loads(line)) for line in source.manifest.open() if line.strip()
-    ]
+    return list(iter_records(source.manifest, "")) if source.manifest.is_file() else []
 
 
 def _copy(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, cast
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
@@ -35,12 +36,20 @@ def imported(layout: DataLayout) -> list[Source]:
     """The imported sources, by name."""
     found = []
     for marker in sorted(layout.imported.glob(f"*/{SOURCE_FILE}")):
-        try:
-            split = json.loads(marker.read_text())["split"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(f"{marker}: unreadable; import that folder again") from None
-        found.append(Source(marker.parent.name, split, layout.source(marker.parent.name)))
+        name = marker.parent.name
+        found.append(Source(name, imported_split(marker), layout.source(name)))
     return found
+
+
+def imported_split(marker: Path) -> Split:
+    """The split ("train" or "test") an imported source's source.json records."""
+    try:
+        split = json.loads(marker.read_text())["split"]
+    except (OSError, ValueError, KeyError, TypeError):
+        split = None
+    if split not in ("train", "test"):
+        raise DataError(f"{marker}: unreadable; import that folder again")
+    return cast(Split, split)
 
 
 def all_sources(cfg: PipelineConfig) -> list[Source]:
