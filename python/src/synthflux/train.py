@@ -31,9 +31,16 @@ from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
 from synthflux.sources import Source, training_sources
-from synthflux.stages import Stage, StageState, is_fresh, one_job, write_stage_marker
+from synthflux.stages import (
+    Stage,
+    StageState,
+    is_fresh,
+    one_job,
+    read_stage_marker,
+    write_stage_marker,
+)
 from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
-from synthflux.weights import check_weights, init_weights, load_weights, save_weights, spec_of
+from synthflux.weights import Weights, check_weights, init_weights, load_weights, save_weights
 
 log = logging.getLogger("synthflux")
 
@@ -111,8 +118,8 @@ def run(
         with interrupts(), Progress("train", cfg.train.epochs, unit="epoch") as progress:
             job = _with_listener(job, progress)
             BACKENDS[cfg.classify.backend](cfg, job)
-        summary.epochs = _check_outputs(job.output, shape)
-        save_weights(layout.default_weights, load_weights(job.output / "weights.npz"))
+        weights, summary.epochs = _check_outputs(job.output, shape)
+        save_weights(layout.default_weights, weights)
         summary.seconds = time.monotonic() - started
         write_stage_marker(
             layout.stage_marker("train"), "train", key=key, seconds=summary.seconds,
@@ -153,11 +160,9 @@ def _prepare(
     key: str,
 ) -> Job:
     run_dir, marker = layout.training_run, layout.training / "job.json"
-    try:
-        same = json.loads(marker.read_text()).get("key") == key
-    except (OSError, ValueError):
-        same = False
-    if not same:  # another dataset or settings: the checkpoint is not this training's
+    if (read_stage_marker(marker) or {}).get(
+        "key"
+    ) != key:  # another dataset or settings: the checkpoint is not this training's
         shutil.rmtree(run_dir, ignore_errors=True)
         t = cfg.train
         save_weights(layout.init_weights, init_weights(
@@ -208,15 +213,17 @@ def _with_listener(job: Job, progress: Progress) -> Job:
     return replace(job, listener=listen)
 
 
-def _check_outputs(output: Path, shape: tuple[int, int, int, int]) -> list[dict[str, Any]]:
-    """The trainer's weights must be a valid set for this data; its metrics must parse."""
+def _check_outputs(
+    output: Path, shape: tuple[int, int, int, int]
+) -> tuple[Weights, list[dict[str, Any]]]:
+    """The trainer's weights (a valid set for this data) and its metrics, which must parse."""
     path = output / "weights.npz"
     if not path.is_file():
         raise ClassifyError(f"the trainer wrote no {path}")
-    spec = spec_of(load_weights(path))
+    weights = load_weights(path)
+    spec = check_weights(weights, str(path))
     if (spec.width, spec.height, spec.channels, spec.n_classes) != shape:
         raise ClassifyError(f"{path}: trained for another shape than the data's {shape}")
-    check_weights(load_weights(path), str(path))
     try:
         lines = (output / "metrics.jsonl").read_text().splitlines()
         epochs = [json.loads(line) for line in lines if line.strip()]
@@ -229,7 +236,7 @@ def _check_outputs(output: Path, shape: tuple[int, int, int, int]) -> list[dict[
             raise ClassifyError(
                 f"training diverged: train loss {m.get('train_loss')} in epoch {m['epoch']}"
             )
-    return epochs
+    return weights, epochs
 
 
 def _outputs(layout: DataLayout) -> dict[str, str]:
