@@ -77,10 +77,17 @@ def test_make_golden_reproduces_committed_files(tmp_path: Path) -> None:
         old, new = load_npz(GOLDEN / rel), load_npz(tmp_path / rel)
         assert old.keys() == new.keys()
         for name in old:
-            if name == "probs":  # float results may differ in the last bits across torch builds
-                np.testing.assert_allclose(new[name], old[name], atol=1e-6, rtol=0)
-            else:
+            if _computed_by_torch(rel, name):
+                # float32 results of BLAS/oneDNN kernels differ in the last bits between CPU
+                # kinds (about 1 ULP, 6e-8, seen on AVX-512): compare within a stated tolerance.
+                np.testing.assert_allclose(new[name], old[name], rtol=1e-5, atol=1e-6)
+            else:  # inputs made by our own seeded code: the same bytes on every machine
                 np.testing.assert_array_equal(new[name], old[name])
+
+
+def _computed_by_torch(rel: Path, name: str) -> bool:
+    """The trained case's losses, history and weights, and the forward pass's probabilities."""
+    return name == "probs" or rel == Path("train/expected.npz")
 
 
 # --- conventions: flip, WHCN vs NCHW, flatten order ------------------------------------------
