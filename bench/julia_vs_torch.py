@@ -98,8 +98,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        weights_path = root / "weights.npz"
-        save_weights(weights_path, weights)
+        weights_file = root / "weights.npz"
+        save_weights(weights_file, weights)
         write_shards(root / "shards", images, shard_size=1000)
 
         # torch, in process: warm up on one batch, then time the forward pass over all images.
@@ -110,7 +110,7 @@ def main() -> int:
         torch_forward_s = time.perf_counter() - t
 
         julia_cmd = [julia, f"--project={JULIA_PROJECT}", str(JULIA_PROJECT / "flux_model.jl")]
-        julia_cmd += ["--input", str(root / "shards"), "--weights", str(weights_path)]
+        julia_cmd += ["--input", str(root / "shards"), "--weights", str(weights_file)]
         julia_cmd += ["--output", str(root / "julia"), "--batch-size", str(args.batch_size)]
         julia_wall_s, julia_out = timed(julia_cmd, env)
         match = SUMMARY.search(julia_out)
@@ -119,7 +119,7 @@ def main() -> int:
         julia_forward_s = float(match.group(1))
 
         torch_cmd = [sys.executable, "-m", "synthflux.reference", "--input", str(root / "shards")]
-        torch_cmd += ["--weights", str(weights_path), "--output", str(root / "torch")]
+        torch_cmd += ["--weights", str(weights_file), "--output", str(root / "torch")]
         torch_wall_s, _ = timed(torch_cmd, env)
 
         julia_probs = np.concatenate(

@@ -33,7 +33,6 @@ from PIL import Image
 
 from synthflux import ingest, preprocess
 from synthflux.config import load_config
-from synthflux.layout import DataLayout
 from synthflux.weights import init_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +53,7 @@ def dataset(root: Path, n: int, size: int, epochs: int) -> Path:
            "preprocess": {"width": size, "height": size, "shard_size": 1000},
            "train": {"sources": ["real"], "epochs": epochs, "batch_size": 64, "patience": 0,
                      "val_fraction": 0.0},
-           "classify": {"backend": "reference", "julia": os.environ.get("SYNTHFLUX_JULIA", "julia")}}  # fmt: skip
+           "cnn": {"backend": "reference", "julia": os.environ.get("SYNTHFLUX_JULIA", "julia")}}  # fmt: skip
     path = root / "bench.toml"
     path.write_text(tomli_w.dumps(raw))
     cfg = load_config(path)
@@ -68,7 +67,7 @@ def synthflux_train(
 ) -> tuple[float, int, list[dict]]:
     """(wall seconds, peak RSS of the process tree, metrics) of `synthflux train`."""
     cfg = load_config(path)
-    run = DataLayout(cfg.data_root).training
+    run = cfg.layout.training
     subprocess.run(["rm", "-rf", str(run)], check=True)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "synthflux", "train", str(path), "--backend",
@@ -85,7 +84,7 @@ def synthflux_train(
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"synthflux train --backend {backend} failed ({proc.returncode})")
-    lines = (DataLayout(cfg.data_root).training_run / "metrics.jsonl").read_text().splitlines()
+    lines = (cfg.layout.training_run / "metrics.jsonl").read_text().splitlines()
     return seconds, peak, [json.loads(line) for line in lines]
 
 
@@ -105,7 +104,7 @@ def bare(path: Path) -> None:
     from synthflux import reference
 
     cfg = load_config(path)
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     torch.set_num_threads(1)
     images, labels = [], []
     for shard in sorted(layout.prepared("train").folder.glob("shard-*.npz")):

@@ -110,13 +110,16 @@ def make_data(
 
 
 def write_config(
-    folder: Path, data_root: Path, classes: list[str], **classify: Any
+    folder: Path, data_root: Path, classes: list[str], **settings: Any
 ) -> tuple[Path, PipelineConfig]:
+    """`settings`: [cnn] keys (backend, image, julia, ...), and `weights` for [classify]."""
+    classify = {"weights": settings.pop("weights")} if "weights" in settings else {}
     raw = {
         "data_root": str(data_root),
         "seed": 3,
         "classes": [{"name": c, "prompts": [f"a photo of a {c}"]} for c in classes],
-        "classify": {"batch_size": 4, "memory": "512m", "cpus": 1.0, **classify},
+        "classify": classify,
+        "cnn": {"batch_size": 4, "memory": "512m", "cpus": 1.0, **settings},
     }
     path, cfg = save_config(folder / "pipeline.toml", raw)
     mark_generated(cfg, seconds=12.5)  # what generate and preprocess would have recorded

@@ -83,33 +83,29 @@ def save_config(path: Path, raw: dict[str, Any]) -> tuple[Path, PipelineConfig]:
 
 def mark_generated(cfg: PipelineConfig, seconds: float = 0.0) -> None:
     """Write generate's done marker for the manifest a test wrote by hand, as generate would."""
-    from synthflux.layout import DataLayout
+    from synthflux import lineage
     from synthflux.records import plan_key
-    from synthflux.stages import write_stage_marker
-    from synthflux.storage import sha256_file
 
-    layout = DataLayout(cfg.data_root)
-    facts = {"manifest_sha256": sha256_file(layout.manifest)}
-    write_stage_marker(layout.stage_marker("generate"), "generate", key=plan_key(cfg), seconds=seconds, complete=True,
-                       facts=facts)  # fmt: skip
+    lineage.record(cfg, "generate", key=plan_key(cfg), seconds=seconds,
+                   outputs=[cfg.layout.manifest])  # fmt: skip
 
 
 def mark_preprocessed(cfg: PipelineConfig, seconds: float = 0.0) -> None:
     """Write preprocess's done markers for the dataset.json files a test wrote by hand."""
-    from synthflux.layout import DataLayout
-    from synthflux.preprocess import dataset_key
+    from synthflux import lineage
+    from synthflux.preprocess import dataset_key, key
     from synthflux.sources import all_sources
     from synthflux.stages import write_stage_marker
     from synthflux.storage import sha256_file
 
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     for source in all_sources(cfg):
         prepared = layout.prepared(source.name)
         facts = {"dataset_sha256": sha256_file(prepared.dataset), "source": source.name}
         write_stage_marker(prepared.stage_marker, "preprocess", key=dataset_key(cfg, source),
                            seconds=seconds, complete=True, facts=facts)  # fmt: skip
-    write_stage_marker(layout.stage_marker("preprocess"), "preprocess", key="by hand",
-                       seconds=seconds, complete=True, facts={})  # fmt: skip
+    datasets = [layout.prepared(s.name).dataset for s in all_sources(cfg)]
+    lineage.record(cfg, "preprocess", key=key(cfg), seconds=seconds, outputs=datasets)
 
 
 def tiny_config(

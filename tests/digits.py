@@ -50,5 +50,5 @@ def digits_config(data: Path, **train: Any) -> dict[str, Any]:
             "patience": 5,
             **train,
         },
-        "classify": {"backend": "reference"},
+        "cnn": {"backend": "reference"},
     }

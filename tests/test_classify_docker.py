@@ -35,10 +35,10 @@ from classify_data import (
 from docker_image import ImageBuildError, ensure_image
 
 from conftest import unavailable
-from synthflux import classify
+from synthflux import classify, lineage
 from synthflux.backends.docker import LABEL
 from synthflux.config import PipelineConfig
-from synthflux.errors import ClassifierFailed, ClassifyError
+from synthflux.errors import ClassifierFailed, ClassifyError, TrainerFailed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,11 +64,11 @@ Setup = Callable[..., tuple[Fixture, Path, PipelineConfig]]
 
 @pytest.fixture
 def setup(tmp_path: Path, image: str) -> Setup:
-    """setup(**classify) -> (fixture data, config path, config) using the stand-in image."""
+    """setup(**settings) -> (fixture data, config path, config) using the stand-in image."""
     fx = make_data(tmp_path / "data")
 
-    def _setup(**classify_cfg: Any) -> tuple[Fixture, Path, PipelineConfig]:
-        settings = {"backend": "docker", "image": image, **classify_cfg}
+    def _setup(**more: Any) -> tuple[Fixture, Path, PipelineConfig]:
+        settings = {"backend": "docker", "image": image, **more}
         path, cfg = write_config(tmp_path, fx.root, fx.classes, **settings)
         return fx, path, cfg
 
@@ -130,10 +130,10 @@ def test_success_over_several_shards(setup: Setup, engine: Any) -> None:
     assert len(fx.shard_files) == 4
     # What a driver killed with SIGKILL leaves: its container, which the next run removes.
     labels = {LABEL: "classify", "synthflux.data_root": str(fx.root.resolve())}
-    leftover = engine.containers.create(cfg.classify.image, ["--help"], labels=labels)
+    leftover = engine.containers.create(cfg.cnn.image, ["--help"], labels=labels)
     summary = classify.run(cfg)
     check_success(fx, summary)
-    assert summary.backend == "docker" and summary.image == cfg.classify.image
+    assert summary.backend == "docker" and summary.image == cfg.cnn.image
     out = fx.root / "predictions" / "synthetic"
     for file in fx.shard_files:  # written by the container user, handed back to the folder's owner
         assert (out / file.replace(".npz", ".probs.npz")).stat().st_uid == out.stat().st_uid
@@ -227,7 +227,7 @@ def test_timeout_kills_and_removes_the_container(setup: Setup, engine: Any) -> N
 def test_memory_limit_is_enforced_and_reported(setup: Setup, engine: Any) -> None:
     fx, _, cfg = setup(memory="128m")
     control_standin(fx, allocate_mb=400)
-    with pytest.raises(ClassifierFailed, match=r"out of memory: classify.memory = 128m") as err:
+    with pytest.raises(ClassifierFailed, match=r"out of memory: cnn.memory = 128m") as err:
         classify.run(cfg)
     assert err.value.exit_code == 137
     assert containers(engine, fx) == []
@@ -367,7 +367,7 @@ def test_training_runs_sealed_off_and_publishes_the_weights(setup: Setup, engine
     summary = run.join()
     assert summary.complete and len(summary.epochs) == cfg.train.epochs
     assert (fx.root / "model" / "weights.npz").is_file()
-    assert train.is_current(cfg) and containers(engine, fx, stage="train") == []
+    assert lineage.is_current(cfg, "train") and containers(engine, fx, stage="train") == []
 
 
 def test_a_failed_training_keeps_its_checkpoint_for_the_next_run(setup: Setup, engine: Any) -> None:
@@ -375,7 +375,7 @@ def test_a_failed_training_keeps_its_checkpoint_for_the_next_run(setup: Setup, e
 
     fx, _, cfg = setup()
     control_standin(fx, fail_epoch=2)
-    with pytest.raises(ClassifierFailed, match="trainer container exited with code 3") as err:
+    with pytest.raises(TrainerFailed, match="trainer container exited with code 3") as err:
         train.run(cfg)
     assert "simulated failure in epoch 2" in str(err.value)
     control_standin(fx)

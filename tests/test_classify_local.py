@@ -1,6 +1,6 @@
 """classify with backend "local": the driver runs `julia ... flux_model.jl` as a subprocess.
 
-A contract test of the driver: `classify.julia` points at a wrapper that runs
+A contract test of the driver: `cnn.julia` points at a wrapper that runs
 tests/standin/flux_model_standin.py (Python + NumPy implementing flux_model.jl's command line
 and files), not at Julia. The Julia side is tested in tests/test_julia.py.
 """
@@ -28,7 +28,7 @@ from classify_data import (
     write_config,
 )
 
-from synthflux import classify
+from synthflux import classify, lineage
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifierFailed, ClassifyError, DataError
 
@@ -37,14 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """setup(**classify) -> (fixture data, config path, config) for the local backend."""
+    """setup(**settings) -> (fixture data, config path, config) for the local backend."""
     exe, jdir = fake_julia(tmp_path)
     monkeypatch.setenv("SYNTHFLUX_JULIA_DIR", str(jdir))
     monkeypatch.delenv("SYNTHFLUX_STANDIN", raising=False)
     fx = make_data(tmp_path / "data")
 
-    def _setup(**classify_cfg) -> tuple[Fixture, Path, PipelineConfig]:
-        settings = {"backend": "local", "julia": str(exe), **classify_cfg}
+    def _setup(**more) -> tuple[Fixture, Path, PipelineConfig]:
+        settings = {"backend": "local", "julia": str(exe), **more}
         path, cfg = write_config(tmp_path, fx.root, fx.classes, **settings)
         return fx, path, cfg
 
@@ -140,7 +140,7 @@ def test_missing_output_names_the_shard_even_with_an_old_one_present(setup) -> N
         classify.run(cfg)
     # The failed attempt published nothing: the first run's results are intact and current.
     after = {p.name: p.read_bytes() for p in (fx.root / "predictions").iterdir() if p.is_file()}
-    assert after == before and classify.is_current(cfg)
+    assert after == before and lineage.is_current(cfg, "classify")
 
 
 def test_missing_julia_and_missing_project(setup, monkeypatch, tmp_path) -> None:

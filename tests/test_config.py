@@ -56,7 +56,7 @@ BAD = [
     ({"preprocess": {"pad_value": 2}}, "preprocess.pad_value = 2"),
     ({"preprocess": {"max_pixels": 0}}, "preprocess.max_pixels = 0"),
     ({"preprocess": {"workers": -1}}, "preprocess.workers = -1"),
-    ({"classify": {"cpus": 0}}, "classify.cpus = 0"),
+    ({"cnn": {"cpus": 0}}, "cnn.cpus = 0"),
     # Strict types: TOML has real ones, so these are mistakes, not values to coerce.
     ({"images_per_class": True}, "images_per_class = True: Input should be a valid integer"),
     ({"seed": "1234"}, "seed = '1234': Input should be a valid integer"),
@@ -70,16 +70,18 @@ BAD = [
         },
         "1,200,000 images in all (at most 1,000,000 per config)",
     ),
-    ({"classify": {"batch_size": 0}}, "classify.batch_size = 0"),
-    ({"classify": {"memory": "lots"}}, "classify.memory = 'lots'"),
+    ({"cnn": {"batch_size": 0}}, "cnn.batch_size = 0"),
+    ({"cnn": {"memory": "lots"}}, "cnn.memory = 'lots'"),
     ({"preprocess": {"channels": 2}}, "preprocess.channels = 2"),
     ({"preprocess": {"aspect": "squash"}}, "preprocess.aspect = 'squash'"),
     ({"preprocess": {"resample": "magic"}}, "preprocess.resample = 'magic'"),
     ({"preprocess": {"mean": [0.1, 0.2]}}, "mean needs 1 or 1 values"),
     ({"preprocess": {"std": [0.0]}}, "std must be > 0"),
     ({"preprocess": {"shard_size": 0}}, "preprocess.shard_size = 0"),
-    ({"classify": {"backend": "k8s"}}, "classify.backend = 'k8s'"),
-    ({"classify": {"timeout_s": 0}}, "classify.timeout_s = 0"),
+    ({"cnn": {"backend": "k8s"}}, "cnn.backend = 'k8s'"),
+    # The CNN's runtime settings moved from [classify] to [cnn]: said so, with where to.
+    ({"classify": {"backend": "docker"}}, "classify.backend moved to [cnn] backend"),
+    ({"cnn": {"timeout_s": 0}}, "cnn.timeout_s = 0"),
     ({"unknown_key": 1}, "unknown_key"),
 ]
 

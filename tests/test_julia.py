@@ -153,14 +153,14 @@ def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path
     empty = np.zeros((20, 16, 3, 0), dtype=np.float32, order="F")
     none = np.zeros(0, np.int64)
     np.savez(inputs / "shard-00001.npz", images=empty, labels=none, ids=none)
-    weights_path, out = tmp_path / "model" / "weights.npz", tmp_path / "pred"
+    weights_file, out = tmp_path / "model" / "weights.npz", tmp_path / "pred"
 
     r = run_flux_model(
         julia,
         "--input",
         inputs,
         "--weights",
-        weights_path,
+        weights_file,
         "--output",
         out,
         "--seed",
@@ -168,7 +168,7 @@ def test_weights_initialised_by_julia_run_the_same_in_torch(julia: str, tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert "initialised from seed 3" in r.stdout
-    weights = load_weights(weights_path)  # checks names, dtypes, shapes
+    weights = load_weights(weights_file)  # checks names, dtypes, shapes
     spec = spec_of(weights)
     assert (spec.width, spec.height, spec.channels, spec.n_classes) == (20, 16, 3, 2)
     got = load_npz(out / "shard-00000.probs.npz")

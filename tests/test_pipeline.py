@@ -15,7 +15,7 @@ from synthflux.records import plan_images
 
 
 def test_run_then_rerun_skips_verified_work_and_from_redoes(write_config):
-    _, cfg = write_config(classify={"backend": "reference"})
+    _, cfg = write_config(cnn={"backend": "reference"})
     lines: list[str] = []
     run_pipeline(cfg, say=lines.append)
     assert any("8 generated" in line for line in lines)
@@ -47,7 +47,7 @@ def test_run_then_rerun_skips_verified_work_and_from_redoes(write_config):
 def test_run_backend_on_the_command_line_skips_what_it_made(write_config):
     """`run --backend reference` over a config that says docker: the second run finds the
     reference backend's results complete (they belong to a backend) and skips them."""
-    path, _ = write_config(classify={"backend": "docker"})
+    path, _ = write_config(cnn={"backend": "docker"})
     assert run_cli("run", str(path), "--backend", "reference").returncode == 0
     again = run_cli("run", str(path), "--backend", "reference")
     assert again.returncode == 0, again.stderr
@@ -58,7 +58,7 @@ def test_run_backend_on_the_command_line_skips_what_it_made(write_config):
 
 
 def test_evaluate_after_the_manifest_lost_an_image_is_a_clear_error(write_config):
-    path, cfg = write_config(classify={"backend": "reference"})
+    path, cfg = write_config(cnn={"backend": "reference"})
     assert run_cli("run", str(path)).returncode == 0
     manifest = cfg.data_root / "generated" / "manifest.jsonl"
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
@@ -69,7 +69,7 @@ def test_evaluate_after_the_manifest_lost_an_image_is_a_clear_error(write_config
 
 
 def test_report_shows_every_class_with_captions(write_config):
-    path, cfg = write_config(classify={"backend": "reference"})
+    path, cfg = write_config(cnn={"backend": "reference"})
     assert run_cli("run", str(path)).returncode == 0
     result = run_cli("report", str(path), "--per-class", "3")
     assert result.returncode == 0, result.stderr
@@ -101,7 +101,7 @@ def test_a_shard_whose_images_were_all_rejected_classifies(write_config):
     from synthflux import classify, generate, preprocess, train
     from synthflux.records import mixed_records
 
-    _, cfg = write_config(classify={"backend": "reference"})
+    _, cfg = write_config(cnn={"backend": "reference"})
     generate.run(cfg)
     manifest = cfg.data_root / "generated" / "manifest.jsonl"
     order = list(mixed_records(manifest, "", salt="synthetic"))  # preprocess's shard order
@@ -122,7 +122,7 @@ def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config)
     from synthflux.config import load_config
     from synthflux.status import pipeline_status
 
-    path, cfg = write_config(classify={"backend": "reference"})
+    path, cfg = write_config(cnn={"backend": "reference"})
     run_pipeline(cfg, say=lambda _: None)
     assert pipeline_status(cfg, 1).stages["classify"].complete
     again: list[str] = []
@@ -130,7 +130,7 @@ def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config)
     assert any("skipped" in line for line in again)
     assert pipeline_status(cfg, 1).stages["classify"].complete  # a skipped re-run is still complete
 
-    _, changed = write_config(classify={"backend": "reference"}, preprocess={"mean": [0.25]})
+    _, changed = write_config(cnn={"backend": "reference"}, preprocess={"mean": [0.25]})
     lines: list[str] = []
     run_pipeline(changed, say=lines.append)
     assert any("classified 8 images" in line for line in lines)
@@ -138,7 +138,7 @@ def test_new_shard_bytes_make_run_classify_again_and_status_agrees(write_config)
 
 
 def test_report_on_predictions_from_another_config_is_a_clear_error(write_config):
-    path, cfg = write_config(classify={"backend": "reference"})
+    path, cfg = write_config(cnn={"backend": "reference"})
     assert run_cli("run", str(path)).returncode == 0
     summary_path = cfg.data_root / "predictions" / "summary.json"
     summary = json.loads(summary_path.read_text())
@@ -157,7 +157,7 @@ def test_backend_none_collects_and_checks_what_another_process_wrote(write_confi
     from synthflux import classify
     from synthflux.errors import ClassifyError
 
-    _, cfg = write_config(classify={"backend": "reference"})
+    _, cfg = write_config(cnn={"backend": "reference"})
     run_pipeline(cfg, say=lambda _: None)
     csv_path = cfg.data_root / "predictions" / "predictions.csv"
     before = csv_path.read_bytes()
@@ -187,7 +187,7 @@ def test_report_text_in_any_script_is_drawn_with_a_font_that_has_it(write_config
     box = drawn("\U000f0000")  # a private-use character no font has: the box
     assert drawn("é") != box and drawn("猫") != box and drawn("猫") != drawn("é")
     classes = [{"name": "cat", "prompts": ["un chat café"]}, {"name": "dog", "prompts": ["猫"]}]
-    path, cfg = write_config(classes=classes, classify={"backend": "reference"})
+    path, cfg = write_config(classes=classes, cnn={"backend": "reference"})
     assert run_cli("run", str(path)).returncode == 0
     done = run_cli("report", str(path))
     assert done.returncode == 0, done.stderr

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from conftest import BASE_CONFIG, REPO, run_cli, run_until_held, tree_bytes
-from synthflux import classify, generate, preprocess
+from synthflux import classify, generate, lineage, preprocess
 from synthflux.cli import main
 from synthflux.layout import DataLayout
 from synthflux.pipeline import run_pipeline
@@ -96,17 +96,17 @@ def test_growing_one_class_keeps_the_others_images(write_config, tmp_path):
 
 
 def test_new_weights_or_a_lost_output_make_run_classify_again(write_config, tmp_path):
-    _, cfg = write_config(classify={"backend": "reference"})
+    _, cfg = write_config(cnn={"backend": "reference"})
     run_pipeline(cfg, say=quiet)
     layout = DataLayout(cfg.data_root)
     trained = layout.default_weights.read_bytes()
-    assert classify.is_current(cfg)
+    assert lineage.is_current(cfg, "classify")
     # Other valid weights in place of the trained ones: neither the model nor the
     # predictions are current; run trains again (the same training: the same bytes), and
     # then the old predictions are those of these weights again.
     save_weights(layout.default_weights, init_weights(16, 16, 1, 2, seed=99))
     assert not pipeline_status(cfg, 1).stages["train"].complete
-    assert not classify.is_current(cfg)
+    assert not lineage.is_current(cfg, "classify")
     lines: list[str] = []
     run_pipeline(cfg, say=lines.append)
     assert any(line.startswith("train: trained on synthetic") for line in lines)
@@ -115,10 +115,10 @@ def test_new_weights_or_a_lost_output_make_run_classify_again(write_config, tmp_
     # Weights of the user's own (classify.weights): replacing them re-classifies.
     own = tmp_path / "own.npz"
     save_weights(own, init_weights(16, 16, 1, 2, seed=5))
-    _, mine = write_config(classify={"backend": "reference", "weights": str(own)})
+    _, mine = write_config(cnn={"backend": "reference"}, classify={"weights": str(own)})
     run_pipeline(mine, say=quiet)
     save_weights(own, init_weights(16, 16, 1, 2, seed=6))
-    assert not classify.is_current(mine)
+    assert not lineage.is_current(mine, "classify")
     # A lost output (summary.json) is not a complete result either.
     run_pipeline(mine, say=quiet)
     layout.summary.unlink()
@@ -130,12 +130,12 @@ def test_new_weights_or_a_lost_output_make_run_classify_again(write_config, tmp_
 
 
 def test_a_seed_change_gives_what_a_fresh_run_gives(write_config, tmp_path):
-    _, cfg = write_config(classify={"backend": "reference"})
+    _, cfg = write_config(cnn={"backend": "reference"})
     run_pipeline(cfg, say=quiet)
-    _, reseeded = write_config(seed=8, classify={"backend": "reference"})
+    _, reseeded = write_config(seed=8, cnn={"backend": "reference"})
     run_pipeline(reseeded, say=quiet)
     _, fresh = write_config(data=tmp_path / "fresh", name="f.toml", seed=8,
-                            classify={"backend": "reference"})  # fmt: skip
+                            cnn={"backend": "reference"})  # fmt: skip
     run_pipeline(fresh, say=quiet)
     for pattern in ("**/*.png", "**/*.npz", "**/*.csv"):
         assert tree_bytes(reseeded.data_root, pattern) == tree_bytes(fresh.data_root, pattern)
@@ -180,16 +180,16 @@ def test_status_asks_what_run_asks(write_config):
 
 
 def test_a_failed_classify_leaves_the_good_results_current(write_config, tmp_path):
-    path, cfg = write_config(classify={"backend": "reference"})
+    path, cfg = write_config(cnn={"backend": "reference"})
     run_pipeline(cfg, say=quiet)
     before = tree_bytes(cfg.data_root / "predictions")
     julia = str(tmp_path / "no-julia")
-    write_config(classify={"backend": "local", "julia": julia})
+    write_config(cnn={"backend": "local", "julia": julia})
     done = run_cli("classify", str(path), "--backend", "local")
     assert done.returncode == 2
     assert tree_bytes(cfg.data_root / "predictions") == before
     assert (cfg.data_root / "predictions" / "stage.json").is_file()
-    assert classify.is_current(cfg)
+    assert lineage.is_current(cfg, "classify")
 
 
 # --- integrity ----------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_no_permission_is_one_line(write_config, monkeypatch, capsys):
 
 
 def test_status_and_report_read_a_finished_data_root_without_writing(write_config, tmp_path):
-    path, cfg = write_config(classify={"backend": "reference"})
+    path, cfg = write_config(cnn={"backend": "reference"})
     run_pipeline(cfg, say=quiet)
 
     def snapshot() -> dict[str, tuple[bytes, int]]:
@@ -371,9 +371,9 @@ def test_leftovers_of_a_smaller_or_killed_run_are_removed(write_config, tmp_path
     assert sorted(p.name for p in models.iterdir()) == ["tiny"]
     assert folder.stat().st_mode & 0o777 == 0o755
     # A class shrinks: its extra images, previews and probabilities go.
-    _, cfg = write_config(classify={"backend": "reference"}, preprocess={"shard_size": 2})
+    _, cfg = write_config(cnn={"backend": "reference"}, preprocess={"shard_size": 2})
     run_pipeline(cfg, say=quiet)
-    _, small = write_config(images_per_class=2, classify={"backend": "reference"},
+    _, small = write_config(images_per_class=2, cnn={"backend": "reference"},
                             preprocess={"shard_size": 2})  # fmt: skip
     run_pipeline(small, say=quiet)
     root = small.data_root
@@ -412,7 +412,7 @@ def test_timings_keep_the_result_and_the_last_run(write_config):
 
 
 def test_the_confusion_matrix_columns_line_up(write_config):
-    _, cfg = write_config(classify={"backend": "reference"})
+    _, cfg = write_config(cnn={"backend": "reference"})
     summaries = run_pipeline(cfg, say=quiet)
     lines = next(s for s in summaries if isinstance(s, classify.ClassifySummary)).lines()
     header = next(i for i, line in enumerate(lines) if line.startswith("confusion matrix"))

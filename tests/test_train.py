@@ -17,7 +17,7 @@ from digits import CLASSES as DIGITS
 from digits import digits_config, write_digits
 
 from conftest import REPO, run_cli, run_until_held, save_config
-from synthflux import evaluate, ingest, reference_train, train
+from synthflux import classify, evaluate, ingest, reference_train, train
 from synthflux.errors import ClassifyError, DataError
 from synthflux.pipeline import run_pipeline
 from synthflux.status import pipeline_status
@@ -235,7 +235,7 @@ def test_training_memory_does_not_grow_with_the_dataset(tmp_path):
             Image.fromarray(pixels, mode="L").save(folder / "ab"[i % 2] / f"{i}.png")
         raw = {"data_root": str(root / "data"), "classes": [{"name": "a"}, {"name": "b"}],
                "preprocess": {"width": 16, "height": 16, "shard_size": 300},
-               "train": {"sources": ["real"], "epochs": 1}, "classify": {"backend": "reference"}}  # fmt: skip
+               "train": {"sources": ["real"], "epochs": 1}, "cnn": {"backend": "reference"}}  # fmt: skip
         path, cfg = save_config(root / "m.toml", raw)
         ingest.run(cfg, folder, split="train")
         assert run_cli("preprocess", str(path)).returncode == 0
@@ -272,9 +272,7 @@ def real_folder(root: Path, n: int = 6) -> Path:
 
 def test_train_on_synthetic_and_test_on_real(write_config, tmp_path):
     """Story 1: a held-out part of the synthetic images, and a folder of real ones."""
-    _, cfg = write_config(
-        classify={"backend": "reference"}, train={"epochs": 2, "val_fraction": 0.25}
-    )
+    _, cfg = write_config(cnn={"backend": "reference"}, train={"epochs": 2, "val_fraction": 0.25})
     ingest.run(cfg, real_folder(tmp_path / "photos"), split="test", name="photos")
     summaries = run_pipeline(cfg, say=quiet)
     result = json.loads((cfg.data_root / "evaluation" / "summary.json").read_text())
@@ -290,7 +288,7 @@ def test_train_on_synthetic_and_test_on_real(write_config, tmp_path):
 
 def test_train_on_real_and_synthetic_together(write_config, tmp_path):
     """Story 2: the real training folder and the synthetic images, in one training."""
-    _, cfg = write_config(classify={"backend": "reference"},
+    _, cfg = write_config(cnn={"backend": "reference"},
                           train={"sources": ["synthetic", "real"], "epochs": 1})  # fmt: skip
     ingest.run(cfg, real_folder(tmp_path / "photos"), split="train")
     run_pipeline(cfg, say=quiet)
@@ -307,7 +305,7 @@ def test_train_on_real_only_needs_no_prompts_and_no_generation(tmp_path):
     """Story 3: the baseline without synthetic images."""
     raw = {"data_root": str(tmp_path / "data"), "classes": [{"name": "cat"}, {"name": "dog"}],
            "preprocess": {"width": 16, "height": 16}, "train": {"sources": ["real"], "epochs": 1},
-           "classify": {"backend": "reference"}}  # fmt: skip
+           "cnn": {"backend": "reference"}}  # fmt: skip
     path, cfg = save_config(tmp_path / "real.toml", raw)
     ingest.run(cfg, real_folder(tmp_path / "photos"), split="train")
     done = run_cli("run", str(path))
@@ -318,17 +316,18 @@ def test_train_on_real_only_needs_no_prompts_and_no_generation(tmp_path):
 
 
 def test_clear_errors_before_training_or_evaluating(write_config, tmp_path):
-    path, cfg = write_config(classify={"backend": "reference"}, train={"val_fraction": 0.0})
+    path, cfg = write_config(cnn={"backend": "reference"}, train={"val_fraction": 0.0})
     done = run_cli("evaluate", str(path))
     assert (done.returncode == 2 and "preprocess" in done.stderr) or "generate" in done.stderr
     with pytest.raises(DataError, match='"real" but no folder was imported'):
         _, real = write_config(train={"sources": ["synthetic", "real"]})
         train.run(real)
-    run_pipeline(write_config(classify={"backend": "reference"})[1], say=quiet)
+    run_pipeline(write_config(cnn={"backend": "reference"})[1], say=quiet)
     (cfg.data_root / "model" / "weights.npz").unlink()
     with pytest.raises(ClassifyError, match="no trained model"):
         evaluate.run(cfg)
     train.run(cfg)
+    classify.run(cfg)  # evaluate reads current predictions (`synthflux run` makes them)
     # No validation images and no test set: said, loudly, not hidden.
     notes = evaluate.run(cfg).notes
     assert any("no test set" in n for n in notes) and any(
@@ -344,7 +343,7 @@ def test_the_trainer_runs_through_the_local_backend_and_resumes(
 
     exe, jdir = fake_julia(tmp_path)
     monkeypatch.setenv("SYNTHFLUX_JULIA_DIR", str(jdir))
-    path, cfg = write_config(classify={"backend": "local", "julia": str(exe)}, train={"epochs": 3})
+    path, cfg = write_config(cnn={"backend": "local", "julia": str(exe)}, train={"epochs": 3})
     assert run_cli("generate", str(path)).returncode == 0
     assert run_cli("preprocess", str(path)).returncode == 0
     control = cfg.data_root / "preprocessed" / "synthetic" / "standin-control.json"

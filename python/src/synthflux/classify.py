@@ -1,4 +1,4 @@
-"""Stage 5, classify: the trained CNN over every source's shards, its probabilities checked,
+"""classify: the trained CNN over every source's shards, its probabilities checked,
 joined with the sources' manifests and summarised.
 
 One classifier run per source covers all its shards (one container, one `julia`, or the
@@ -26,27 +26,27 @@ from typing import Any
 
 import numpy as np
 
-from synthflux import preprocess
-from synthflux.backends import BACKENDS, Job
+from synthflux import lineage
+from synthflux.backends import Job, backend_for, choose
 from synthflux.backends.supervise import interrupts
 from synthflux.config import PipelineConfig
-from synthflux.contracts import Dataset, check_probs, load_dataset
-from synthflux.errors import ClassifyError, DataError
-from synthflux.layout import DataLayout
-from synthflux.metrics import summarize
-from synthflux.progress import plural
-from synthflux.records import ManifestRecord, iter_records
-from synthflux.sources import Source, all_sources
-from synthflux.stages import (
-    Stage,
-    StageState,
-    is_fresh,
-    one_job,
-    read_stage_marker,
-    write_stage_marker,
+from synthflux.contracts import (
+    Dataset,
+    check_probs,
+    join_manifest,
+    load_dataset,
+    model_weights,
+    read_dataset,
+    weights_path,
 )
+from synthflux.errors import DataError
+from synthflux.layout import DataLayout
+from synthflux.metrics import confusion_lines, summarize
+from synthflux.progress import plural
+from synthflux.records import ManifestRecord
+from synthflux.sources import Source, all_sources
+from synthflux.stages import Stage, StageState
 from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
-from synthflux.weights import load_weights, spec_of
 
 log = logging.getLogger("synthflux")
 
@@ -108,68 +108,40 @@ class ClassifySummary:
         return out
 
 
-def confusion_lines(classes: list[str], matrix: list[list[int]], rows: str) -> list[str]:
-    """The confusion matrix for a terminal, each column right-aligned under its class."""
-    width = max(len(c) for c in classes)
-    cols = [max(len(c), 5) for c in classes]
-    out = [f"confusion matrix (rows: {rows}, columns: predicted class):"]
-    out.append(
-        " " * (width + 3) + " ".join(f"{c:>{w}}" for c, w in zip(classes, cols, strict=True))
-    )
-    for name, row in zip(classes, matrix, strict=True):
-        cells = " ".join(f"{v:>{w}}" for v, w in zip(row, cols, strict=True))
-        out.append(f"  {name:<{width}} {cells}")
-    return out
-
-
 def run(
     cfg: PipelineConfig, *, backend: str | None = None, image: str | None = None
 ) -> ClassifySummary:
     """Run the classifier over every source's shards, check its outputs, write the predictions."""
     started = time.monotonic()
-    cfg = with_overrides(cfg, backend=backend, image=image)
-    layout = DataLayout(cfg.data_root)
+    cfg = choose(cfg.with_cnn(backend=backend, image=image))
+    layout = cfg.layout
     # 1. inputs: every source's finished dataset, its records, the trained weights
     sources = _ready(cfg)
     datasets = {s.name: load_dataset(cfg, s.name) for s in sources}
     weights = model_weights(cfg, list(datasets.values()))
-    records = {s.name: join_manifest(s, datasets[s.name]) for s in sources}
+    records = {s.name: join_manifest(s.paths.manifest, datasets[s.name]) for s in sources}
     layout.predictions.mkdir(parents=True, exist_ok=True)
     with exclusive(layout.classify_lock, "classify"):
         # 2. the classifier into a private staging folder; 3. every output checked before any
         # is published (the previous results stay current until then)
         with _staging(layout.predictions) as staging, interrupts():
             run_start = time.monotonic()
+            cnn = backend_for(cfg)
             for s in sources:
-                BACKENDS[cfg.classify.backend](
-                    cfg, _job(cfg, s, datasets[s.name], weights, staging)
-                )
+                cnn.classify(_job(cfg, s, datasets[s.name], weights, staging))
             classifier_seconds = time.monotonic() - run_start
             probs = {s.name: _checked(datasets[s.name], staging / s.name) for s in sources}
             _publish(staging, layout, datasets)
         # 4. predictions.csv, summary.json, then stage.json: the done marker
         _write_predictions(layout.predictions_csv, datasets, records, probs)
         summary = _summarise(cfg, datasets, probs, weights, classifier_seconds, started)
-        write_stage_marker(
-            layout.stage_marker("classify"), "classify", key=inputs_key(cfg, weights),
-            seconds=summary.seconds, complete=True,
+        lineage.record(
+            cfg, "classify", key=inputs_key(cfg, weights), seconds=summary.seconds,
+            outputs=_outputs(layout, datasets),
             facts={"images": summary.images, "shards": summary.shards,
-                   "backend": summary.backend, "image": summary.image,
-                   "outputs": _outputs(layout, datasets)},
+                   "backend": summary.backend, "image": summary.image},
         )  # fmt: skip
     return summary
-
-
-def with_overrides(
-    cfg: PipelineConfig, *, backend: str | None = None, image: str | None = None
-) -> PipelineConfig:
-    """The config with the command line's --backend / --image applied."""
-    update = {k: v for k, v in (("backend", backend), ("image", image)) if v is not None}
-    if not update:
-        return cfg
-    if "backend" in update and update["backend"] not in BACKENDS:
-        raise ClassifyError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
-    return cfg.model_copy(update={"classify": cfg.classify.model_copy(update=update)})
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -179,92 +151,41 @@ def _ready(cfg: PipelineConfig) -> list[Source]:
     sources = all_sources(cfg)
     if not sources:
         raise DataError("nothing to classify: no source was generated or imported")
-    for source in sources:
-        preprocess.require_complete(cfg, source)
+    lineage.require(cfg, "preprocess")
     return sources
-
-
-def join_manifest(source: Source, ds: Dataset) -> dict[int, ManifestRecord]:
-    """The record of every shard image; labels must agree with the shards'."""
-    path = source.paths.manifest
-    by_id = {int(r["id"]): r for r in iter_records(path, "generate or import it again")}
-    for shard in ds.shards:
-        for image_id, label in zip(shard.ids.tolist(), shard.labels.tolist(), strict=True):
-            rec = by_id.get(image_id)
-            if rec is None:
-                raise DataError(
-                    f"{shard.path}: image id {image_id} is not in {path}: re-run preprocess"
-                )
-            if rec.get("label") != label:
-                raise DataError(
-                    f"{shard.path}: image id {image_id} has label {label}, the manifest says "
-                    f"{rec.get('label')}: re-run preprocess"
-                )
-    return by_id
-
-
-def weights_path(cfg: PipelineConfig) -> Path:
-    """classify.weights, else the trained model (DATA/model/weights.npz)."""
-    if cfg.classify.weights:
-        return Path(cfg.classify.weights)
-    return DataLayout(cfg.data_root).default_weights
-
-
-def model_weights(cfg: PipelineConfig, datasets: list[Dataset]) -> Path:
-    """The weights to classify with, checked against the datasets' shape and classes."""
-    path = weights_path(cfg)
-    if not path.is_file():
-        if cfg.classify.weights:
-            raise ClassifyError(f"classify.weights = {cfg.classify.weights!r}: no such file")
-        raise ClassifyError(
-            f"no trained model ({path} not found): run `synthflux train` first, or set "
-            "classify.weights to a weights.npz"
-        )
-    spec = spec_of(load_weights(path))
-    have = (spec.width, spec.height, spec.channels, spec.n_classes)
-    for ds in datasets:
-        want = (ds.width, ds.height, ds.channels, len(ds.classes))
-        if have != want:
-            raise ClassifyError(
-                f"{path} is for {have[0]}x{have[1]}x{have[2]} images and {have[3]} classes, the "
-                f"dataset has {want[0]}x{want[1]}x{want[2]} and {want[3]}: point "
-                "classify.weights at matching weights (or train again)"
-            )
-    return path
 
 
 def _job(cfg: PipelineConfig, source: Source, ds: Dataset, weights: Path, staging: Path) -> Job:
     output = staging / source.name
     output.mkdir()
-    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    prepared = cfg.layout.prepared(source.name)
     return Job(
         "classify", ((source.name, prepared.folder),), tuple(s.file for s in ds.shards), weights,
-        output, f"predictions/{source.name}", ("--batch-size", str(cfg.classify.batch_size)),
-        timeout_s=cfg.classify.timeout_s,
+        output, cfg.layout.inside(cfg.layout.predicted(source.name), "."),
+        ("--batch-size", str(cfg.cnn.batch_size)), timeout_s=cfg.cnn.timeout_s,
     )  # fmt: skip
 
 
 def inputs_key(cfg: PipelineConfig, weights: Path) -> str:
     """What the predictions are computed from: every source's shards (as dataset.json lists
     them), the weights' bytes, and the settings that change the numbers."""
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     shards = {}
     for s in all_sources(cfg):
-        info = json.loads(layout.prepared(s.name).dataset.read_text())
+        info = read_dataset(layout.prepared(s.name))
         shards[s.name] = [[e["file"], e["sha256"]] for e in info["shards"]]
-    c = cfg.classify
+    c = choose(cfg).cnn
     inputs = {"shards": shards, "weights": sha256_file(weights), "backend": c.backend,
               "image": c.image if c.backend == "docker" else None, "batch_size": c.batch_size}  # fmt: skip
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _outputs(layout: DataLayout, datasets: dict[str, Dataset]) -> dict[str, str]:
-    """Every published file and its sha256: the result is current only while they match."""
+def _outputs(layout: DataLayout, datasets: dict[str, Dataset]) -> list[Path]:
+    """Every published file: the result is current only while they are unchanged."""
     files = [
         layout.predicted(name) / s.probs_file for name, ds in datasets.items() for s in ds.shards
     ]
-    files += [layout.predictions_csv, layout.summary]
-    return {f.relative_to(layout.predictions).as_posix(): sha256_file(f) for f in files}
+    return [*files, layout.predictions_csv, layout.summary]
 
 
 # --- staging and publishing ---------------------------------------------------------------
@@ -344,7 +265,7 @@ def _summarise(
     started: float,
 ) -> ClassifySummary:
     """Per source and in all: accuracy, confusion matrix, mean probabilities, into summary.json."""
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     classes = next(iter(datasets.values())).classes
     per_source, all_labels, all_probs = {}, [], []
     for name, ds in datasets.items():
@@ -357,14 +278,14 @@ def _summarise(
         np.concatenate(all_labels), np.concatenate(all_probs), classes, "true class"
     )
     timings: dict[str, Any] = {}
-    for stage in ("generate", "preprocess", "train"):
-        if (timing := read_stage_marker(layout.stage_marker(stage))) is not None:
+    for stage in ("generate", "preprocess", "train"):  # the stages before it, when they ran
+        if (timing := lineage.marker(cfg, stage)) is not None:
             timings[stage] = timing
     seconds = time.monotonic() - started
     timings["classify"] = {"stage": "classify", "seconds": seconds,
                            "classifier_seconds": classifier_seconds}  # fmt: skip
-    backend = cfg.classify.backend
-    image = cfg.classify.image if backend == "docker" else None
+    backend = cfg.cnn.backend
+    image = cfg.cnn.image if backend == "docker" else None
     n_shards = sum(len(ds.shards) for ds in datasets.values())
     write_json_atomic(
         layout.summary,
@@ -378,31 +299,33 @@ def _summarise(
 # --- done-ness ----------------------------------------------------------------------------
 
 
-def is_current(cfg: PipelineConfig) -> bool:
-    """True when stage.json says the predictions were made from exactly the current shards,
-    weights and settings, and every published file is still the one it lists. `run`,
-    `status` and `submit` all ask this."""
-    layout = DataLayout(cfg.data_root)
-    weights = weights_path(cfg)
-    try:
-        key = inputs_key(cfg, weights) if weights.is_file() else ""
-    except (OSError, ValueError, DataError, KeyError, TypeError):
-        return False
-    return bool(key) and is_fresh(layout.stage_marker("classify"), key, layout.predictions)
+def key(cfg: PipelineConfig) -> str:
+    """The stage's key (synthflux.lineage): no weights, no key (nothing is current)."""
+    return inputs_key(cfg, weights_path(cfg))
 
 
 def state(cfg: PipelineConfig, n: int) -> StageState:
     """One job: complete when the predictions belong to the current shards and weights."""
-    layout = DataLayout(cfg.data_root)
     total = 0
     for s in all_sources(cfg):
-        with suppress(OSError, ValueError, KeyError, TypeError):
-            total += len(json.loads(layout.prepared(s.name).dataset.read_text())["shards"])
-    note = "no predictions for the current shards and weights yet"
-    return one_job("classify", is_current(cfg), note, done=total, total=total)
+        with suppress(OSError, ValueError, KeyError, TypeError, DataError):
+            total += len(read_dataset(cfg.layout.prepared(s.name))["shards"])
+    done = lineage.one_job_state(cfg, "classify")
+    done.shards[0].total, done.shards[0].done = total, total if done.complete else 0
+    return done
 
 
 STAGE = Stage(
-    "classify", run, state, sharded=False, resumes=False, unit="output shards",
+    "classify", run, key=key, folder=lambda layout: layout.predictions,
+    results=lambda cfg: [cfg.layout.summary, cfg.layout.predictions_csv],
+    needs=("preprocess", "train"), state=state, runs_cnn=True, unit="output shards",
     product="predictions",
+    help="every source's shards -> class probabilities (the trained CNN)",
+    description="Run the trained CNN (julia/flux_model.jl; --backend reference: its PyTorch "
+    "twin) over every source's shards in DATA/preprocessed/<source>/ -- with backend docker "
+    "in one locked-down container per source (no network, no capabilities, non-root, "
+    "read-only inputs) -- check every DATA/predictions/<source>/shard-NNNNN.probs.npz it "
+    "writes, then write predictions.csv and summary.json (accuracy against the labels, "
+    "confusion matrix, per source). The weights are DATA/model/weights.npz (from `synthflux "
+    "train`) unless classify.weights names others.",
 )  # fmt: skip

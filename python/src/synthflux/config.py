@@ -5,6 +5,7 @@ Every field is documented in README.md ("Config reference"); examples live in ex
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 import string
@@ -15,6 +16,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthflux.errors import ConfigError
+from synthflux.layout import DataLayout
 from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_KERNEL
 
 if sys.version_info >= (3, 11):
@@ -29,7 +31,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 # docker/local run julia/flux_model.jl; "reference" runs its PyTorch twin in-process (no Julia
 # needed: demos, laptops, clusters without containers); "none" runs nothing and collects the
 # probabilities another process wrote into DATA/predictions (compose's julia service).
-Backend = Literal["docker", "local", "reference", "none"]
+Backend = Literal["auto", "docker", "local", "reference", "none"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -179,20 +181,25 @@ class TrainConfig(_Strict):
         return kernel
 
 
-class ClassifyConfig(_Strict):
-    """Where the CNN runs (train, classify and evaluate alike) and how."""
+class CnnConfig(_Strict):
+    """Where the CNN runs -- train, classify and evaluate alike -- and with what resources."""
 
-    backend: Backend = "docker"
+    # auto: docker if the Julia image is there and the engine answers, else local if a julia
+    # with Flux and NPZ loads, else reference (synthflux.backends.choose says which, and why).
+    backend: Backend = "auto"
     image: str = "synthflux-julia:latest"
     julia: str = "julia"  # the executable for the local backend
-    # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
-    weights: str = ""
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = 64  # images per forward pass when classifying
     memory: str = Field("4g", pattern=r"^[0-9]+[bkmgBKMG]?$")  # container memory limit, e.g. 512m
     cpus: float = Field(2.0, gt=0)  # container CPU limit
-    timeout_s: PositiveInt = 3600
+    timeout_s: PositiveInt = 3600  # one classify run (training has train.timeout_s)
     # Where the Python driver runs inside compose, the data lives on this named volume.
     volume: str = ""
+
+
+class ClassifyConfig(_Strict):
+    # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
+    weights: str = ""
 
 
 class PipelineConfig(_Strict):
@@ -205,6 +212,7 @@ class PipelineConfig(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    cnn: CnnConfig = Field(default_factory=CnnConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("classes")
@@ -252,15 +260,58 @@ class PipelineConfig(_Strict):
     def images_for(self, spec: ClassSpec) -> int:
         return spec.images or self.images_per_class
 
+    @property
+    def layout(self) -> DataLayout:
+        """Every path under the data root (synthflux.layout)."""
+        return DataLayout(self.data_root)
+
+    def with_cnn(self, *, backend: str | None = None, image: str | None = None) -> PipelineConfig:
+        """The config with the command line's --backend / --image applied to [cnn]."""
+        update = {k: v for k, v in (("backend", backend), ("image", image)) if v is not None}
+        if not update:
+            return self
+        if "backend" in update and update["backend"] not in BACKENDS:
+            raise ConfigError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+        return self.model_copy(update={"cnn": self.cnn.model_copy(update=update)})
+
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = _unknown_key(first["loc"])
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{loc}{shown}: {msg}{more}"
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """'not a known setting', with the closest allowed names (a typo is the usual cause)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        if isinstance(part, str):  # a section, or a list of them (classes)
+            field = model.model_fields[part].annotation
+            inner = get_args(field)[0] if get_args(field) else field
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                model = inner
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"not a known setting; {hint}allowed here: {', '.join(allowed)}"
+
+
+def _moved(raw: dict[str, object], path: Path) -> None:
+    """[classify] backend/image/... moved to [cnn]: say so, rather than 'unknown setting'."""
+    section = raw.get("classify")
+    if isinstance(section, dict):
+        for key in section:
+            if key in CnnConfig.model_fields:
+                raise ConfigError(
+                    f"{path}: classify.{key} moved to [cnn] {key} (the CNN's runtime settings "
+                    "have their own section: training runs there too)"
+                )
 
 
 def load_config(path: str | Path, data_root: str | Path | None = None) -> PipelineConfig:
@@ -276,6 +327,7 @@ def load_config(path: str | Path, data_root: str | Path | None = None) -> Pipeli
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     if data_root is not None:
         raw["data_root"] = str(data_root)
+    _moved(raw, path)
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:

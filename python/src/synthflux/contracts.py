@@ -20,8 +20,10 @@ import numpy as np
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import ClassifyError, DataError
-from synthflux.layout import DataLayout, DatasetPaths, probs_file, shard_index
+from synthflux.layout import DatasetPaths, probs_file, shard_index
+from synthflux.records import ManifestRecord, iter_records
 from synthflux.storage import UNREADABLE
+from synthflux.weights import load_weights, spec_of
 
 LAYOUT = "WHCN"  # numpy (W, H, C, N) in Fortran order == Flux's WHCN == C-order (N, C, H, W)
 SUM_TOLERANCE = 1e-5  # how far a row of probabilities may be from summing to 1
@@ -122,7 +124,7 @@ class Dataset:
 
 def load_dataset(cfg: PipelineConfig, source: str) -> Dataset:
     """A source's dataset.json plus each listed shard's ids and labels (images stay on disk)."""
-    prepared = DataLayout(cfg.data_root).prepared(source)
+    prepared = cfg.layout.prepared(source)
     meta_path = prepared.dataset
     meta = read_dataset(prepared)
     try:
@@ -231,3 +233,88 @@ def check_probs(path: Path, shard: Shard, n_classes: int) -> np.ndarray:
         raise bad(f"ids differ from the shard's at row {first}: {ids[first]} != {shard.ids[first]}")
     checked: np.ndarray = probs
     return checked
+
+
+def dataset_info(
+    cfg: PipelineConfig,
+    source: str,
+    split: str,
+    shards: list[ShardEntry],
+    counts: dict[str, int],
+    rejected: dict[str, int],
+) -> DatasetInfo:
+    """dataset.json: what a source's preprocessed dataset holds, and how it was made."""
+    pre = cfg.preprocess
+    return {
+        "source": source,
+        "split": split,
+        "layout": LAYOUT,
+        "order": "fortran",
+        "dtype": "float32",
+        "width": pre.width,
+        "height": pre.height,
+        "channels": pre.channels,
+        "shape": [pre.width, pre.height, pre.channels],
+        "normalization": {
+            "scale": "1/255 (1/65535 for 16-bit inputs)",
+            "mean": pre.mean,
+            "std": pre.std,
+        },
+        "preprocess": pre.model_dump(),
+        "classes": cfg.class_names,
+        "counts": counts,
+        "rejected": rejected,
+        "images": sum(counts.values()),
+        "shards": shards,
+    }
+
+
+# --- what classify and evaluate read: the weights, and the manifest behind each shard row ---
+
+
+def weights_path(cfg: PipelineConfig) -> Path:
+    """classify.weights, else the trained model (DATA/model/weights.npz)."""
+    if cfg.classify.weights:
+        return Path(cfg.classify.weights)
+    return cfg.layout.default_weights
+
+
+def model_weights(cfg: PipelineConfig, datasets: list[Dataset]) -> Path:
+    """The weights to classify with, checked against the datasets' shape and classes."""
+    path = weights_path(cfg)
+    if not path.is_file():
+        if cfg.classify.weights:
+            raise ClassifyError(f"classify.weights = {cfg.classify.weights!r}: no such file")
+        raise ClassifyError(
+            f"no trained model ({path} not found): run `synthflux train` first, or set "
+            "classify.weights to a weights.npz"
+        )
+    spec = spec_of(load_weights(path))
+    have = (spec.width, spec.height, spec.channels, spec.n_classes)
+    for ds in datasets:
+        want = (ds.width, ds.height, ds.channels, len(ds.classes))
+        if have != want:
+            raise ClassifyError(
+                f"{path} is for {have[0]}x{have[1]}x{have[2]} images and {have[3]} classes, the "
+                f"dataset has {want[0]}x{want[1]}x{want[2]} and {want[3]}: point "
+                "classify.weights at matching weights (or train again)"
+            )
+    return path
+
+
+def join_manifest(manifest: Path, ds: Dataset) -> dict[int, ManifestRecord]:
+    """The record of every shard image; labels must agree with the shards'."""
+    by_id = {int(r["id"]): r for r in iter_records(manifest, "generate or import it again")}
+    for shard in ds.shards:
+        for image_id, label in zip(shard.ids.tolist(), shard.labels.tolist(), strict=True):
+            rec = by_id.get(image_id)
+            if rec is None:
+                raise DataError(
+                    f"{shard.path}: image id {image_id} is not in {manifest}: re-run preprocess"
+                )
+            if rec.get("label") != label:
+                raise DataError(
+                    f"{shard.path}: image id {image_id} has label {label}, the manifest says "
+                    f"{rec.get('label')}: re-run preprocess"
+                )
+    return by_id

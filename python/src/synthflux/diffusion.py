@@ -17,7 +17,6 @@ from typing import Any, overload
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import ModelError
-from synthflux.layout import DataLayout
 from synthflux.progress import quiet_library_progress
 from synthflux.records import ModelRef
 from synthflux.storage import file_lock, sha256_file, write_json_atomic
@@ -88,7 +87,7 @@ def resolve_model(cfg: PipelineConfig, *, offline: bool = False) -> ModelRef | N
     it. With `offline` (status, on any mount): nothing is built or downloaded, and None means
     the model is not available here."""
     gen = cfg.generate
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     if gen.model == "tiny":
         from synthflux.tiny_model import save_tiny_model
 
@@ -118,7 +117,7 @@ def resolve_model(cfg: PipelineConfig, *, offline: bool = False) -> ModelRef | N
 
 
 def _local_ref(folder: Path, name: str, cfg: PipelineConfig) -> ModelRef:
-    revision = _hash_folder(folder, DataLayout(cfg.data_root).revisions)
+    revision = _hash_folder(folder, cfg.layout.revisions)
     return ModelRef(str(folder), name, revision, _model_scheduler(folder, cfg.generate.scheduler))
 
 

@@ -17,12 +17,22 @@ class DataError(SynthfluxError):
     """Files on the data volume are missing, malformed or inconsistent."""
 
 
-class ClassifyError(SynthfluxError):
-    """The classifier (container or local julia) failed or wrote bad output."""
+class CnnError(SynthfluxError):
+    """The CNN's runtime (container, local julia, PyTorch twin) cannot run, failed, or wrote
+    bad output; a classify job raises ClassifyError, a training job TrainError."""
 
 
-class ClassifierFailed(ClassifyError):
-    """The classifier exited non-zero or timed out; carries its exit code and last log lines."""
+class ClassifyError(CnnError):
+    """The classifier failed or wrote bad output."""
+
+
+class TrainError(CnnError):
+    """The trainer failed or wrote bad output."""
+
+
+class CnnFailed(CnnError):
+    """The CNN's process exited non-zero or timed out; carries its exit code and last log
+    lines. Raised as ClassifierFailed or TrainerFailed."""
 
     def __init__(
         self,
@@ -39,6 +49,14 @@ class ClassifierFailed(ClassifyError):
         self.exit_code = exit_code
         self.log_tail = log_tail
         self.timed_out = timed_out
+
+
+class ClassifierFailed(CnnFailed, ClassifyError):
+    """The classifier exited non-zero or timed out."""
+
+
+class TrainerFailed(CnnFailed, TrainError):
+    """The trainer exited non-zero or timed out."""
 
 
 class SubmitError(SynthfluxError):

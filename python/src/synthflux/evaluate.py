@@ -1,11 +1,11 @@
-"""Stage 6, evaluate: how well the trained CNN does on images it did not learn from.
+"""evaluate: how well the trained CNN does on images it did not learn from.
 
 Splits: `validation` (the training sources' images the split rule held out:
 synthflux.trainplan.is_validation), `train` (the rest, to see overfitting), and every
 imported test source under its own name (train on synthetic, test on real). For each:
 accuracy, per-class precision/recall/F1, the confusion matrix and counts, in
 DATA/evaluation/summary.json, and every image's prediction in DATA/evaluation/predictions.csv.
-It reads classify's probabilities (classifying first if they are not current).
+It reads classify's probabilities, which must be current (synthflux.lineage).
 """
 
 from __future__ import annotations
@@ -20,23 +20,22 @@ from typing import Any
 
 import numpy as np
 
-from synthflux import classify
+from synthflux import lineage
 from synthflux.config import PipelineConfig
-from synthflux.contracts import check_probs, load_dataset
+from synthflux.contracts import (
+    check_probs,
+    join_manifest,
+    load_dataset,
+    model_weights,
+    weights_path,
+)
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
-from synthflux.metrics import per_class, summarize
+from synthflux.metrics import confusion_lines, per_class, summarize
 from synthflux.progress import plural
 from synthflux.sources import Source, all_sources, test_sources, training_sources
-from synthflux.stages import (
-    Stage,
-    StageState,
-    is_fresh,
-    one_job,
-    read_stage_marker,
-    write_stage_marker,
-)
-from synthflux.storage import atomic_write, sha256_file, write_json_atomic
+from synthflux.stages import Stage
+from synthflux.storage import atomic_write, write_json_atomic
 from synthflux.trainplan import validation_mask
 
 log = logging.getLogger("synthflux")
@@ -58,7 +57,7 @@ class EvaluateSummary:
             out.append(f"{name} ({', '.join(s['sources'])}; {plural(s['images'], 'image')}): "
                        f"accuracy {acc} ({s['correct']}/{s['images']}), macro F1 {f1_text}")  # fmt: skip
             if s["kind"] == "test":
-                out += classify.confusion_lines(self.classes, s["confusion_matrix"]["matrix"],
+                out += confusion_lines(self.classes, s["confusion_matrix"]["matrix"],
                                                 "true class")  # fmt: skip
         return out + self.notes + ["wrote evaluation/summary.json and evaluation/predictions.csv"]
 
@@ -67,12 +66,15 @@ def run(
     cfg: PipelineConfig, *, backend: str | None = None, image: str | None = None
 ) -> EvaluateSummary:
     started = time.monotonic()
-    cfg = classify.with_overrides(cfg, backend=backend, image=image)
-    layout = DataLayout(cfg.data_root)
-    # 1. current predictions for every source (made now, if they are not)
-    if not classify.is_current(cfg):
-        log.info("evaluate: the predictions are not current: classifying first")
-        classify.run(cfg)
+    # The backend is part of classify's key: the predictions read are those it made.
+    cfg = cfg.with_cnn(backend=backend, image=image)
+    layout = cfg.layout
+    # 1. the model and current predictions for every source (`synthflux run` makes them first)
+    if (why := lineage.problem(cfg, "classify")) is not None:
+        if layout.summary.is_file():  # predictions whose model is gone: say that first
+            model_weights(cfg, [])
+        raise DataError(why)
+    weights = weights_path(cfg)
     # 2. every image into its split; 3. the scores of each split
     rows = _rows(cfg)
     summary = EvaluateSummary(cfg.class_names)
@@ -95,14 +97,11 @@ def run(
     # 4. summary.json, predictions.csv, then stage.json
     write_json_atomic(layout.evaluation_summary, {
         "classes": cfg.class_names, "splits": summary.splits, "notes": summary.notes,
-        "weights": str(classify.weights_path(cfg)),
+        "weights": str(weights),
         "trained_on": [s.name for s in training_sources(cfg)]})  # fmt: skip
     _write_csv(layout, cfg.class_names, rows)
-    outputs = {p.name: sha256_file(p) for p in (layout.evaluation_summary, layout.evaluation_csv)}
-    write_stage_marker(
-        layout.stage_marker("evaluate"), "evaluate", key=inputs_key(cfg),
-        seconds=time.monotonic() - started, complete=True, facts={"outputs": outputs},
-    )  # fmt: skip
+    lineage.record(cfg, "evaluate", key=key(cfg), seconds=time.monotonic() - started,
+                   outputs=[layout.evaluation_summary, layout.evaluation_csv])  # fmt: skip
     return summary
 
 
@@ -115,7 +114,7 @@ def _split_names(cfg: PipelineConfig) -> list[tuple[str, str]]:
 
 def _rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Every classified image with its split, true label and probabilities."""
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     training = {s.name for s in training_sources(cfg)}
     t = cfg.train
     rows = []
@@ -123,7 +122,7 @@ def _rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if source.split == "train" and source.name not in training:
             continue  # imported for training, but this config does not train on it
         ds = load_dataset(cfg, source.name)
-        records = classify.join_manifest(source, ds)  # every shard image's, or a clear error
+        records = join_manifest(source.paths.manifest, ds)  # every shard image's, or a clear error
         for shard in ds.shards:
             probs = check_probs(
                 layout.predicted(source.name) / shard.probs_file, shard, len(ds.classes)
@@ -171,27 +170,24 @@ def _write_csv(layout: DataLayout, classes: list[str], rows: list[dict[str, Any]
 # --- done-ness ----------------------------------------------------------------------------
 
 
-def inputs_key(cfg: PipelineConfig) -> str:
-    """The predictions it reads (classify's own key) and the split rule's settings."""
-    marker = read_stage_marker(DataLayout(cfg.data_root).stage_marker("classify")) or {}
+def key(cfg: PipelineConfig) -> str:
+    """The predictions it reads (classify's key and outputs, as its stage.json records them:
+    lineage checks those against the files) and the split rule's settings."""
+    marker = lineage.marker(cfg, "classify") or {}
     t = cfg.train
     inputs = {"classify": marker.get("key"), "outputs": marker.get("outputs"), "seed": t.seed,
               "val_fraction": t.val_fraction, "sources": t.sources}  # fmt: skip
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def is_current(cfg: PipelineConfig) -> bool:
-    """The evaluation belongs to classify's result as stage.json records it. Whether that result
-    is itself current, run and status ask classify first (a stage after an incomplete one
-    waits), so it is not hashed again here."""
-    layout = DataLayout(cfg.data_root)
-    return is_fresh(layout.stage_marker("evaluate"), inputs_key(cfg), layout.evaluation)
-
-
-def state(cfg: PipelineConfig, n: int) -> StageState:
-    return one_job("evaluate", is_current(cfg), "no evaluation of the current predictions yet")
-
-
 STAGE = Stage(
-    "evaluate", run, state, sharded=False, resumes=False, unit="evaluations", product="evaluations"
-)
+    "evaluate", run, key=key, folder=lambda layout: layout.evaluation,
+    results=lambda cfg: [cfg.layout.evaluation_summary, cfg.layout.evaluation_csv],
+    needs=("classify",), runs_cnn=True, unit="evaluations", product="evaluations",
+    help="the scores on the validation split, the training images and each test source",
+    description="Score classify's predictions: the validation split (training images held "
+    "out), the training images themselves, and every imported test source -- accuracy, "
+    "per-class precision/recall/F1 and the confusion matrix -- in DATA/evaluation/"
+    "summary.json and predictions.csv. The predictions must be current: `synthflux run` "
+    "makes them first.",
+)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Stage 1, generate: class prompts -> PNG images + manifest.jsonl, with Stable Diffusion.
+"""generate: class prompts -> PNG images + manifest.jsonl, with Stable Diffusion.
 
 Every image is fixed by (global seed, class, index within class, attempt): it has its own
 seed and its own CPU generator, and batches are always padded to `batch_size`, so an image's
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from synthflux import lineage
 from synthflux.config import PipelineConfig
 from synthflux.diffusion import load_pipeline, model_prompts, resolve_model
-from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
 from synthflux.records import (
@@ -49,14 +49,13 @@ from synthflux.records import (
     read_manifest,
     verified_record,
 )
-from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.stages import Option, ShardState, Stage, StageState, at_least, shard_option
 from synthflux.storage import (
     ShardSpec,
     file_lock,
     hold_point,
     remove_stale_temps,
     sha256_bytes,
-    sha256_file,
     write_bytes_atomic,
     write_jsonl_atomic,
 )
@@ -108,7 +107,7 @@ def run(
 ) -> GenerateSummary:
     """Make this shard's missing images, then refresh the manifest. Safe to re-run."""
     shard = shard or ShardSpec()
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     # 1. plan: this shard's batches, and the exact model they are made with
     batches = owned_batches(cfg, shard)
     summary = GenerateSummary(shard=str(shard), planned=sum(len(b.jobs) for b in batches))
@@ -137,13 +136,9 @@ def run(
         merged = merge_manifest(cfg, layout, model)
         _remove_orphans(cfg, layout)
         summary.manifest_images, summary.manifest_complete, summary.per_class = merged
-        write_stage_marker(layout.stage_marker("generate"), "generate",
-            key=plan_key(cfg),
-            seconds=summary.seconds,
-            complete=summary.manifest_complete,
-            facts={"shard": str(shard), "images": summary.generated,
-                   "manifest_sha256": sha256_file(layout.manifest)},
-        )  # fmt: skip
+        lineage.record(cfg, "generate", key=plan_key(cfg), seconds=summary.seconds,
+                       outputs=[layout.manifest], complete=summary.manifest_complete,
+                       facts={"shard": str(shard), "images": summary.generated})  # fmt: skip
     return summary
 
 
@@ -343,7 +338,7 @@ def _handle_flagged(
 def state(cfg: PipelineConfig, n: int) -> StageState:
     """Images done per task of n, by the rule a re-run uses (every file verified), with the
     model resolved from local files only; complete once the manifest lists exactly them."""
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     model = resolve_model(cfg, offline=True)
     known = part_records(layout)
     shards = [ShardState(i, 0, 0) for i in range(n)]
@@ -372,36 +367,24 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
         if layout.manifest.is_file()
         else None
     )
-    merged = listed == made
-    return StageState("generate", shards, merged, "" if merged else "manifest not merged yet")
-
-
-def require_complete(cfg: PipelineConfig) -> None:
-    """For the stages after generate: a clear error unless generate finished this config's
-    plan and its manifest is still the one it wrote (no line lost, none added)."""
-    layout = DataLayout(cfg.data_root)
-    marker = read_stage_marker(layout.stage_marker("generate"))
-    if not layout.root.is_dir():
-        raise DataError(f"data root {layout.root} does not exist: run `synthflux generate` first")
-    if not layout.manifest.is_file():
-        raise DataError(f"{layout.manifest} not found: run `synthflux generate` first")
-    if marker is None or marker.get("key") != plan_key(cfg):
-        raise DataError(
-            f"{layout.generated} was not generated for this config: run `synthflux generate`"
-        )
-    if not marker.get("complete"):
-        raise DataError(
-            "generate is incomplete (some images are not made yet): run `synthflux generate` "
-            "to finish it first"
-        )
-    if marker.get("manifest_sha256") != sha256_file(layout.manifest):
-        raise DataError(
-            f"{layout.manifest} changed since generate wrote it: run `synthflux generate` to "
-            "rebuild it"
-        )
+    if listed != made:
+        return StageState("generate", shards, False, "manifest not merged yet")
+    why = lineage.problem(cfg, "generate")  # the manifest as stage.json recorded it
+    return StageState("generate", shards, why is None, why or "")
 
 
 STAGE = Stage(
-    "generate", run, state, sharded=True, resumes=True, unit="images", product="images",
-    applies=lambda cfg: cfg.generates, uses_gpu=True,
+    "generate", run, key=plan_key, folder=lambda layout: layout.generated,
+    results=lambda cfg: [cfg.layout.manifest], state=state, sharded=True, resumes=True,
+    uses_gpu=True, unit="images", product="images", applies=lambda cfg: cfg.generates,
+    help="prompts -> PNG images + manifest (the synthetic source)",
+    description="Generate every class's images with the configured diffusion model into "
+    "DATA/generated/<class>/ and write DATA/generated/manifest.jsonl. Re-running skips "
+    "images already present and verified, so an interrupted run resumes.",
+    options=(
+        shard_option("make only part I of N: batch g of the plan goes to part g %% N; the N "
+                     "parts together equal an unsharded run, byte for byte on CPU"),
+        Option(("--limit",), {"type": at_least(1), "metavar": "K",
+                              "help": "make at most K new images in this run, then stop"}),
+    ),
 )  # fmt: skip

@@ -27,7 +27,7 @@ from synthflux.layout import SYNTHETIC, DataLayout, SourcePaths
 from synthflux.progress import Progress, plural
 from synthflux.records import ManifestRecord, iter_records
 from synthflux.sources import SOURCE_FILE, Split, imported_split
-from synthflux.stages import read_stage_marker, write_stage_marker
+from synthflux.stages import write_stage_marker
 from synthflux.storage import (
     atomic_write,
     remove_stale_temps,
@@ -77,7 +77,7 @@ def run(
     """Bring `folder` in as source `name` (default: the split), for training or testing."""
     start = time.monotonic()
     name = name or split
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     source = layout.source(name)
     _check_name(layout, name, split)
     # 1. what the folder holds, checked against the config's classes
@@ -232,15 +232,3 @@ def _listing_key(files: list[tuple[str, Path, str]]) -> str:
         st = path.stat()
         h.update(f"{class_name}/{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def require_complete(source: SourcePaths) -> None:
-    """For preprocess: a clear error unless the import finished and its manifest is intact."""
-    marker = read_stage_marker(source.marker)
-    if marker is None or not marker.get("complete") or not source.manifest.is_file():
-        raise DataError(
-            f"{source.folder}: the import of {source.name!r} did not finish: run `synthflux "
-            "import` for it again"
-        )
-    if marker.get("manifest_sha256") != sha256_file(source.manifest):
-        raise DataError(f"{source.manifest} changed since it was imported: import it again")

@@ -9,8 +9,8 @@ outputs, so the layout below is the whole truth about what lives where (docs/arc
     DATA/imported/<name>/<class>/...       import: a folder's images, manifest.jsonl, source.json
     DATA/preprocessed/<source>/            preprocess: shard-NNNNN.npz + .json markers,
                                            manifest.jsonl, rejects.jsonl, dataset.json, previews/
-    DATA/training/                         train: init-weights.npz, job.args, run/ (checkpoint,
-                                           metrics.jsonl, weights.npz)
+    DATA/training/                         train: init-weights.npz, job.args, job.json, run/
+                                           (checkpoint.npz, metrics.jsonl, weights.npz)
     DATA/model/weights.npz                 the trained CNN
     DATA/predictions/<source>/             classify: shard-NNNNN.probs.npz; predictions.csv and
                                            summary.json beside the source folders
@@ -18,7 +18,8 @@ outputs, so the layout below is the whole truth about what lives where (docs/arc
     DATA/report/                           report: index.html and its pictures
     DATA/slurm/                            submit: batch scripts, job logs, submission.json
 
-Every stage folder holds a `stage.json`, written last: the stage's done marker.
+Every stage folder holds a `stage.json`, written last: the stage's done marker. Each stage
+declares its folder (`Stage.folder`, one of the properties below); `run --from` removes it.
 """
 
 from __future__ import annotations
@@ -32,15 +33,6 @@ from synthflux.storage import ShardSpec
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.npz$")
 STAGE_FILE = "stage.json"
 SYNTHETIC = "synthetic"  # the source generate makes; imported sources have their own names
-STAGE_FOLDERS = {
-    "generate": "generated",
-    "import": "imported",
-    "preprocess": "preprocessed",
-    "train": "training",
-    "classify": "predictions",
-    "evaluate": "evaluation",
-    "report": "report",
-}
 
 
 def shard_file(k: int) -> str:
@@ -150,6 +142,24 @@ class DataLayout:
         """flux_model.jl's training arguments, one a line, for a trainer started elsewhere."""
         return self.training / "job.args"
 
+    @property
+    def training_key(self) -> Path:
+        """Which training the run folder belongs to (a checkpoint of another is removed)."""
+        return self.training / "job.json"
+
+    @property
+    def train_lock(self) -> Path:
+        return self.training / ".train.lock"
+
+    @property
+    def metrics(self) -> Path:
+        """Every epoch's metrics, one JSON line each (the trainer's)."""
+        return self.training_run / "metrics.jsonl"
+
+    def trainer_output(self, name: str) -> Path:
+        """A file the trainer writes into training/run/: checkpoint.npz, metrics.jsonl, ..."""
+        return self.training_run / name
+
     # --- classify -----------------------------------------------------------------------------
     @property
     def model(self) -> Path:
@@ -209,13 +219,14 @@ class DataLayout:
         return self.slurm / "submission.json"
 
     # --- done markers -------------------------------------------------------------------------
-    def stage_folder(self, stage: str) -> Path:
-        """Where a stage writes its outputs (what `run --from STAGE` removes)."""
-        return self.root / STAGE_FOLDERS[stage]
+    @staticmethod
+    def stage_marker(folder: Path) -> Path:
+        """A stage's stage.json in its folder: its timings and what its outputs were made from."""
+        return folder / STAGE_FILE
 
-    def stage_marker(self, stage: str) -> Path:
-        """A stage's stage.json: its timings and, for some, what its outputs were made from."""
-        return self.stage_folder(stage) / STAGE_FILE
+    def inside(self, path: Path, root: str = "/data") -> str:
+        """`path` as a container sees it, with the data root mounted at `root`."""
+        return (Path(root) / path.relative_to(self.root)).as_posix()
 
 
 @dataclass(frozen=True)

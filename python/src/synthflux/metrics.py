@@ -69,3 +69,17 @@ def per_class(matrix: list[list[int]], classes: list[str]) -> dict[str, Any]:
         for k in ("precision", "recall", "f1")
     }
     return {"per_class": scores, "macro": macro}
+
+
+def confusion_lines(classes: list[str], matrix: list[list[int]], rows: str) -> list[str]:
+    """The confusion matrix for a terminal, each column right-aligned under its class."""
+    width = max(len(c) for c in classes)
+    cols = [max(len(c), 5) for c in classes]
+    out = [f"confusion matrix (rows: {rows}, columns: predicted class):"]
+    out.append(
+        " " * (width + 3) + " ".join(f"{c:>{w}}" for c, w in zip(classes, cols, strict=True))
+    )
+    for name, row in zip(classes, matrix, strict=True):
+        cells = " ".join(f"{v:>{w}}" for v, w in zip(row, cols, strict=True))
+        out.append(f"  {name:<{width}} {cells}")
+    return out

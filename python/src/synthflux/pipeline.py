@@ -4,7 +4,9 @@
 `status` and `submit` all loop over it. Stages that resume by themselves always run (they
 verify what exists and make only what is missing); the others run only when their result is
 not current. `run` stops at the first incomplete stage, and `--from STAGE` first removes that
-stage's outputs and everything downstream.
+stage's outputs and everything downstream, once it knows the CNN's backend can run.
+
+A new stage is one module declaring `STAGE = Stage(...)` and one entry here.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from synthflux import classify, evaluate, generate, preprocess, report, train
+from synthflux import classify, evaluate, generate, lineage, preprocess, report, train
+from synthflux.backends import backend_for, choose
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
-from synthflux.layout import DataLayout
 from synthflux.stages import Skipped, Stage, Summary
 
 log = logging.getLogger("synthflux")
@@ -31,19 +33,32 @@ STAGES: tuple[Stage, ...] = (
     evaluate.STAGE,
     report.STAGE,
 )
-STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
 def stage(name: str) -> Stage:
-    return STAGES[STAGE_NAMES.index(name)]
+    for st in STAGES:
+        if st.name == name:
+            return st
+    raise KeyError(f"no stage {name!r}; the stages are {', '.join(st.name for st in STAGES)}")
+
+
+def later_stages(name: str) -> list[Stage]:
+    """`name` and every stage after it."""
+    names = [st.name for st in STAGES]
+    return list(STAGES[names.index(name) :])
 
 
 def reset_from(cfg: PipelineConfig, stage_name: str) -> list[Path]:
-    """Delete the outputs of `stage_name` and every later stage (the models and weights stay)."""
-    layout = DataLayout(cfg.data_root)
+    """Delete the outputs of `stage_name` and every later stage (the trained model stays:
+    without its stage.json it is not current, and train makes it again). First, if any of
+    them runs the CNN, check that the backend can run: a missing image must not cost the
+    results."""
+    redo = [st for st in later_stages(stage_name) if st.applies(cfg)]
+    if any(st.runs_cnn for st in redo):
+        backend_for(cfg).ready()
     removed = []
-    for later in STAGE_NAMES[STAGE_NAMES.index(stage_name) :]:
-        folder = layout.stage_folder(later)
+    for st in redo:
+        folder = st.folder(cfg.layout)
         if folder.exists():
             shutil.rmtree(folder)
             removed.append(folder)
@@ -60,6 +75,7 @@ def run_pipeline(
     """Run the stages in order; `options` are keyword arguments per stage name (e.g.
     {"classify": {"backend": "reference"}}). Returns each stage's summary. A stage the config
     does not need (generate, for real images only) is left out."""
+    cfg = choose(cfg)  # "auto" resolved once: every stage's key names the same backend
     if from_stage is not None:
         for folder in reset_from(cfg, from_stage):
             say(f"run: removed {folder} (--from {from_stage})")
@@ -67,7 +83,7 @@ def run_pipeline(
     for st in STAGES:
         if not st.applies(cfg):
             continue
-        if not st.resumes and st.state(cfg, 1).complete:
+        if not st.resumes and lineage.is_current(cfg, st.name):
             summary: Summary = Skipped(
                 st.name,
                 f"{st.product} are complete and verified; skipped (use --from {st.name} to redo)",
@@ -78,7 +94,7 @@ def run_pipeline(
         for line in summary.lines():
             say(f"{st.name}: {line}")
         if not summary.complete:
-            later = STAGE_NAMES[STAGE_NAMES.index(st.name) + 1 :]
+            later = [s.name for s in later_stages(st.name)[1:]]
             raise DataError(
                 f"{st.name} did not complete; re-run to resume before {', '.join(later) or 'the end'}"
             )

@@ -1,4 +1,4 @@
-"""Stage 3, preprocess: every source's images -> normalised float32 .npz shards.
+"""preprocess: every source's images -> normalised float32 .npz shards.
 
 (A long module: one stage's whole life -- planning, writing, finishing, previews, done-ness --
 reads best in one place; the image work is in images.py, the .npz writer in shardwriter.py.)
@@ -29,25 +29,36 @@ from typing import Any
 
 import numpy as np
 
-from synthflux import generate, ingest
+from synthflux import lineage
 from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.contracts import (
-    LAYOUT,
     DatasetInfo,
     RejectRecord,
     RowRecord,
     ShardEntry,
     ShardMarker,
+    dataset_info,
+    read_dataset,
     read_marker,
 )
-from synthflux.errors import DataError, Rejected
-from synthflux.images import Decoder, DecodeResult, preview
-from synthflux.layout import DataLayout, DatasetPaths, marker_file, shard_index
+from synthflux.errors import DataError
+from synthflux.images import Decoder, DecodeResult
+from synthflux.layout import DatasetPaths, marker_file, shard_index
+from synthflux.previews import write_previews
 from synthflux.progress import Progress, plural
 from synthflux.records import ManifestRecord, count_records, mixed_records
 from synthflux.shardwriter import ShardWriter
 from synthflux.sources import Source, all_sources
-from synthflux.stages import ShardState, Stage, StageState, read_stage_marker, write_stage_marker
+from synthflux.stages import (
+    Option,
+    ShardState,
+    Stage,
+    StageState,
+    at_least,
+    read_stage_marker,
+    shard_option,
+    write_stage_marker,
+)
 from synthflux.storage import (
     ShardSpec,
     atomic_write,
@@ -59,8 +70,6 @@ from synthflux.storage import (
 )
 
 log = logging.getLogger("synthflux")
-
-PREVIEWS_PER_CLASS = 4
 
 
 @dataclass
@@ -104,7 +113,7 @@ def run(
 ) -> PreprocessSummary:
     """Preprocess this process's output shards (skipping verified ones); finish the datasets."""
     shard = shard or ShardSpec()
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     summary = PreprocessSummary(shard=str(shard))
     # 1. the sources, each finished upstream, and every output shard numbered across them
     sources = _ready_sources(cfg)
@@ -118,11 +127,9 @@ def run(
     for source in sources:
         if finish_dataset(cfg, source, summary, verified):
             summary.finished.append(source.name)
-    keys = ":".join(dataset_key(cfg, s) for s in sources)
-    write_stage_marker(
-        layout.stage_marker("preprocess"), "preprocess", key=hashlib.sha256(keys.encode()).hexdigest(),
-        seconds=summary.seconds, complete=summary.complete, facts={"sources": summary.finished},
-    )  # fmt: skip
+    finished = [layout.prepared(s.name).dataset for s in sources] if summary.complete else []
+    lineage.record(cfg, "preprocess", key=key(cfg), seconds=summary.seconds, outputs=finished,
+                   complete=summary.complete, facts={"sources": summary.finished})  # fmt: skip
     return summary
 
 
@@ -150,7 +157,7 @@ def _process(
     cfg: PipelineConfig, plan: _Plan, summary: PreprocessSummary, workers: int | None
 ) -> dict[tuple[str, int], ShardMarker]:
     """Write every owned shard that is not done; return the markers checked on the way."""
-    pre, layout = cfg.preprocess, DataLayout(cfg.data_root)
+    pre, layout = cfg.preprocess, cfg.layout
     verified: dict[tuple[str, int], ShardMarker] = {}
     n_workers = workers or pre.workers or os.cpu_count() or 1
     with Decoder(pre, n_workers) as decode, Progress("preprocess", plan.mine) as progress:
@@ -176,12 +183,11 @@ def _process(
 
 def _ready_sources(cfg: PipelineConfig) -> list[Source]:
     """Every source, each one checked complete upstream (a clear error if not)."""
-    if cfg.generates:
-        generate.require_complete(cfg)
+    lineage.require(cfg, "generate")
     sources = all_sources(cfg)
     for source in sources:
         if not source.synthetic:
-            ingest.require_complete(source.paths)
+            lineage.require_imported(source.paths)
     if not sources:
         raise DataError(
             "nothing to preprocess: this config makes no images (train.sources has no "
@@ -219,6 +225,12 @@ def dataset_key(cfg: PipelineConfig, source: Source) -> str:
     """What a source's dataset was made from: its manifest and the settings."""
     manifest = sha256_file(source.paths.manifest)
     return hashlib.sha256(f"{manifest}\n{_settings(cfg.preprocess)}".encode()).hexdigest()
+
+
+def key(cfg: PipelineConfig) -> str:
+    """What every source's dataset was made from: the stage's key (synthflux.lineage)."""
+    keys = ":".join(dataset_key(cfg, s) for s in all_sources(cfg))
+    return hashlib.sha256(keys.encode()).hexdigest()
 
 
 def _input_key(records: list[ManifestRecord], cfg: PreprocessConfig) -> str:
@@ -295,7 +307,7 @@ def finish_dataset(
 ) -> bool:
     """When every shard of `source` has a valid marker, write its manifest, rejects, previews
     and dataset.json; stage.json, last, says from what (complete or not, with timings)."""
-    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    prepared = cfg.layout.prepared(source.name)
     with file_lock(prepared.lock):
         shards, counts, rejected = _count_shards(cfg, source, verified)
         summary.processed[source.name], summary.rejected[source.name] = counts, rejected
@@ -303,8 +315,8 @@ def finish_dataset(
             markers = [prepared.folder / marker_file(s["file"]) for s in shards]
             _write_lists(prepared, markers)
             _remove_stale_shards(prepared, len(shards))
-            _write_previews(prepared, _read_markers(markers), source, cfg)
-            info = _dataset_info(cfg, source, shards, counts, rejected)
+            write_previews(prepared, _read_markers(markers), source, cfg)
+            info = dataset_info(cfg, source.name, source.split, shards, counts, rejected)
             write_json_atomic(prepared.dataset, info)
         facts: dict[str, Any] = {"images": sum(counts.values()), "source": source.name}
         if shards is not None:
@@ -320,7 +332,7 @@ def _count_shards(
     cfg: PipelineConfig, source: Source, verified: dict[tuple[str, int], ShardMarker]
 ) -> tuple[list[ShardEntry] | None, dict[str, int], dict[str, int]]:
     """Every shard's entry and the per-class counts; entries None if a shard is not done."""
-    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    prepared = cfg.layout.prepared(source.name)
     counts = {name: 0 for name in cfg.class_names}
     rejected = {name: 0 for name in cfg.class_names}
     shards: list[ShardEntry] = []  # small per-shard facts only: rows stream from the markers
@@ -360,38 +372,6 @@ def _remove_stale_shards(prepared: DatasetPaths, n_shards: int) -> None:
             (prepared.folder / marker_file(stale.name)).unlink(missing_ok=True)
 
 
-def _dataset_info(
-    cfg: PipelineConfig,
-    source: Source,
-    shards: list[ShardEntry],
-    counts: dict[str, int],
-    rejected: dict[str, int],
-) -> DatasetInfo:
-    pre = cfg.preprocess
-    return {
-        "source": source.name,
-        "split": source.split,
-        "layout": LAYOUT,
-        "order": "fortran",
-        "dtype": "float32",
-        "width": pre.width,
-        "height": pre.height,
-        "channels": pre.channels,
-        "shape": [pre.width, pre.height, pre.channels],
-        "normalization": {
-            "scale": "1/255 (1/65535 for 16-bit inputs)",
-            "mean": pre.mean,
-            "std": pre.std,
-        },
-        "preprocess": pre.model_dump(),
-        "classes": cfg.class_names,
-        "counts": counts,
-        "rejected": rejected,
-        "images": sum(counts.values()),
-        "shards": shards,
-    }
-
-
 def _read_markers(markers: list[Path]) -> Iterator[ShardMarker]:
     for marker in markers:
         info = read_marker(marker)
@@ -400,46 +380,12 @@ def _read_markers(markers: list[Path]) -> Iterator[ShardMarker]:
         yield info
 
 
-def _write_previews(
-    prepared: DatasetPaths, infos: Iterable[ShardMarker], source: Source, cfg: PipelineConfig
-) -> None:
-    """A few images per class as the model sees them (images.preview), decoded again from the
-    source files, which keeps memory flat: no shard is loaded whole."""
-    prepared.previews.mkdir(exist_ok=True)
-    written = set()
-    for r in _preview_rows(infos, cfg.class_names):
-        try:
-            im = preview(source.paths.inside(r["file"]) or Path(), cfg.preprocess)
-        except Rejected as e:  # the source changed since its shard was made: skip it
-            log.warning("preprocess: no preview for %s: %s", r["file"], e)
-            continue
-        path = prepared.preview(r["class"], r["id"])
-        with atomic_write(path) as f:
-            im.save(f, format="PNG")
-        written.add(path)
-    for old in prepared.previews.glob("*.png"):  # of images no longer in the dataset
-        if old not in written:
-            old.unlink()
-
-
-def _preview_rows(infos: Iterable[ShardMarker], classes: list[str]) -> Iterator[RowRecord]:
-    """The first PREVIEWS_PER_CLASS rows of every class."""
-    wanted = dict.fromkeys(classes, PREVIEWS_PER_CLASS)
-    for info in infos:
-        for r in info["rows"]:
-            if wanted[r["class"]] > 0:
-                wanted[r["class"]] -= 1
-                yield r
-        if not any(wanted.values()):
-            return
-
-
 # --- done-ness ----------------------------------------------------------------------------
 
 
 def shard_states(cfg: PipelineConfig, source: Source) -> Iterator[tuple[int, ShardMarker | None]]:
     """Each output shard k of `source` with its verified done marker, or None if not done."""
-    prepared = DataLayout(cfg.data_root).prepared(source.name)
+    prepared = cfg.layout.prepared(source.name)
     for k, records in _shards(source, cfg.preprocess):
         yield k, _shard_done(prepared, k, _input_key(records, cfg.preprocess))
 
@@ -458,33 +404,44 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
                 task.done += 1
                 done_files.append((info["file"], info["sha256"]))
         try:
-            listed = [(s["file"], s["sha256"]) for s in require_complete(cfg, source)["shards"]]
+            listed = [(s["file"], s["sha256"]) for s in _finished(cfg, source)["shards"]]
         except (DataError, KeyError, TypeError):
             listed = None
         complete = complete and listed == done_files
     shards_done = all(s.complete for s in shards)
-    note = "" if complete or not shards_done else "dataset.json not written yet"
-    return StageState("preprocess", shards, complete and shards_done, note)
+    if not (complete and shards_done):
+        note = "dataset.json not written yet" if shards_done else ""
+        return StageState("preprocess", shards, False, note)
+    why = lineage.problem(cfg, "preprocess")  # the datasets as stage.json recorded them
+    return StageState("preprocess", shards, why is None, why or "")
 
 
-def require_complete(cfg: PipelineConfig, source: Source) -> DatasetInfo:
-    """For the stages after preprocess: `source`'s dataset.json, or a clear error unless it is
-    finished and was made from the source's current manifest with the current settings."""
-    from synthflux.contracts import read_dataset
-
-    prepared = DataLayout(cfg.data_root).prepared(source.name)
+def _finished(cfg: PipelineConfig, source: Source) -> DatasetInfo:
+    """`source`'s dataset.json, if it is finished and made from the source's current manifest
+    with the current settings (else a DataError)."""
+    prepared = cfg.layout.prepared(source.name)
     info = read_dataset(prepared)  # its own clear error when missing
     marker = read_stage_marker(prepared.stage_marker)
     key = dataset_key(cfg, source) if source.paths.manifest.is_file() else None
     fresh = marker is not None and marker.get("complete") and marker.get("key") == key
     if not fresh or marker is None or marker.get("dataset_sha256") != sha256_file(prepared.dataset):
-        raise DataError(
-            f"{prepared.dataset} is not the dataset of {source.name!r}'s current manifest and "
-            "[preprocess] settings: run `synthflux preprocess`"
-        )
+        raise DataError(f"{prepared.dataset} is not current: run `synthflux preprocess`")
     return info
 
 
 STAGE = Stage(
-    "preprocess", run, state, sharded=True, resumes=True, unit="output shards", product="shards"
-)
+    "preprocess", run, key=key, folder=lambda layout: layout.preprocessed,
+    results=lambda cfg: [cfg.layout.prepared(s.name).dataset for s in all_sources(cfg)],
+    needs=("generate",), state=state, sharded=True, resumes=True, unit="output shards",
+    product="shards", node_args='--workers "${SLURM_CPUS_PER_TASK:-1}"',
+    help="every source's images -> normalised .npz shards",
+    description="Decode, orient, convert (grayscale or RGB), resize and normalise every "
+    "source's images (generated and imported) into DATA/preprocessed/<source>/shard-NNNNN.npz "
+    "(float32, Flux's WHCN layout), with dataset.json, a manifest and rejects.jsonl for "
+    "images that cannot be used. Verified shards are skipped, so an interrupted run resumes.",
+    options=(
+        shard_option("write only output shards k with k %% N == I (numbered across sources)"),
+        Option(("--workers",), {"type": at_least(1), "metavar": "K", "help": "decoding processes "
+               "(default: preprocess.workers, 0 there = one per CPU core)"}),
+    ),
+)  # fmt: skip

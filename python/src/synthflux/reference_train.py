@@ -4,8 +4,8 @@ docs/training.md is the specification both follow: the split, the order of shard
 the augmentation, the loss and a hand-written AdamW step, so that from the same initial
 weights both take the same steps (tests/fixtures/golden/train/ pins them together). Weights
 and optimizer state are kept in Flux's layout in the files, so a checkpoint means the same in
-both languages. It holds one shard and one batch in memory. (One module, as train.jl is one
-file: the twin reads side by side with it.)
+both languages. It holds one shard and one batch in memory. (It reads side by side with
+train.jl; the shards, the split and the batches, train.jl's data section, are reference_data.)
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import numpy as np
 
 from synthflux import reference
 from synthflux.errors import DataError
-from synthflux.layout import SHARD_PATTERN
+from synthflux.reference_data import Shard, batches, nchw, read_shards
 from synthflux.storage import atomic_write, hold_point, write_bytes_atomic
-from synthflux.trainplan import augment, augmentation, image_order, shard_order, validation_mask
+from synthflux.trainplan import TrainSettings
 from synthflux.weights import Weights, check_weights, load_weights, save_weights
 
 log = logging.getLogger("synthflux")
@@ -36,20 +36,7 @@ HISTORY = ("epoch", "steps", "train_loss", "train_accuracy", "val_loss", "val_ac
            "seconds", "images_per_s")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Settings:
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    val_fraction: float = 0.1
-    patience: int = 3
-    seed: int = 0
-    flip: bool = False
-    shift: int = 0
+Settings = TrainSettings  # the twin's name for them
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[tuple[str, Path]], Path, Path, Settings]:
@@ -75,51 +62,20 @@ def parse_args(argv: Sequence[str]) -> tuple[list[tuple[str, Path]], Path, Path,
 
 
 def main(argv: Sequence[str], listener: Callable[[str], bool] | None = None) -> int:
+    """flux_model.jl train's command line, for the golden files and side-by-side checks."""
     inputs, weights, output, settings = parse_args(argv)
+    train(inputs, weights, output, settings, emitter(listener))
+    return 0
+
+
+def emitter(listener: Callable[[str], bool] | None) -> Callable[[str], None]:
+    """The trainer's lines to `listener`, and to the log unless it used them."""
 
     def emit(line: str) -> None:
         if listener is None or not listener(line):
             log.info("reference | %s", line)
 
-    train(inputs, weights, output, settings, emit)
-    return 0
-
-
-# --- the data -------------------------------------------------------------------------------
-
-
-@dataclass
-class _Shard:
-    source: str
-    path: Path
-    ids: np.ndarray
-    labels: np.ndarray
-    validation: np.ndarray  # bool per row
-
-
-def _shards(inputs: list[tuple[str, Path]], settings: Settings, n_classes: int) -> list[_Shard]:
-    shards = []
-    for source, folder in inputs:
-        files = sorted(p for p in folder.glob("shard-*.npz") if SHARD_PATTERN.match(p.name))
-        if not files:
-            raise DataError(f"{folder}: no shard-*.npz files (input {source!r})")
-        for path in files:
-            with np.load(path, allow_pickle=False) as z:
-                ids, labels = z["ids"].astype(np.int64), z["labels"].astype(np.int64)
-            if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-                raise DataError(f"{path}: labels must be in 0..{n_classes - 1}")
-            mask = validation_mask(settings.seed, source, ids, settings.val_fraction)
-            shards.append(_Shard(source, path, ids, labels, mask))
-    if not any((~s.validation).any() for s in shards):
-        raise DataError("no training images: every image is in the validation split")
-    return shards
-
-
-def _nchw(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as z:
-        images: np.ndarray = z["images"]
-    nchw: np.ndarray = images.T  # Fortran (W, H, C, N) -> C-order (N, C, H, W), no copy
-    return nchw
+    return emit
 
 
 # --- the model and the step ---------------------------------------------------------------
@@ -243,7 +199,7 @@ def train(
     """Train from `init` (or resume from output/checkpoint.npz); write output/weights.npz."""
     start_weights = load_weights(init)
     spec = check_weights(start_weights, str(init))
-    shards = _shards(inputs, settings, spec.n_classes)
+    shards = read_shards(inputs, settings, spec.n_classes)
     model = reference.build_model(start_weights).train()
     params = _parameters(model)
     opt = AdamW(settings, params)
@@ -301,44 +257,18 @@ def _write_result(output: Path, state: _State) -> None:
 
 
 def _epoch(
-    model: Any, opt: AdamW, shards: list[_Shard], settings: Settings, epoch: int, steps: int,
+    model: Any, opt: AdamW, shards: list[Shard], settings: Settings, epoch: int, steps: int,
     emit: Callable[[str], None],
 ) -> tuple[float, int]:  # fmt: skip
     """One pass over the training images; (summed loss, number right)."""
     total_loss, correct, done = 0.0, 0, 0
     every = max(1, steps // 10)
-    for x, y in _batches(shards, settings, epoch):
+    for x, y in batches(shards, settings, epoch):
         loss_sum, right = _step(model, opt, x, y)
         total_loss, correct, done = total_loss + loss_sum, correct + right, done + 1
         if done % every == 0 or done == steps:
             emit(f"progress: {done}/{steps}")
     return total_loss, correct
-
-
-def _batches(
-    shards: list[_Shard], settings: Settings, epoch: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The epoch's batches (N, C, H, W), labels: shard order, image order, augmentation."""
-    order = shard_order(settings.seed, epoch, [(s.source, s.path.name) for s in shards])
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for k in order:
-        shard = shards[k]
-        rows = np.flatnonzero(~shard.validation)
-        if not len(rows):
-            continue
-        nchw = _nchw(shard.path)
-        for j in image_order(settings.seed, epoch, shard.source, shard.ids[rows]):
-            row = int(rows[j])
-            flipped, dx, dy = augmentation(settings.seed, epoch, shard.source,
-                                           int(shard.ids[row]), settings.flip, settings.shift)  # fmt: skip
-            images.append(augment(nchw[row], flipped, dx, dy))
-            labels.append(int(shard.labels[row]))
-            if len(images) == settings.batch_size:
-                yield np.stack(images), np.array(labels, np.int64)
-                images, labels = [], []
-    if images:
-        yield np.stack(images), np.array(labels, np.int64)
 
 
 def _step(model: Any, opt: AdamW, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
@@ -355,7 +285,7 @@ def _step(model: Any, opt: AdamW, x: np.ndarray, y: np.ndarray) -> tuple[float, 
     return float(losses.detach().double().sum()), right
 
 
-def _validate(model: Any, shards: list[_Shard], batch_size: int) -> tuple[float, float]:
+def _validate(model: Any, shards: list[Shard], batch_size: int) -> tuple[float, float]:
     """Mean loss and accuracy over the validation images (NaN, NaN without any), in batches as
     train.jl's, each image's loss summed in float64."""
     import torch
@@ -367,10 +297,10 @@ def _validate(model: Any, shards: list[_Shard], batch_size: int) -> tuple[float,
             rows = np.flatnonzero(shard.validation)
             if not len(rows):
                 continue
-            nchw = _nchw(shard.path)
+            pixels = nchw(shard.path)
             for start in range(0, len(rows), batch_size):
                 sel = rows[start : start + batch_size]
-                x = torch.from_numpy(np.ascontiguousarray(nchw[sel], np.float32))
+                x = torch.from_numpy(np.ascontiguousarray(pixels[sel], np.float32))
                 y = torch.from_numpy(shard.labels[sel])
                 logits = model(x)
                 losses = F.cross_entropy(logits, y, reduction="none")

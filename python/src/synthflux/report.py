@@ -21,21 +21,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageOps
 
-from synthflux import plots
+from synthflux import lineage, plots
 from synthflux.config import PipelineConfig
 from synthflux.drawing import Writer
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout
 from synthflux.progress import plural
-from synthflux.stages import (
-    Stage,
-    StageState,
-    is_fresh,
-    one_job,
-    read_stage_marker,
-    write_stage_marker,
-)
-from synthflux.storage import atomic_write, sha256_file, write_bytes_atomic
+from synthflux.stages import Option, Stage, at_least
+from synthflux.storage import atomic_write, write_bytes_atomic
 
 THUMB = 128  # thumbnail side in pixels
 CAPTION_LINES = 6
@@ -53,7 +46,7 @@ class Report:
 
 def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = None) -> Report:
     """Write index.html, contact-sheet.png and the plots for up to `per_class` images a class."""
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     out = out or layout.report  # elsewhere, for a read-only data root
     summary, rows = _load(layout)
     evaluation, eval_rows = _load_evaluation(layout)
@@ -130,7 +123,7 @@ def _load_evaluation(layout: DataLayout) -> tuple[dict[str, Any] | None, list[di
 
 
 def _load_metrics(layout: DataLayout) -> list[dict[str, Any]]:
-    path = layout.training_run / "metrics.jsonl"
+    path = layout.metrics
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
@@ -359,29 +352,32 @@ class ReportSummary:
 def run(cfg: PipelineConfig, *, per_class: int = 24, out: Path | None = None) -> ReportSummary:
     """Build the report; stage.json says from which predictions and evaluation."""
     report = build_report(cfg, per_class=per_class, out=out)
-    layout = DataLayout(cfg.data_root)
-    if out is None:
-        write_stage_marker(
-            layout.stage_marker("report"), "report", key=inputs_key(cfg), seconds=0.0,
-            complete=True, facts={"outputs": {p.name: sha256_file(p) for p in
-                                              [report.html, report.contact_sheet, *report.pictures]}},
-        )  # fmt: skip
+    if out is None:  # a report elsewhere is not the stage's result
+        lineage.record(cfg, "report", key=key(cfg), seconds=0.0,
+                       outputs=[report.html, report.contact_sheet, *report.pictures])  # fmt: skip
     return ReportSummary(report)
 
 
-def inputs_key(cfg: PipelineConfig) -> str:
-    layout = DataLayout(cfg.data_root)
-    markers = {s: (read_stage_marker(layout.stage_marker(s)) or {}).get("key")
-               for s in ("train", "classify", "evaluate")}  # fmt: skip
+def key(cfg: PipelineConfig) -> str:
+    """The keys of the results it shows (each stage's own key covers its inputs)."""
+    markers = {s: (lineage.marker(cfg, s) or {}).get("key") for s in STAGE.needs}
     return hashlib.sha256(json.dumps(markers, sort_keys=True).encode()).hexdigest()
 
 
-def state(cfg: PipelineConfig, n: int) -> StageState:
-    layout = DataLayout(cfg.data_root)
-    fresh = is_fresh(layout.stage_marker("report"), inputs_key(cfg), layout.report)
-    return one_job("report", fresh, "no report of the current results yet")
-
-
 STAGE = Stage(
-    "report", run, state, sharded=False, resumes=False, unit="reports", product="report pages"
-)
+    "report", run, key=key, folder=lambda layout: layout.report,
+    results=lambda cfg: [cfg.layout.report / "index.html"],
+    needs=("train", "classify", "evaluate"), unit="reports", product="report pages",
+    options=(
+        Option(("--per-class",), {"type": at_least(1), "default": 24, "metavar": "N",
+                                  "help": "images shown per class (default: 24)"}),
+        Option(("--out",), {"type": Path, "metavar": "FOLDER",
+                            "help": "write the report here instead of DATA/report/ (for a "
+                                    "read-only data root; not the stage's result)"}),
+    ),
+    help="an HTML page: images by class, scores, plots and the mistakes",
+    description="Build DATA/report/index.html from classify's predictions, evaluate's scores "
+    "and training's metrics: a contact sheet, thumbnails by class with their probabilities, "
+    "the confusion matrix and learning curves, and the test images the model got wrong. "
+    "Everything is inside the page (no network, no external files).",
+)  # fmt: skip

@@ -7,9 +7,12 @@
     train       one job running `synthflux train CONFIG --data DATA`             (afterok)
     classify    one job running `synthflux classify CONFIG --data DATA`          (afterok)
     evaluate    one job running `synthflux evaluate CONFIG --data DATA`          (afterok)
+    report      one job running `synthflux report CONFIG --data DATA`            (afterok)
 
-generate is left out for a config that trains on real images only; generate and train get
---gpus-per-task; train, classify and evaluate get --classify-backend (where the CNN runs).
+Everything per stage comes from its declaration (synthflux.stages.Stage): a sharded stage is
+an array with --shard, a stage that does not apply to the config is left out, those that use
+a GPU get --gpus-per-task, those that run the CNN get --backend (submit's --classify-backend),
+and `node_args` adds its own arguments.
 
 `synthflux status CONFIG` (synthflux.status) reads completion from the files the stages write,
 never from the scheduler, and `submit --resubmit-failed` resubmits exactly the shards status
@@ -28,7 +31,6 @@ one `squeue` check that refuses to submit while jobs of the last submission are 
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import shutil
@@ -36,26 +38,24 @@ import string
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from synthflux.classify import with_overrides
+from synthflux import pipeline
 from synthflux.config import PipelineConfig
-from synthflux.errors import DataError, SubmitError
+from synthflux.errors import SubmitError
 from synthflux.layout import DataLayout
-from synthflux.pipeline import STAGES
+from synthflux.stages import Stage
 from synthflux.status import Status, pipeline_status
-from synthflux.storage import write_json_atomic
+from synthflux.submission import APPTAINER, node_backend, read_submission, record_submission
 
 log = logging.getLogger("synthflux")
 
-APPTAINER = "apptainer"  # the --classify-backend handled here (classify sees "local")
 
-
-CNN_STAGES = ("train", "classify", "evaluate")  # they run the CNN: --classify-backend is theirs
-GPU_STAGES = tuple(st.name for st in STAGES if st.uses_gpu)  # they get --gpus-per-task
+def cnn_stages() -> set[str]:
+    """The stages that run the CNN (or read its results): --classify-backend is theirs."""
+    return {st.name for st in pipeline.STAGES if st.runs_cnn}
 
 
 class _Template(string.Template):
@@ -79,7 +79,7 @@ class SubmitOptions:
     cpus_per_task: int | None = None
     time: str | None = None
     max_parallel: int | None = None
-    classify_backend: str | None = None  # None: the config's classify.backend
+    classify_backend: str | None = None  # None: the config's cnn.backend
     sif: str | None = None  # the Apptainer image, for classify_backend "apptainer"
     python: str = field(default_factory=lambda: sys.executable)
     sbatch_options: tuple[str, ...] = ()  # extra `#SBATCH` lines, e.g. "--account=abc"
@@ -135,31 +135,22 @@ def array_spec(tasks: list[int]) -> str:
     return ",".join(parts)
 
 
-def _command(stage: str, paths: Paths, opts: SubmitOptions) -> str:
+def _command(st: Stage, paths: Paths, opts: SubmitOptions) -> str:
     q = shlex.quote
     # A path, or a command line such as "apptainer exec --nv synthflux-python.sif python".
     python = q(opts.python) if Path(opts.python).exists() else shlex.join(shlex.split(opts.python))
-    cmd = f"{python} -m synthflux {stage} {q(str(paths.config))} --data {q(str(paths.data))}"
-    if stage == "generate":
-        return cmd + f' --shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'
-    if stage == "preprocess":
-        # os.cpu_count() on a node counts CPUs this task was not given.
-        return (
-            cmd + f' --shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'
-            ' --workers "${SLURM_CPUS_PER_TASK:-1}"'
-        )
+    cmd = f"{python} -m synthflux {st.name} {q(str(paths.config))} --data {q(str(paths.data))}"
+    if st.sharded:
+        cmd += f' --shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'
+    if st.node_args:
+        cmd += f" {st.node_args}"
     backend = node_backend(opts.classify_backend)
-    return cmd + (f" --backend {q(backend)}" if backend and stage in CNN_STAGES else "")
-
-
-def node_backend(classify_backend: str | None) -> str | None:
-    """The `--backend` the CNN stages run with on the nodes (their results record it)."""
-    # Under Apptainer, `julia` on PATH is the shim written beside the script.
-    return "local" if classify_backend == APPTAINER else classify_backend
+    return cmd + (f" --backend {q(backend)}" if backend and st.runs_cnn else "")
 
 
 def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int] | None) -> str:
     """The batch script of one stage; `tasks` are the array indices (None: a single job)."""
+    st = pipeline.stage(stage)
     log_name = f"{stage}-%A_%a.log" if tasks is not None else f"{stage}-%j.log"
     directives = [
         f"--job-name=synthflux-{stage}",
@@ -172,7 +163,7 @@ def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int
     if tasks is not None:
         throttle = f"%{opts.max_parallel}" if opts.max_parallel else ""
         directives.append(f"--array={array_spec(tasks)}{throttle}")
-    if stage != "generate":
+    if st.needs:
         directives.append("--kill-on-invalid-dep=yes")  # a failed dependency cancels, never hangs
     if opts.partition:
         directives.append(f"--partition={opts.partition}")
@@ -180,17 +171,17 @@ def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int
         directives.append(f"--time={opts.time}")
     if opts.cpus_per_task:
         directives.append(f"--cpus-per-task={opts.cpus_per_task}")
-    if stage in GPU_STAGES and opts.gpus_per_task:
+    if st.uses_gpu and opts.gpus_per_task:
         directives.append(f"--gpus-per-task={opts.gpus_per_task}")
     directives.extend(opts.sbatch_options)
     setup = ""
-    if stage in CNN_STAGES and opts.classify_backend == APPTAINER:
+    if st.runs_cnn and opts.classify_backend == APPTAINER:
         setup = f"export PATH={shlex.quote(str(paths.slurm / 'bin'))}:$PATH\n"
     return _template("slurm-job.sbatch").substitute(
         stage=stage,
         directives="\n".join(f"#SBATCH {d}" for d in directives),
         setup=setup,
-        command=_command(stage, paths, opts),
+        command=_command(st, paths, opts),
     )
 
 
@@ -234,18 +225,6 @@ def _queued(job_ids: list[str]) -> list[str]:
     return [j for j in job_ids if j in in_queue]
 
 
-def read_submission(layout: DataLayout) -> dict[str, Any] | None:
-    """The last submission's options and job ids (DATA/slurm/submission.json), if any."""
-    path = layout.submission
-    try:
-        submission: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({e}); delete it to submit afresh") from None
-    return submission
-
-
 @dataclass
 class Plan:
     """Which tasks of which stages to submit; stages absent here are complete."""
@@ -255,7 +234,7 @@ class Plan:
     @classmethod
     def full(cls, cfg: PipelineConfig, shards: int) -> Plan:
         return cls({st.name: list(range(shards)) if st.sharded else None
-                    for st in STAGES if st.applies(cfg)})  # fmt: skip
+                    for st in pipeline.STAGES if st.applies(cfg)})  # fmt: skip
 
     @classmethod
     def failed(cls, status: Status) -> Plan:
@@ -266,7 +245,7 @@ class Plan:
         change every input of the stages after it, so they run whole (verified work skips).
         """
         tasks: dict[str, list[int] | None] = {}
-        for st in STAGES:
+        for st in pipeline.STAGES:
             state = status.stages[st.name]
             if not state.needed:
                 continue
@@ -303,7 +282,7 @@ def dry_run(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[str]:
         out.append(f"# sbatch --parsable{dep} {script}")
         out.append(text.rstrip("\n"))
         prev = stage
-    if opts.classify_backend == APPTAINER and set(CNN_STAGES) & set(plan.tasks):
+    if opts.classify_backend == APPTAINER and cnn_stages() & set(plan.tasks):
         out.append(f"# {paths.slurm / 'bin' / 'julia'} (the classify job's `julia`)")
         out.append(render_apptainer_shim(opts.sif or "").rstrip("\n"))
     return out
@@ -312,7 +291,7 @@ def dry_run(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[str]:
 def submit(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[Submitted]:
     """Write the scripts to DATA/slurm/ and submit them, each stage after the previous one."""
     paths.slurm.mkdir(parents=True, exist_ok=True)
-    if opts.classify_backend == APPTAINER and set(CNN_STAGES) & set(plan.tasks):
+    if opts.classify_backend == APPTAINER and cnn_stages() & set(plan.tasks):
         shim = paths.slurm / "bin" / "julia"
         shim.parent.mkdir(exist_ok=True)
         shim.write_text(render_apptainer_shim(opts.sif or ""))
@@ -334,15 +313,8 @@ def submit(plan: Plan, paths: Paths, opts: SubmitOptions) -> list[Submitted]:
 
 
 def _record(paths: Paths, opts: SubmitOptions, jobs: list[Submitted]) -> None:
-    write_json_atomic(
-        DataLayout(paths.data).submission,
-        {
-            "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": str(paths.config),
-            "options": asdict(opts),
-            "jobs": {j.stage: {"id": j.job_id, "tasks": j.tasks} for j in jobs},
-        },
-    )
+    record_submission(DataLayout(paths.data), str(paths.config), asdict(opts),
+                      {j.stage: {"id": j.job_id, "tasks": j.tasks} for j in jobs})  # fmt: skip
 
 
 def plan_submission(
@@ -361,7 +333,7 @@ def plan_submission(
         stored = dict(previous["options"]) if previous else {}
         opts = SubmitOptions.from_json(stored | given)
         # Complete as the nodes would find it: the CNN stages' results belong to a backend.
-        on_nodes = with_overrides(cfg, backend=node_backend(opts.classify_backend))
+        on_nodes = cfg.with_cnn(backend=node_backend(opts.classify_backend))
         status = pipeline_status(on_nodes, opts.shards)
         return Plan.failed(status), paths, opts, status
     if "shards" not in given:

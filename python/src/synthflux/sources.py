@@ -54,7 +54,7 @@ def imported_split(marker: Path) -> Split:
 
 def all_sources(cfg: PipelineConfig) -> list[Source]:
     """Every source of this data root: the synthetic one first (if the config makes it)."""
-    layout = DataLayout(cfg.data_root)
+    layout = cfg.layout
     synthetic = [Source(SYNTHETIC, "train", layout.source(SYNTHETIC))] if cfg.generates else []
     return synthetic + imported(layout)
 

@@ -1,22 +1,28 @@
-"""The interface every stage module offers, and the states `status` reports.
+"""The stage contract: what every stage declares, so that the rest of the program can derive
+everything it needs from the one registry, `pipeline.STAGES`.
 
-A stage is a module with `run(cfg, *, shard=..., ...) -> Summary` (do the missing work, keep
-what is verified) and `state(cfg, n) -> StageState` (what is done, grouped as n tasks, by the
-stage's own definition of done). `pipeline.STAGES` lists them in order; `run`, `status` and
-`submit` loop over that list, so a new stage is one module and one entry there.
+A stage is one module with a `run(cfg, **options) -> Summary` function (do the missing work,
+keep what is verified) and a `STAGE = Stage(...)` declaration: the stages it needs, the key of
+everything its result is computed from, where it writes, what later stages read, whether it
+is sharded, runs the CNN or wants a GPU, and its command-line options. `synthflux.lineage`
+answers "is it current?" from its stage.json; the CLI, `run`, `status` and `submit` loop over
+`STAGES`. A stage never imports another stage's module.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 from synthflux.config import PipelineConfig
-from synthflux.storage import write_json_atomic
+from synthflux.errors import ConfigError
+from synthflux.layout import DataLayout
+from synthflux.storage import ShardSpec, write_json_atomic
 
 
 class Summary(Protocol):
@@ -64,20 +70,81 @@ class Skipped:
         return [self.reason]
 
 
+# --- command-line options: a stage declares them, the CLI adds them -------------------------
+
+
+def shard_spec(text: str) -> ShardSpec:
+    """An argparse type: "I/N"."""
+    try:
+        return ShardSpec.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard ")) from None
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= least."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a stage's command: argparse's `add_argument(*flags, **settings)`; its
+    value is passed to the stage's `run` under the option's dest."""
+
+    flags: tuple[str, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def shard_option(meaning: str) -> Option:
+    """`--shard I/N`: the option of every sharded stage (a cluster task's share of the work)."""
+    return Option(("--shard",), {"type": shard_spec, "default": ShardSpec(), "metavar": "I/N",
+                                 "help": f"{meaning} (default: 0/1, everything)"})  # fmt: skip
+
+
+# --- the declaration ------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[..., Summary]
-    state: Callable[[PipelineConfig, int], StageState]
-    sharded: bool  # runs as N tasks (`--shard I/N`) on a cluster, else as one job
+    # The key of everything its result is computed from (inputs' bytes, settings); stage.json
+    # records it, and the result is current only while it is the same (synthflux.lineage).
+    key: Callable[[PipelineConfig], str]
+    folder: Callable[[DataLayout], Path]  # where it writes; its stage.json is there
+    results: Callable[[PipelineConfig], list[Path]]  # the files later stages read
+    help: str  # one line, for `synthflux --help`
+    description: str  # for `synthflux NAME --help`
+    needs: tuple[str, ...] = ()  # the stages whose results it reads
+    # Done per task of n: images made, shards written, ... None: one job, done when current.
+    state: Callable[[PipelineConfig, int], StageState] | None = None
+    options: tuple[Option, ...] = ()
+    sharded: bool = False  # runs as N tasks (`--shard I/N`) on a cluster, else as one job
     # True: run() itself keeps verified work and says so, so `synthflux run` always calls it;
-    # False: `synthflux run` calls it only when state() says the result is not current.
-    resumes: bool
-    unit: str  # what state() counts: "images", "output shards"
-    product: str  # what it makes, for a person: "images", "predictions"
-    applies: Callable[[PipelineConfig], bool] = lambda cfg: True  # e.g. generate: not needed
-    # for a config that trains on real images only
+    # False: `synthflux run` calls it only when its result is not current.
+    resumes: bool = False
+    runs_cnn: bool = False  # it trains or runs the CNN: --backend/--image and [cnn] are its
     uses_gpu: bool = False  # on a cluster, its tasks get --gpus-per-task
+    node_args: str = ""  # more arguments for its cluster tasks (shell words)
+    unit: str = "results"  # what state() counts: "images", "output shards"
+    product: str = "results"  # what it makes, for a person: "images", "predictions"
+    # False: the config does not use it (generate, for a config that trains on real images)
+    applies: Callable[[PipelineConfig], bool] = lambda cfg: True
+
+    def marker(self, layout: DataLayout) -> Path:
+        """Its stage.json: written last, the done marker."""
+        return layout.stage_marker(self.folder(layout))
 
 
 # --- stage.json: a stage's done marker and its timings --------------------------------------
@@ -116,23 +183,6 @@ def write_stage_marker(
     }
     write_json_atomic(path, marker)
     return marker
-
-
-def is_fresh(marker_path: Path, key: str, outputs_root: Path) -> bool:
-    """A stage's result is current: its stage.json has this key, and every file it lists
-    (relative to `outputs_root`) still has the sha256 it had when it was published."""
-    from synthflux.storage import sha256_file
-
-    marker = read_stage_marker(marker_path)
-    if marker is None or marker.get("key") != key:
-        return False
-    outputs = marker.get("outputs") or {}
-    try:
-        return bool(outputs) and all(
-            sha256_file(outputs_root / name) == digest for name, digest in outputs.items()
-        )
-    except OSError:
-        return False
 
 
 def one_job(stage: str, complete: bool, note: str, done: int = 1, total: int = 1) -> StageState:

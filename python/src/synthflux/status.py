@@ -1,7 +1,8 @@
 """`synthflux status`: per stage and per task, what is complete, read from the data.
 
-Each stage answers by its own definition of done (`Stage.state`), the same one `run` uses to
-skip and `submit --resubmit-failed` uses to plan; nothing here asks the scheduler. A stage
+Each stage answers by its own count of work done (`Stage.state`) and synthflux.lineage's
+"is it current?", the same answers `run` uses to skip and `submit --resubmit-failed` uses to
+plan; nothing here asks the scheduler. A stage
 whose predecessor is incomplete is "waiting": its shards are not known yet.
 """
 
@@ -10,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from synthflux import lineage, pipeline
 from synthflux.config import PipelineConfig
-from synthflux.layout import DataLayout
-from synthflux.pipeline import STAGES
 from synthflux.stages import ShardState, StageState
+from synthflux.submission import last_backend, last_shards
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Status:
 
     def lines(self) -> list[str]:
         out = []
-        for st in STAGES:
+        for st in pipeline.STAGES:
             state = self.stages[st.name]
             head = f"{st.name:<11} {'complete' if state.complete else 'incomplete':<10}"
             if state.waiting:
@@ -67,14 +68,14 @@ def pipeline_status(cfg: PipelineConfig, shards: int) -> Status:
     """Every stage's state, grouped as `shards` tasks; a stage after an incomplete one waits."""
     states: dict[str, StageState] = {}
     ready = True
-    for st in STAGES:
+    for st in pipeline.STAGES:
         n = shards if st.sharded else 1
         if not st.applies(cfg):
             empty = [ShardState(i, 0, 0) for i in range(n)]
             states[st.name] = StageState(st.name, empty, True, needed=False)
             continue
         if ready:
-            states[st.name] = st.state(cfg, n)
+            states[st.name] = lineage.state(cfg, st.name, n)
         else:
             empty = [ShardState(i, 0, 0) for i in range(n)]
             states[st.name] = StageState(st.name, empty, False, waiting=True)
@@ -84,19 +85,11 @@ def pipeline_status(cfg: PipelineConfig, shards: int) -> Status:
 
 def status_shards(cfg: PipelineConfig, shards: int | None) -> int:
     """--shards, else the last submission's, else 1 (status is the same data either way)."""
-    from synthflux.slurm import read_submission
-
     if shards is not None:
         return shards
-    previous = read_submission(DataLayout(cfg.data_root))
-    return int(previous["options"]["shards"]) if previous else 1
+    return last_shards(cfg.layout) or 1
 
 
 def status_backend(cfg: PipelineConfig, backend: str | None) -> str | None:
     """--backend, else the last submission's (--classify-backend), else None (the config's)."""
-    from synthflux.slurm import node_backend, read_submission
-
-    if backend is not None:
-        return backend
-    previous = read_submission(DataLayout(cfg.data_root)) or {}
-    return node_backend(previous.get("options", {}).get("classify_backend"))
+    return backend if backend is not None else last_backend(cfg.layout)

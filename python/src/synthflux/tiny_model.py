@@ -46,11 +46,52 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def build_tiny_pipeline(seed: int = 0) -> Any:
-    """The components of diffusers' own pipeline tests (get_dummy_components), seeded.
+# The components of diffusers' own pipeline tests (get_dummy_components), as one literal
+# configuration read top to bottom.
+UNET: dict[str, Any] = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 4,
+}
+VAE: dict[str, Any] = {
+    "block_out_channels": [8, 16],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+}
+TEXT_ENCODER: dict[str, Any] = {
+    "bos_token_id": 512,
+    "eos_token_id": 513,
+    "pad_token_id": 513,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "layer_norm_eps": 1e-05,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 514,
+    "max_position_embeddings": 77,
+}
+SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
 
-    Long, but one literal configuration read top to bottom: splitting it would only scatter it.
-    """
+
+def build_tiny_pipeline(seed: int = 0) -> Any:
+    """The tiny pipeline: UNET, VAE, TEXT_ENCODER and SCHEDULER, weights seeded by `seed`."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -62,48 +103,9 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
 
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching global state
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            norm_num_groups=4,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=[8, 16],
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            latent_channels=4,
-            norm_num_groups=4,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=512,
-                eos_token_id=513,
-                pad_token_id=513,
-                hidden_size=32,
-                intermediate_size=37,
-                layer_norm_eps=1e-05,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                vocab_size=514,
-                max_position_embeddings=77,
-            )
-        )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+        unet = UNet2DConditionModel(**UNET)
+        vae = AutoencoderKL(**VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER))
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp))
         # Positional: transformers 4 names them vocab_file/merges_file, 5 vocab/merges.
@@ -115,7 +117,7 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=DDIMScheduler(**SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,4 +1,4 @@
-"""Stage 4, train: the CNN learns the training sources, with Flux.jl (or its PyTorch twin).
+"""train: the CNN learns the training sources, with Flux.jl (or its PyTorch twin).
 
 The trainer (julia/flux_model.jl train, or synthflux.reference_train) runs once over the
 training sources' shards from initial weights made here from `[train] seed`, and writes only
@@ -21,25 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthflux import preprocess
-from synthflux.backends import BACKENDS, Job
+from synthflux import lineage
+from synthflux.backends import Job, backend_for, choose
 from synthflux.backends.supervise import interrupts
-from synthflux.classify import with_overrides
 from synthflux.config import PipelineConfig
-from synthflux.contracts import load_dataset
-from synthflux.errors import ClassifyError, DataError
+from synthflux.contracts import load_dataset, read_dataset
+from synthflux.errors import DataError, TrainError
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
 from synthflux.sources import Source, training_sources
-from synthflux.stages import (
-    Stage,
-    StageState,
-    is_fresh,
-    one_job,
-    read_stage_marker,
-    write_stage_marker,
-)
-from synthflux.storage import atomic_write, exclusive, sha256_file, write_json_atomic
+from synthflux.stages import Stage, read_stage_marker
+from synthflux.storage import atomic_write, exclusive, write_json_atomic
+from synthflux.trainplan import TrainSettings
 from synthflux.weights import Weights, check_weights, init_weights, load_weights, save_weights
 
 log = logging.getLogger("synthflux")
@@ -95,21 +88,20 @@ def run(
 ) -> TrainSummary:
     """Train (or resume, or collect a finished run) and publish DATA/model/weights.npz."""
     started = time.monotonic()
-    cfg = with_overrides(cfg, backend=backend, image=image)
-    layout = DataLayout(cfg.data_root)
+    cfg = choose(cfg.with_cnn(backend=backend, image=image))
+    layout = cfg.layout
     # 1. the training sources' finished datasets, and what the result will depend on
-    sources = training_sources(cfg)
-    for s in sources:
-        preprocess.require_complete(cfg, s)
+    sources = training_sources(cfg)  # first: a source asked for and never imported
+    lineage.require(cfg, "preprocess")
     shape = _shape(cfg, sources)
     key = inputs_key(cfg, sources)
     layout.training.mkdir(parents=True, exist_ok=True)
-    with exclusive(layout.training / ".train.lock", "train"):
+    with exclusive(layout.train_lock, "train"):
         # 2. a run folder that belongs to this key (a stale checkpoint is removed), the initial
         # weights, and the trainer's arguments (also written for a trainer run elsewhere)
         job = _prepare(cfg, layout, sources, shape, key)
-        summary = TrainSummary(cfg.classify.backend, [s.name for s in sources])
-        if cfg.classify.backend == "none" and not all((job.output / f).is_file() for f in OUTPUTS):
+        summary = TrainSummary(cfg.cnn.backend, [s.name for s in sources])
+        if cfg.cnn.backend == "none" and not all((job.output / f).is_file() for f in OUTPUTS):
             summary.complete = False
             summary.note = (f"prepared {layout.job_args}: run `julia julia/flux_model.jl "
                             f"@{layout.job_args}` (compose: the train service), then this again")  # fmt: skip
@@ -117,15 +109,14 @@ def run(
         # 3. the trainer, streamed; 4. its files checked, the weights published, stage.json last
         with interrupts(), Progress("train", cfg.train.epochs, unit="epoch") as progress:
             job = _with_listener(job, progress)
-            BACKENDS[cfg.classify.backend](cfg, job)
+            backend_for(cfg).train(job)
         weights, summary.epochs = _check_outputs(job.output, shape)
         save_weights(layout.default_weights, weights)
         summary.seconds = time.monotonic() - started
-        write_stage_marker(
-            layout.stage_marker("train"), "train", key=key, seconds=summary.seconds,
-            complete=True, facts={"backend": summary.backend, "sources": summary.sources,
-                                  "epochs": len(summary.epochs), "outputs": _outputs(layout)},
-        )  # fmt: skip
+        outputs = [layout.trainer_output(f) for f in OUTPUTS] + [layout.default_weights]
+        lineage.record(cfg, "train", key=key, seconds=summary.seconds, outputs=outputs,
+                       facts={"backend": summary.backend, "sources": summary.sources,
+                              "epochs": len(summary.epochs)})  # fmt: skip
     return summary
 
 
@@ -143,10 +134,10 @@ def _shape(cfg: PipelineConfig, sources: list[Source]) -> tuple[int, int, int, i
 def inputs_key(cfg: PipelineConfig, sources: list[Source]) -> str:
     """What the trained weights depend on: every training shard's bytes, the settings (the
     initial weights follow from them) and where the training runs."""
-    layout = DataLayout(cfg.data_root)
-    shards = {s.name: [[e["file"], e["sha256"]] for e in json.loads(
-        layout.prepared(s.name).dataset.read_text())["shards"]] for s in sources}  # fmt: skip
-    c = cfg.classify
+    layout = cfg.layout
+    shards = {s.name: [[e["file"], e["sha256"]] for e in read_dataset(
+        layout.prepared(s.name))["shards"]] for s in sources}  # fmt: skip
+    c = choose(cfg).cnn
     inputs = {"shards": shards, "train": cfg.train.model_dump(exclude={"timeout_s"}),
               "backend": c.backend, "image": c.image if c.backend == "docker" else None}  # fmt: skip
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -159,7 +150,7 @@ def _prepare(
     shape: tuple[int, int, int, int],
     key: str,
 ) -> Job:
-    run_dir, marker = layout.training_run, layout.training / "job.json"
+    run_dir, marker = layout.training_run, layout.training_key
     if (read_stage_marker(marker) or {}).get(
         "key"
     ) != key:  # another dataset or settings: the checkpoint is not this training's
@@ -170,27 +161,15 @@ def _prepare(
         write_json_atomic(marker, {"key": key})
     run_dir.mkdir(parents=True, exist_ok=True)
     inputs = tuple((s.name, layout.prepared(s.name).folder) for s in sources)
-    job = Job("train", inputs, (), layout.init_weights, run_dir, "training/run",
-              _options(cfg), OUTPUTS, cfg.train.timeout_s, "train.timeout_s")  # fmt: skip
+    job = Job("train", inputs, (), layout.init_weights, run_dir, layout.inside(run_dir, "."),
+              (), OUTPUTS, cfg.train.timeout_s, "train.timeout_s",
+              settings=TrainSettings.of(cfg.train))  # fmt: skip
     with atomic_write(layout.job_args, "w") as f:  # for `flux_model.jl @job.args`
         inside = DataLayout(Path("/data"))
         args = job.args([str(inside.prepared(s.name).folder) for s in sources],
                         str(inside.init_weights), str(inside.training_run))  # fmt: skip
         f.write("\n".join(args) + "\n")
     return job
-
-
-def _options(cfg: PipelineConfig) -> tuple[str, ...]:
-    t = cfg.train
-    values = {"epochs": t.epochs, "batch-size": t.batch_size, "lr": t.lr, "beta1": t.betas[0],
-              "beta2": t.betas[1], "eps": t.eps, "weight-decay": t.weight_decay,
-              "val-fraction": t.val_fraction, "patience": t.patience, "seed": t.seed,
-              "flip": int(t.flip), "shift": t.shift}  # fmt: skip
-    return tuple(
-        x
-        for k, v in values.items()
-        for x in (f"--{k}", repr(v) if isinstance(v, float) else str(v))
-    )
 
 
 def _with_listener(job: Job, progress: Progress) -> Job:
@@ -219,51 +198,39 @@ def _check_outputs(
     """The trainer's weights (a valid set for this data) and its metrics, which must parse."""
     path = output / "weights.npz"
     if not path.is_file():
-        raise ClassifyError(f"the trainer wrote no {path}")
+        raise TrainError(f"the trainer wrote no {path}")
     weights = load_weights(path)
     spec = check_weights(weights, str(path))
     if (spec.width, spec.height, spec.channels, spec.n_classes) != shape:
-        raise ClassifyError(f"{path}: trained for another shape than the data's {shape}")
+        raise TrainError(f"{path}: trained for another shape than the data's {shape}")
     try:
         lines = (output / "metrics.jsonl").read_text().splitlines()
         epochs = [json.loads(line) for line in lines if line.strip()]
     except (OSError, ValueError) as e:
-        raise ClassifyError(f"{output / 'metrics.jsonl'}: unreadable ({e})") from None
+        raise TrainError(f"{output / 'metrics.jsonl'}: unreadable ({e})") from None
     for m in epochs:
         if not isinstance(m, dict) or not isinstance(m.get("epoch"), int):
-            raise ClassifyError(f"{output / 'metrics.jsonl'}: a line without an epoch: {m}")
+            raise TrainError(f"{output / 'metrics.jsonl'}: a line without an epoch: {m}")
         if not math.isfinite(float(m.get("train_loss") or 0.0)):
-            raise ClassifyError(
+            raise TrainError(
                 f"training diverged: train loss {m.get('train_loss')} in epoch {m['epoch']}"
             )
     return weights, epochs
 
 
-def _outputs(layout: DataLayout) -> dict[str, str]:
-    files = [layout.training_run / f for f in OUTPUTS] + [layout.default_weights]
-    return {f.relative_to(layout.root).as_posix(): sha256_file(f) for f in files}
-
-
-# --- done-ness ----------------------------------------------------------------------------
-
-
-def is_current(cfg: PipelineConfig) -> bool:
-    """The trained weights were made from the current data and settings, and are intact."""
-    layout = DataLayout(cfg.data_root)
-    try:
-        key = inputs_key(cfg, training_sources(cfg))
-    except (OSError, ValueError, DataError, KeyError, TypeError):
-        return False
-    return is_fresh(layout.stage_marker("train"), key, layout.root)
-
-
-def state(cfg: PipelineConfig, n: int) -> StageState:
-    return one_job(
-        "train", is_current(cfg), "no trained model for the current data and settings yet"
-    )
+def key(cfg: PipelineConfig) -> str:
+    """The stage's key (synthflux.lineage): inputs_key over this config's training sources."""
+    return inputs_key(cfg, training_sources(cfg))
 
 
 STAGE = Stage(
-    "train", run, state, sharded=False, resumes=False, unit="models", product="trained weights",
-    uses_gpu=True,
+    "train", run, key=key, folder=lambda layout: layout.training,
+    results=lambda cfg: [cfg.layout.default_weights], needs=("preprocess",), runs_cnn=True,
+    uses_gpu=True, unit="models", product="trained weights",
+    help="train the CNN (Flux.jl, or its PyTorch twin) on the training sources",
+    description="Train the CNN with Flux.jl (julia/flux_model.jl train; or its PyTorch twin "
+    "with --backend reference) on the sources [train] names, from initial weights made from "
+    "train.seed. Every epoch's metrics are shown and kept in DATA/training/run/metrics.jsonl, "
+    "with a checkpoint, so a killed run resumes. The best validation epoch's weights become "
+    "DATA/model/weights.npz, which classify and evaluate use. docs/training.md has the rules.",
 )  # fmt: skip

@@ -8,8 +8,45 @@ Python compute the same choices, and adding images never changes an old image's.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from synthflux.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a trainer is told, the one spelling on the Python side: flux_model.jl reads them
+    as `--name value` options (julia/src/cli.jl), the PyTorch twin as this object."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    patience: int = 3
+    seed: int = 0
+    flip: bool = False
+    shift: int = 0
+
+    @classmethod
+    def of(cls, t: TrainConfig) -> TrainSettings:
+        return cls(t.epochs, t.batch_size, t.lr, t.betas[0], t.betas[1], t.eps, t.weight_decay,
+                   t.val_fraction, t.patience, t.seed, t.flip, t.shift)  # fmt: skip
+
+    def options(self) -> tuple[str, ...]:
+        """As flux_model.jl's options: --batch-size 32 ... (floats exact, flip as 0/1)."""
+        out: list[str] = []
+        for name, value in asdict(self).items():
+            text = repr(value) if isinstance(value, float) else str(int(value))
+            out += [f"--{name.replace('_', '-')}", text]
+        return tuple(out)
 
 
 def unit_hash(*parts: object) -> int:

@@ -1,4 +1,4 @@
-"""Backend "docker": one locked-down container of `classify.image` classifies every shard.
+"""Backend "docker": one locked-down container of `cnn.image` classifies every shard.
 
 The driver creates, attaches, starts, waits for and always removes the container itself, with
 the Docker SDK. The container runs as a non-root user with no network, no capabilities,
@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 from synthflux.backends.job import Job
 from synthflux.backends.supervise import TAIL_LINES, LogStream, Watchdog, failure
 from synthflux.config import PipelineConfig
-from synthflux.errors import ClassifyError
+from synthflux.errors import CnnError
 from synthflux.layout import probs_file
 from synthflux.storage import atomic_write
 
@@ -37,17 +38,36 @@ NOBODY = (65534, 65534)
 LABEL = "synthflux.stage"
 
 
+@dataclass(frozen=True)
+class Docker:
+    cfg: PipelineConfig
+
+    def train(self, job: Job) -> None:
+        run(self.cfg, job)
+
+    def classify(self, job: Job) -> None:
+        run(self.cfg, job)
+
+    def ready(self) -> None:
+        """A clear error now, not after `run --from` deleted results: no engine, no image."""
+        client = _client(CnnError)
+        try:
+            _require_image(client, self.cfg.cnn.image, CnnError)
+        finally:
+            client.close()
+
+
 def run(cfg: PipelineConfig, job: Job) -> None:
     """Create, attach, start, wait for and always remove one container for the whole job."""
     import docker
     import requests
 
-    image = cfg.classify.image
-    client = _client()
+    image = cfg.cnn.image
+    client = _client(job.error)
     name = f"synthflux-{job.command}-{uuid.uuid4().hex[:12]}"
     container = None
     try:
-        _require_image(client, image)
+        _require_image(client, image, job.error)
         _remove_leftovers(client, cfg, job)
         user = container_user()
         plan = _plan(cfg, client, job, user)
@@ -62,9 +82,9 @@ def run(cfg: PipelineConfig, job: Job) -> None:
         if plan.copy_back:
             _copy_out(container, job.output, set(job.outputs) | {probs_file(s) for s in job.shards})
     except docker.errors.APIError as e:
-        raise ClassifyError(f"Docker refused: {e.explanation or e}") from None
+        raise job.error(f"Docker refused: {e.explanation or e}") from None
     except (docker.errors.DockerException, requests.RequestException) as e:
-        raise ClassifyError(f"lost the Docker daemon during the run: {e}") from None
+        raise job.error(f"lost the Docker daemon during the run: {e}") from None
     finally:
         _remove_container(client, container, name)
         client.close()
@@ -79,7 +99,7 @@ def _give_to(folder: Path, user: tuple[int, int]) -> None:
 # --- the engine and the image --------------------------------------------------------------
 
 
-def _client() -> Any:
+def _client(error: Callable[[str], CnnError]) -> Any:
     import docker
 
     where = os.environ.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
@@ -87,20 +107,20 @@ def _client() -> Any:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as e:
-        raise ClassifyError(
+        raise error(
             f"cannot reach the Docker daemon at {where}: start Docker (or .ci/start-docker.sh), "
             f"or set DOCKER_HOST to a running one; or use --backend local ({e})"
         ) from None
     return client
 
 
-def _require_image(client: Any, image: str) -> None:
+def _require_image(client: Any, image: str, error: Callable[[str], CnnError]) -> None:
     import docker
 
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:
-        raise ClassifyError(
+        raise error(
             f"Docker image {image!r} not found: run `make images` (or `docker build -f "
             f"docker/julia.Dockerfile -t {image} .`), or pass --image TAG"
         ) from None
@@ -117,7 +137,7 @@ def _cpu_limit(client: Any, cpus: float) -> float:
     available = float(client.info().get("NCPU") or cpus)
     if cpus > available:
         log.info(
-            "classify: classify.cpus = %g but the engine has %g CPUs; using %g",
+            "classify: cnn.cpus = %g but the engine has %g CPUs; using %g",
             cpus, available, available,
         )  # fmt: skip
     return min(cpus, available)
@@ -135,17 +155,18 @@ class _Plan:
 
 def _plan(cfg: PipelineConfig, client: Any, job: Job, user: tuple[int, int]) -> _Plan:
     """Bind mounts of the job's folders (driver on the host), or the named volume read-only
-    and an anonymous /out (driver inside compose, classify.volume set). Inside, every path
+    and an anonymous /out (driver inside compose, cnn.volume set). Inside, every path
     keeps its place under the data root (/data/preprocessed/<source>, /data/model/...)."""
     from docker.types import Mount
 
     root = cfg.data_root.resolve()
     folders = [folder.resolve() for _, folder in job.inputs]
     files = [f / s for f in folders for s in job.shards] + [job.weights.resolve()]
-    if not cfg.classify.volume:
-        _check_readable(files, folders, user)
-        inputs = [f"{DATA_MOUNT}/{_inside(folder, cfg.data_root)}" for _, folder in job.inputs]
-        weights = f"{DATA_MOUNT}/{_inside(job.weights, cfg.data_root, 'model/weights.npz')}"
+    if not cfg.cnn.volume:
+        _check_readable(job, files, folders, user)
+        inputs = [f"{DATA_MOUNT}/{_inside(job, folder, cfg.data_root)}" for _, folder in job.inputs]
+        trained = cfg.layout.inside(cfg.layout.default_weights, ".")
+        weights = f"{DATA_MOUNT}/{_inside(job, job.weights, cfg.data_root, trained)}"
         output = f"{DATA_MOUNT}/{job.output_inside}"
         mounts = [
             Mount(i, str(f), type="bind", read_only=True)
@@ -156,45 +177,45 @@ def _plan(cfg: PipelineConfig, client: Any, job: Job, user: tuple[int, int]) -> 
             Mount(output, str(job.output.resolve()), type="bind"),
         ]
         return _Plan(mounts, job.args(inputs, weights, output), copy_back=False)
-    _require_volume(client, cfg.classify.volume)
-    inputs = [f"{DATA_MOUNT}/{_relative(f, root, 'the shards')}" for f in folders]
-    rel_weights = _relative(job.weights.resolve(), root, "with classify.volume the weights")
+    _require_volume(job, client, cfg.cnn.volume)
+    inputs = [f"{DATA_MOUNT}/{_relative(job, f, root, 'the shards')}" for f in folders]
+    rel_weights = _relative(job, job.weights.resolve(), root, "with cnn.volume the weights")
     parents = [root / p for p in Path(rel_weights).parents if str(p) != "."]
-    _check_readable(files, [root, *folders, *parents], user)
+    _check_readable(job, files, [root, *folders, *parents], user)
     mounts = [
-        Mount(DATA_MOUNT, cfg.classify.volume, type="volume", read_only=True),
+        Mount(DATA_MOUNT, cfg.cnn.volume, type="volume", read_only=True),
         Mount(VOLUME_OUT, None, type="volume"),  # anonymous: removed with the container
     ]
     command = job.args(inputs, f"{DATA_MOUNT}/{rel_weights}", VOLUME_PREDICTIONS)
     return _Plan(mounts, command, copy_back=True)
 
 
-def _inside(path: Path, root: Path, otherwise: str = "") -> str:
+def _inside(job: Job, path: Path, root: Path, otherwise: str = "") -> str:
     """Where `path` is under the data root (unresolved: a symlinked folder stays in place)."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
         if otherwise:
             return otherwise  # e.g. classify.weights elsewhere: mounted where the default lives
-        raise ClassifyError(f"{path} is not under the data root {root}") from None
+        raise job.error(f"{path} is not under the data root {root}") from None
 
 
-def _relative(path: Path, root: Path, what: str) -> str:
+def _relative(job: Job, path: Path, root: Path, what: str) -> str:
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
-        raise ClassifyError(
+        raise job.error(
             f"{path} is not under the data root {root}: {what} must be on the volume"
         ) from None
 
 
-def _require_volume(client: Any, volume: str) -> None:
+def _require_volume(job: Job, client: Any, volume: str) -> None:
     import docker
 
     try:
         client.volumes.get(volume)
     except docker.errors.NotFound:
-        raise ClassifyError(f"classify.volume = {volume!r}: no such Docker volume") from None
+        raise job.error(f"cnn.volume = {volume!r}: no such Docker volume") from None
 
 
 def _readable_by(path: Path, uid: int, gid: int, bits: int = 0o4) -> bool:
@@ -204,13 +225,13 @@ def _readable_by(path: Path, uid: int, gid: int, bits: int = 0o4) -> bool:
     return (st.st_mode >> shift) & bits == bits
 
 
-def _check_readable(paths: list[Path], dirs: list[Path], user: tuple[int, int]) -> None:
+def _check_readable(job: Job, paths: list[Path], dirs: list[Path], user: tuple[int, int]) -> None:
     """Fail before starting when the container user could not read its inputs."""
     for path, bits in [*((p, 0o4) for p in paths), *((d, 0o5) for d in dirs)]:
         if not _readable_by(path, *user, bits=bits):
             mode = oct(path.stat().st_mode & 0o777)
             folder = path if path.is_dir() else path.parent
-            raise ClassifyError(
+            raise job.error(
                 f"{path} (mode {mode}) is not readable by the container user {user[0]}:{user[1]}: "
                 f"run `chmod -R a+rX {folder}`"
             )
@@ -257,10 +278,10 @@ def _copy_out(container: Any, output: Path, wanted: set[str]) -> None:
 def _create(
     client: Any, cfg: PipelineConfig, job: Job, plan: _Plan, user: tuple[int, int], name: str
 ) -> Any:
-    cpus = _cpu_limit(client, cfg.classify.cpus)
+    cpus = _cpu_limit(client, cfg.cnn.cpus)
     threads = str(max(1, int(cpus)))
     return client.containers.create(
-        cfg.classify.image,
+        cfg.cnn.image,
         command=plan.command,
         name=name,
         user=f"{user[0]}:{user[1]}",
@@ -270,8 +291,8 @@ def _create(
         read_only=True,
         tmpfs={"/tmp": ""},
         security_opt=["no-new-privileges"],
-        mem_limit=cfg.classify.memory,
-        memswap_limit=cfg.classify.memory,  # no swap on top of the memory limit
+        mem_limit=cfg.cnn.memory,
+        memswap_limit=cfg.cnn.memory,  # no swap on top of the memory limit
         nano_cpus=int(cpus * 1e9),
         mounts=plan.mounts,
         labels={**_labels(cfg, job), "synthflux.run": name},
@@ -311,14 +332,14 @@ def _check_exit(
     what = "classifier" if job.command == "classify" else "trainer"
     if timed_out:
         raise failure(
-            f"the {what} container timed out after {job.timeout_s}s ({job.timeout_name}) and "
+            job, f"the {what} container timed out after {job.timeout_s}s ({job.timeout_name}) and "
             "was killed", code, tail, True,
         )  # fmt: skip
     if code != 0:
         container.reload()
         oom = container.attrs.get("State", {}).get("OOMKilled")
-        why = f" (out of memory: classify.memory = {cfg.classify.memory})" if oom else ""
-        raise failure(f"the {what} container exited with code {code}{why}", code, tail)
+        why = f" (out of memory: cnn.memory = {cfg.cnn.memory})" if oom else ""
+        raise failure(job, f"the {what} container exited with code {code}{why}", code, tail)
 
 
 def _labels(cfg: PipelineConfig, job: Job) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Backend "local": `julia --project=julia julia/flux_model.jl ...` as a subprocess.
 
-The julia is `classify.julia` (a name on PATH or a path); its output is streamed line by line,
-it is killed (with anything it forked) at `classify.timeout_s` or when we are interrupted.
+The julia is `cnn.julia` (a name on PATH or a path); its output is streamed line by line,
+it is killed (with anything it forked) at the job's timeout (cnn.timeout_s or
+train.timeout_s) or when we are interrupted.
 """
 
 from __future__ import annotations
@@ -11,15 +12,31 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from synthflux.backends.job import Job
 from synthflux.backends.supervise import LogStream, Watchdog, deferred_interrupts, failure
 from synthflux.config import PipelineConfig
-from synthflux.errors import ClassifyError
+from synthflux.errors import CnnError
 
 log = logging.getLogger("synthflux")
+
+
+@dataclass(frozen=True)
+class Local:
+    cfg: PipelineConfig
+
+    def train(self, job: Job) -> None:
+        run(self.cfg, job)
+
+    def classify(self, job: Job) -> None:
+        run(self.cfg, job)
+
+    def ready(self) -> None:
+        _julia(self.cfg, CnnError)
 
 
 def julia_dir() -> Path:
@@ -27,28 +44,38 @@ def julia_dir() -> Path:
     env = os.environ.get("SYNTHFLUX_JULIA_DIR")
     folder = Path(env) if env else Path(__file__).resolve().parents[4] / "julia"
     if not (folder / "flux_model.jl").is_file():
-        raise ClassifyError(
+        raise CnnError(
             f"no flux_model.jl in {folder}: set SYNTHFLUX_JULIA_DIR to the repository's julia/ "
             "folder, or use --backend docker"
         )
     return folder
 
 
-def julia_command(cfg: PipelineConfig, args: list[str]) -> list[str]:
-    """The full command line: the julia executable, the project, flux_model.jl, `args`."""
-    jdir = julia_dir()
-    exe = shutil.which(cfg.classify.julia)
+def _julia(cfg: PipelineConfig, error: Callable[[str], CnnError]) -> tuple[str, Path]:
+    """The julia executable and the julia/ folder, or `error`."""
+    try:
+        jdir = julia_dir()
+    except CnnError as e:
+        raise error(str(e)) from None
+    exe = shutil.which(cfg.cnn.julia)
     if exe is None:
-        raise ClassifyError(
-            f"classify.julia = {cfg.classify.julia!r} is not an executable on PATH: install "
-            "Julia 1.10+, set classify.julia to its path, or use --backend docker"
+        raise error(
+            f"cnn.julia = {cfg.cnn.julia!r} is not an executable on PATH: install "
+            "Julia 1.10+, set cnn.julia to its path, or use --backend docker or reference"
         )
+    return exe, jdir
+
+
+def julia_command(cfg: PipelineConfig, job: Job) -> list[str]:
+    """The full command line: the julia executable, the project, flux_model.jl, the job's."""
+    exe, jdir = _julia(cfg, job.error)
+    inputs = [str(folder) for _, folder in job.inputs]
+    args = job.args(inputs, str(job.weights), str(job.output))
     return [exe, f"--project={jdir}", str(jdir / "flux_model.jl"), *args]
 
 
 def run(cfg: PipelineConfig, job: Job) -> None:
-    inputs = [str(folder) for _, folder in job.inputs]
-    cmd = julia_command(cfg, job.args(inputs, str(job.weights), str(job.output)))
+    cmd = julia_command(cfg, job)
     log.debug("%s: %s", job.command, " ".join(cmd))
     timeout = job.timeout_s
     logs = LogStream(job.listener)
@@ -82,10 +109,8 @@ def run(cfg: PipelineConfig, job: Job) -> None:
     tail = logs.close()
     if dog.fired:
         raise failure(
-            f"julia timed out after {timeout}s (classify.timeout_s) and was killed",
-            code,
-            tail,
-            True,
-        )
+            job, f"julia timed out after {timeout}s ({job.timeout_name}) and was killed",
+            code, tail, True,
+        )  # fmt: skip
     if code != 0:
-        raise failure(f"julia exited with code {code}", code, tail)
+        raise failure(job, f"julia exited with code {code}", code, tail)

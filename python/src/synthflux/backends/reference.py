@@ -7,6 +7,8 @@ demo and the Slurm tests use it, and it is the CI-checkable twin of the Julia co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from synthflux import reference
 from synthflux.backends.job import Job
 from synthflux.config import PipelineConfig
@@ -14,16 +16,25 @@ from synthflux.progress import Progress
 from synthflux.weights import load_weights
 
 
-def run(cfg: PipelineConfig, job: Job) -> None:
-    if job.command == "train":
+@dataclass(frozen=True)
+class Reference:
+    cfg: PipelineConfig
+
+    def train(self, job: Job) -> None:
         from synthflux import reference_train
 
-        reference_train.main(job.args([str(f) for _, f in job.inputs], str(job.weights),
-                                      str(job.output))[1:], job.listener)  # fmt: skip
-        return
-    weights = load_weights(job.weights)
-    ((_, folder),) = job.inputs
-    with Progress("classify (reference)", len(job.shards), unit="shard") as progress:
-        for name in job.shards:
-            reference.predict_shard(folder / name, weights, job.output)
-            progress.update()
+        if job.settings is None:
+            raise job.error("a training job without settings")
+        emit = reference_train.emitter(job.listener)
+        reference_train.train(list(job.inputs), job.weights, job.output, job.settings, emit)
+
+    def ready(self) -> None:
+        """Always: it needs nothing outside this process."""
+
+    def classify(self, job: Job) -> None:
+        weights = load_weights(job.weights)
+        ((_, folder),) = job.inputs
+        with Progress("classify (reference)", len(job.shards), unit="shard") as progress:
+            for name in job.shards:
+                reference.predict_shard(folder / name, weights, job.output)
+                progress.update()

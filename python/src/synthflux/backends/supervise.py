@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from synthflux.errors import ClassifierFailed
+from synthflux.backends.job import Job
+from synthflux.errors import ClassifierFailed, CnnFailed, TrainerFailed
 
 log = logging.getLogger("synthflux")
 
@@ -60,15 +61,14 @@ class LogStream:
 
 
 def failure(
-    what: str, code: int | None, tail: list[str], timed_out: bool = False
-) -> ClassifierFailed:
+    job: Job, what: str, code: int | None, tail: list[str], timed_out: bool = False
+) -> CnnFailed:
     """The error for a failed child; flux_model.jl's own one-line error, when it printed one,
     is the useful part, so it goes into the first line."""
     errors = [line for line in tail if line.startswith("flux_model: error:")]
     headline = f"{what}: {errors[-1]}" if errors else what
-    return ClassifierFailed(
-        headline, exit_code=code, log_tail=tail, timed_out=timed_out, prefix=LOG_PREFIX
-    )
+    kind = TrainerFailed if job.command == "train" else ClassifierFailed
+    return kind(headline, exit_code=code, log_tail=tail, timed_out=timed_out, prefix=LOG_PREFIX)
 
 
 class Watchdog:
