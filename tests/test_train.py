@@ -360,3 +360,40 @@ def test_the_trainer_runs_through_the_local_backend_and_resumes(
     assert "train: epoch 3: train loss" in done.stderr and "progress:" not in done.stderr
     assert (cfg.data_root / "model" / "weights.npz").is_file()
     assert pipeline_status(cfg, 1).stages["train"].complete
+
+
+@pytest.mark.slow
+def test_the_published_model_is_the_best_epochs(tmp_path, digit_folders):
+    """model/weights.npz has the validation loss train reported for its best epoch (with early
+    stopping, a later epoch's biases once leaked into it), recomputed with the twin."""
+    from synthflux import reference
+    from synthflux.reference_data import read_shards
+    from synthflux.weights import load_weights
+
+    _, cfg = digits(tmp_path, digit_folders, epochs=8, lr=0.003, patience=0)
+    run_pipeline(cfg, say=quiet)
+    rows = [json.loads(line) for line in cfg.layout.metrics.read_text().splitlines()]
+    best = rows[-1]["best_epoch"]
+    assert best < len(rows), "the case needs a best epoch before the last"
+    reported = rows[best - 1]["val_loss"]
+    weights = load_weights(cfg.layout.default_weights)
+    model = reference.build_model(weights).eval()
+    settings = reference_train.Settings(seed=cfg.train.seed, val_fraction=cfg.train.val_fraction)
+    shards = read_shards([("train", cfg.layout.prepared("train").folder)], settings, 10)
+    loss, _ = reference_train._validate(model, shards, cfg.train.batch_size)
+    assert loss == pytest.approx(reported, rel=1e-6), (loss, reported)
+
+
+def test_the_kept_best_weights_are_copies():
+    """A snapshot of the parameters does not change when training goes on."""
+    import torch
+
+    params = {"conv1_bias": torch.nn.Parameter(torch.zeros(4)),
+              "conv1_weight": torch.nn.Parameter(torch.zeros(4, 1, 3, 3)),
+              "dense_weight": torch.nn.Parameter(torch.zeros(10, 4)),
+              "dense_bias": torch.nn.Parameter(torch.zeros(10))}  # fmt: skip
+    snapshot = reference_train._flux_weights(params)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    assert all(not a.any() for a in snapshot.values())

@@ -88,9 +88,11 @@ def _flux_to_torch(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _torch_to_flux(name: str, a: np.ndarray) -> np.ndarray:
+    """A copy, always: `a` is the live parameter's memory (np.asfortranarray returns a 1-D
+    bias itself, so a kept "best" bias went on training)."""
     if name.startswith("conv") and name.endswith("_weight"):
-        return np.asfortranarray(a.transpose(3, 2, 1, 0)[::-1, ::-1])
-    return np.asfortranarray(a)
+        a = a.transpose(3, 2, 1, 0)[::-1, ::-1]
+    return np.array(a, order="F", copy=True)
 
 
 def _parameters(model: Any) -> dict[str, Any]:
