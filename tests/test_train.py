@@ -397,3 +397,35 @@ def test_the_kept_best_weights_are_copies():
         for p in params.values():
             p.add_(1.0)
     assert all(not a.any() for a in snapshot.values())
+
+
+@pytest.mark.slow
+def test_reordered_or_renamed_classes_never_relabel_images(tmp_path, digit_folders):
+    """Reversing [[classes]] after a complete run: preprocess is no longer current, the run
+    redoes it, and every image keeps its class by name. Renaming one: a one-line error."""
+    import csv
+
+    import tomllib
+
+    from synthflux.config import load_config
+
+    path, cfg = digits(tmp_path, digit_folders, epochs=2)
+    run_pipeline(cfg, say=quiet)
+    raw = tomllib.loads(path.read_text())
+    raw["classes"].reverse()
+    _, reordered = save_config(path, raw)
+    status = pipeline_status(reordered, 1)
+    assert not status.stages["preprocess"].complete and not status.complete
+    run_pipeline(reordered, say=quiet)
+    with open(reordered.layout.predictions_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["class"] == r["file"].split("/")[0] for r in rows)
+    assert all(int(r["label"]) == reordered.class_names.index(r["class"]) for r in rows)
+    test = json.loads(reordered.layout.evaluation_summary.read_text())["splits"]["test"]
+    assert test["accuracy"] >= 0.8, test["accuracy"]
+    raw["classes"][0]["name"] = "nine"
+    save_config(path, raw)
+    done = run_cli("run", str(path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "is of class '9', which is not one of the config's classes" in done.stderr
+    assert load_config(path).class_names[0] == "nine"

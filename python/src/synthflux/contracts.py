@@ -303,7 +303,7 @@ def model_weights(cfg: PipelineConfig, datasets: list[Dataset]) -> Path:
 
 
 def join_manifest(manifest: Path, ds: Dataset) -> dict[int, ManifestRecord]:
-    """The record of every shard image; labels must agree with the shards'."""
+    """The record of every shard image; its class must be the one the shard's label names."""
     by_id = {int(r["id"]): r for r in iter_records(manifest, "generate or import it again")}
     for shard in ds.shards:
         for image_id, label in zip(shard.ids.tolist(), shard.labels.tolist(), strict=True):
@@ -312,9 +312,9 @@ def join_manifest(manifest: Path, ds: Dataset) -> dict[int, ManifestRecord]:
                 raise DataError(
                     f"{shard.path}: image id {image_id} is not in {manifest}: re-run preprocess"
                 )
-            if rec.get("label") != label:
+            if rec.get("class") != ds.classes[label]:  # by name: numbers follow the config
                 raise DataError(
-                    f"{shard.path}: image id {image_id} has label {label}, the manifest says "
-                    f"{rec.get('label')}: re-run preprocess"
+                    f"{shard.path}: image id {image_id} is labelled {ds.classes[label]!r}, the "
+                    f"manifest says {rec.get('class')!r}: re-run preprocess"
                 )
     return by_id

@@ -165,7 +165,7 @@ def _process(
             prepared = layout.prepared(source.name)
             prepared.folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(prepared.folder)
-            for k, records in _shards(source, pre):
+            for k, records in _shards(source, cfg):
                 if not plan.owns(source.name, k):
                     continue
                 if (reused := _shard_done(prepared, k, _input_key(records, pre))) is not None:
@@ -205,15 +205,31 @@ def _counted(results: Iterable[DecodeResult], progress: Progress) -> Iterator[De
 # --- one shard ---------------------------------------------------------------------------
 
 
-def _shards(source: Source, pre: PreprocessConfig) -> Iterator[tuple[int, list[ManifestRecord]]]:
-    """The source's records, mixed (records.mixed_records), cut into shards of shard_size."""
+def _shards(source: Source, cfg: PipelineConfig) -> Iterator[tuple[int, list[ManifestRecord]]]:
+    """The source's records, mixed (records.mixed_records), cut into shards of shard_size,
+    each labelled by its class's place in the config's class list now."""
     hint = "run `synthflux generate` first" if source.synthetic else "import it again"
     records = mixed_records(source.paths.manifest, hint, salt=source.name)
+    labels = {name: i for i, name in enumerate(cfg.class_names)}
     for k in itertools.count():
-        chunk = list(itertools.islice(records, pre.shard_size))
+        chunk = list(itertools.islice(records, cfg.preprocess.shard_size))
         if not chunk:
             return
-        yield k, chunk
+        yield k, [_labelled(rec, labels, source, hint) for rec in chunk]
+
+
+def _labelled(
+    rec: ManifestRecord, labels: dict[str, int], source: Source, hint: str
+) -> ManifestRecord:
+    """The record with the label its class has in the config (a manifest keeps the numbers of
+    the config it was made with: reordered classes must not relabel the images)."""
+    label = labels.get(rec["class"])
+    if label is None:
+        raise DataError(
+            f"{source.paths.manifest}: image id {rec['id']} is of class {rec['class']!r}, which "
+            f"is not one of the config's classes ({', '.join(labels)}): {hint}"
+        )
+    return {**rec, "label": label}
 
 
 def _settings(cfg: PreprocessConfig) -> str:
@@ -222,9 +238,12 @@ def _settings(cfg: PreprocessConfig) -> str:
 
 
 def dataset_key(cfg: PipelineConfig, source: Source) -> str:
-    """What a source's dataset was made from: its manifest and the settings."""
+    """What a source's dataset was made from: its manifest, the settings and the classes."""
     manifest = sha256_file(source.paths.manifest)
-    return hashlib.sha256(f"{manifest}\n{_settings(cfg.preprocess)}".encode()).hexdigest()
+    classes = json.dumps(cfg.class_names)  # their order is the labels'
+    return hashlib.sha256(
+        f"{manifest}\n{_settings(cfg.preprocess)}\n{classes}".encode()
+    ).hexdigest()
 
 
 def key(cfg: PipelineConfig) -> str:
@@ -336,7 +355,7 @@ def _count_shards(
     counts = {name: 0 for name in cfg.class_names}
     rejected = {name: 0 for name in cfg.class_names}
     shards: list[ShardEntry] = []  # small per-shard facts only: rows stream from the markers
-    for k, records in _shards(source, cfg.preprocess):
+    for k, records in _shards(source, cfg):
         # Shards this run wrote or verified are not hashed a second time.
         key = _input_key(records, cfg.preprocess)
         info = verified.get((source.name, k)) or _shard_done(prepared, k, key)
@@ -386,7 +405,7 @@ def _read_markers(markers: list[Path]) -> Iterator[ShardMarker]:
 def shard_states(cfg: PipelineConfig, source: Source) -> Iterator[tuple[int, ShardMarker | None]]:
     """Each output shard k of `source` with its verified done marker, or None if not done."""
     prepared = cfg.layout.prepared(source.name)
-    for k, records in _shards(source, cfg.preprocess):
+    for k, records in _shards(source, cfg):
         yield k, _shard_done(prepared, k, _input_key(records, cfg.preprocess))
 
 
