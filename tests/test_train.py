@@ -17,7 +17,7 @@ from digits import CLASSES as DIGITS
 from digits import digits_config, write_digits
 
 from conftest import REPO, run_cli, run_until_held, save_config
-from synthflux import classify, evaluate, ingest, reference_train, train
+from synthflux import classify, evaluate, ingest, lineage, reference_train, train
 from synthflux.errors import ClassifyError, DataError
 from synthflux.pipeline import run_pipeline
 from synthflux.status import pipeline_status
@@ -429,3 +429,47 @@ def test_reordered_or_renamed_classes_never_relabel_images(tmp_path, digit_folde
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "is of class '9', which is not one of the config's classes" in done.stderr
     assert load_config(path).class_names[0] == "nine"
+
+
+@pytest.mark.slow
+def test_changed_split_settings_are_never_scored_as_current(tmp_path, digit_folders):
+    """After val_fraction or the train seed changes, evaluate refuses (the model learned the
+    images the new split would call validation) and status calls train incomplete."""
+    import tomllib
+
+    path, cfg = digits(tmp_path, digit_folders, epochs=2)
+    run_pipeline(cfg, say=quiet)
+    raw = tomllib.loads(path.read_text())
+    for change in ({"val_fraction": 0.4}, {"seed": 7}):
+        _, changed = save_config(path, {**raw, "train": {**raw["train"], **change}})
+        done = run_cli("evaluate", str(path))
+        assert done.returncode == 2, (change, done.stdout)
+        assert "run `synthflux train`" in done.stderr and "Traceback" not in done.stderr
+        status = pipeline_status(changed, 1)
+        assert not status.stages["train"].complete and not status.stages["evaluate"].complete
+
+
+def test_weights_replaced_while_classifying_publish_nothing(write_config, monkeypatch):
+    """train publishing new weights while classify runs: classify keyed the old ones before it
+    started, sees the change, publishes nothing and stays not current."""
+    from synthflux.backends.reference import Reference
+
+    _, cfg = write_config(cnn={"backend": "reference"})
+    run_pipeline(cfg, say=quiet)
+    before = cfg.layout.predictions_csv.read_bytes()
+    weights = cfg.layout.default_weights
+    original = Reference.classify
+
+    def classify_then_retrain(self, job):
+        original(self, job)
+        from synthflux.weights import load_weights, save_weights
+
+        new = load_weights(weights)
+        save_weights(weights, {k: (a if k == "arch" else a + 1) for k, a in new.items()})
+
+    monkeypatch.setattr(Reference, "classify", classify_then_retrain)
+    (cfg.layout.predictions / "stage.json").unlink()  # classify must run again
+    with pytest.raises(ClassifyError, match="changed while classifying"):
+        classify.run(cfg)
+    assert cfg.layout.predictions_csv.read_bytes() == before
+    assert not lineage.is_current(cfg, "classify")

@@ -39,7 +39,7 @@ from synthflux.contracts import (
     read_dataset,
     weights_path,
 )
-from synthflux.errors import DataError
+from synthflux.errors import ClassifyError, DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import confusion_lines, summarize
 from synthflux.progress import plural
@@ -120,6 +120,7 @@ def run(
     datasets = {s.name: load_dataset(cfg, s.name) for s in sources}
     weights = model_weights(cfg, list(datasets.values()))
     records = {s.name: join_manifest(s.paths.manifest, datasets[s.name]) for s in sources}
+    key = inputs_key(cfg, weights)  # before the work: what the predictions are made from
     layout.predictions.mkdir(parents=True, exist_ok=True)
     with exclusive(layout.classify_lock, "classify"):
         # 2. the classifier into a private staging folder; 3. every output checked before any
@@ -131,12 +132,17 @@ def run(
                 cnn.classify(_job(cfg, s, datasets[s.name], weights, staging))
             classifier_seconds = time.monotonic() - run_start
             probs = {s.name: _checked(datasets[s.name], staging / s.name) for s in sources}
+            if inputs_key(cfg, weights) != key:  # e.g. train published new weights meanwhile
+                raise ClassifyError(
+                    f"{weights} or the shards changed while classifying (did `synthflux train` "
+                    "finish meanwhile?): nothing was published; run `synthflux classify` again"
+                )
             _publish(staging, layout, datasets)
         # 4. predictions.csv, summary.json, then stage.json: the done marker
         _write_predictions(layout.predictions_csv, datasets, records, probs)
         summary = _summarise(cfg, datasets, probs, weights, classifier_seconds, started)
         lineage.record(
-            cfg, "classify", key=inputs_key(cfg, weights), seconds=summary.seconds,
+            cfg, "classify", key=key, seconds=summary.seconds,
             outputs=_outputs(layout, datasets),
             facts={"images": summary.images, "shards": summary.shards,
                    "backend": summary.backend, "image": summary.image},

@@ -74,6 +74,8 @@ def run(
         if layout.summary.is_file():  # predictions whose model is gone: say that first
             model_weights(cfg, [])
         raise DataError(why)
+    if not cfg.classify.weights:  # the split rule is train's: its settings must be current
+        lineage.require(cfg, "train")
     weights = weights_path(cfg)
     # 2. every image into its split; 3. the scores of each split
     rows = _rows(cfg)
@@ -183,7 +185,7 @@ def key(cfg: PipelineConfig) -> str:
 STAGE = Stage(
     "evaluate", run, key=key, folder=lambda layout: layout.evaluation,
     results=lambda cfg: [cfg.layout.evaluation_summary, cfg.layout.evaluation_csv],
-    needs=("classify",), runs_cnn=True, unit="evaluations", product="evaluations",
+    needs=("train", "classify"), runs_cnn=True, unit="evaluations", product="evaluations",
     help="the scores on the validation split, the training images and each test source",
     description="Score classify's predictions: the validation split (training images held "
     "out), the training images themselves, and every imported test source -- accuracy, "
