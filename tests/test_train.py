@@ -473,3 +473,34 @@ def test_weights_replaced_while_classifying_publish_nothing(write_config, monkey
         classify.run(cfg)
     assert cfg.layout.predictions_csv.read_bytes() == before
     assert not lineage.is_current(cfg, "classify")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "no history"])
+def test_a_damaged_checkpoint_is_said_kept_aside_and_training_starts_afresh(write_config, damage):
+    import zipfile
+
+    path, cfg = write_config(cnn={"backend": "reference"}, train={"epochs": 3, "patience": 0})
+    assert run_cli("run", str(path)).returncode == 0
+    weights = cfg.layout.default_weights.read_bytes()
+    ckpt = cfg.layout.trainer_output("checkpoint.npz")
+    good = ckpt.read_bytes()
+    if damage == "truncated":
+        ckpt.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint" * 100)
+    else:
+        with zipfile.ZipFile(ckpt, "w") as z, zipfile.ZipFile(__import__("io").BytesIO(good)) as g:
+            for name in g.namelist():
+                if name != "history.npy":
+                    z.writestr(name, g.read(name))
+    damaged = ckpt.read_bytes()
+    (cfg.layout.training / "stage.json").unlink()  # train must run again
+    done = run_cli("train", str(path))
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "checkpoint.npz is damaged" in line]
+    assert len(said) == 1 and "training starts afresh" in said[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert ckpt.with_name("checkpoint.npz.damaged").read_bytes() == damaged  # nothing lost
+    assert cfg.layout.default_weights.read_bytes() == weights  # afresh = the same training

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ from synthflux.sources import Source, training_sources
 from synthflux.stages import Stage, read_stage_marker
 from synthflux.storage import atomic_write, exclusive, write_json_atomic
 from synthflux.trainplan import TrainSettings
-from synthflux.weights import Weights, check_weights, init_weights, load_weights, save_weights
+from synthflux.weights import (
+    Weights,
+    check_weights,
+    checkpoint_problem,
+    init_weights,
+    load_weights,
+    save_weights,
+)
 
 log = logging.getLogger("synthflux")
 
@@ -160,6 +168,7 @@ def _prepare(
             *shape, seed=t.seed, channels_per_block=tuple(t.blocks), kernel=t.kernel))  # fmt: skip
         write_json_atomic(marker, {"key": key})
     run_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_if_damaged(layout.trainer_output("checkpoint.npz"))
     inputs = tuple((s.name, layout.prepared(s.name).folder) for s in sources)
     job = Job("train", inputs, (), layout.init_weights, run_dir, layout.inside(run_dir, "."),
               (), OUTPUTS, cfg.train.timeout_s, "train.timeout_s",
@@ -170,6 +179,16 @@ def _prepare(
                         str(inside.init_weights), str(inside.training_run))  # fmt: skip
         f.write("\n".join(args) + "\n")
     return job
+
+
+def _set_aside_if_damaged(checkpoint: Path) -> None:
+    """A checkpoint that cannot be resumed from (a disk that filled, a copy cut short) is kept
+    beside as .damaged, said in one line, and the training starts afresh."""
+    if checkpoint.is_file() and (why := checkpoint_problem(checkpoint)) is not None:
+        aside = checkpoint.with_name(checkpoint.name + ".damaged")
+        os.replace(checkpoint, aside)
+        log.warning("train: %s is damaged (%s): kept as %s; training starts afresh", checkpoint, why,
+                    aside.name)  # fmt: skip
 
 
 def _with_listener(job: Job, progress: Progress) -> Job:

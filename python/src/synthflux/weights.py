@@ -8,6 +8,7 @@ network's numbers live here once for Python, as julia/src/arch.jl holds Julia's.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,20 @@ def load_weights(path: Path) -> Weights:
         raise DataError(f"{path}: cannot read weights ({e})") from None
     check_weights(weights, str(path))
     return weights
+
+
+CHECKPOINT_ARRAYS = ("arch", "state", "history", "best_val_loss")  # besides the parameters'
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a trainer's checkpoint.npz is damaged (truncated, empty, not an npz, an array
+    missing), or None. Every array is read, so a damaged zip member is found too."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (*UNREADABLE, zlib.error) as e:  # truncated, empty, garbage, a bad member
+        return f"{type(e).__name__}: {e}"
+    missing = [k for k in CHECKPOINT_ARRAYS if k not in arrays]
+    if missing:
+        return f"no {', '.join(missing)} in it"
+    return None
