@@ -77,6 +77,16 @@ BAD = [
     ({"preprocess": {"resample": "magic"}}, "preprocess.resample = 'magic'"),
     ({"preprocess": {"mean": [0.1, 0.2]}}, "mean needs 1 or 1 values"),
     ({"preprocess": {"std": [0.0]}}, "std must be > 0"),
+    # Values that pass a sign check and then wreck the numbers, and sizes that exhaust memory.
+    ({"preprocess": {"std": [1e-45]}}, "std must be > 0 (at least 1e-06)"),
+    ({"preprocess": {"mean": [float("nan")]}}, "preprocess.mean.0 = nan: Input should be a finite"),
+    ({"preprocess": {"width": 100_000}}, "preprocess.width = 100000: Input should be less than"),
+    ({"train": {"eps": float("inf")}}, "train.eps = inf: Input should be a finite number"),
+    ({"train": {"lr": float("nan")}}, "train.lr = nan"),
+    (
+        {"train": {"blocks": [8, 8, 8, 8, 8, 8, 8]}, "preprocess": {"width": 32, "height": 32}},
+        "train.blocks has 7 blocks, each halving the image, but preprocess width/height is 32x32",
+    ),
     ({"preprocess": {"shard_size": 0}}, "preprocess.shard_size = 0"),
     ({"cnn": {"backend": "k8s"}}, "cnn.backend = 'k8s'"),
     # The CNN's runtime settings moved from [classify] to [cnn]: said so, with where to.

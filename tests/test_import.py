@@ -159,3 +159,23 @@ def test_a_damaged_import_record_is_a_clear_error_on_reimport(tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert f"{source / damaged}" in done.stderr, done.stderr
         (source / damaged).write_bytes(kept)
+
+
+def test_names_that_are_not_utf8_and_links_are_listed_not_fatal(tmp_path):
+    """A Latin-1 file name (bytes no text encoding reads back), a broken link and a link to a
+    folder: each listed with its reason; the other images import and preprocess."""
+    import os
+
+    folder = folder_of(tmp_path / "photos", {"cat": 2, "dog": 2})
+    latin1 = os.fsencode(folder / "cat") + b"/caf\xe9.png"
+    Image.new("L", (8, 8), 90).save(latin1)
+    (folder / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "dog" / "elsewhere").symlink_to(folder / "cat", target_is_directory=True)
+    path, cfg = config(tmp_path)
+    done = run_cli("import", str(path), str(folder), "--as", "train")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "4 images" in done.stdout and "ignored 3 files" in done.stdout
+    assert "cat/caf\\xe9.png (its name is not UTF-8: rename it)" in done.stdout
+    assert "dog/gone.png (a broken link)" in done.stdout
+    assert "dog/elsewhere (a link to a folder: not followed)" in done.stdout
+    assert preprocess.run(cfg).complete

@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from synthflux.errors import ConfigError
 from synthflux.layout import DataLayout
@@ -38,6 +46,8 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 # Limits of one config: ids are label * 1,000,000 + index (records.py), and a plan of every
 # image is held in memory; beyond this, split the classes over several configs.
 MAX_IMAGES = 1_000_000
+MAX_SIDE = 4096  # preprocess width/height: a classifier's input, not a photo's
+MIN_STD = 1e-6  # preprocess std: pixels are divided by it
 
 
 class _Strict(BaseModel):
@@ -121,16 +131,17 @@ class GenerateConfig(_Strict):
 
 
 class PreprocessConfig(_Strict):
-    width: PositiveInt = 64
-    height: PositiveInt = 64
+    # At most MAX_SIDE: a shard row is width x height x channels float32s.
+    width: PositiveInt = Field(64, le=MAX_SIDE)
+    height: PositiveInt = Field(64, le=MAX_SIDE)
     channels: Literal[1, 3] = 1  # 1 = grayscale, 3 = RGB
     resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "lanczos"
     # stretch: ignore the aspect ratio; crop: center-crop to it; pad: letterbox with pad_value.
     aspect: Literal["stretch", "crop", "pad"] = "crop"
     pad_value: float = Field(0.0, ge=0, le=1)
     # After scaling to [0, 1]: x = (x - mean) / std, one value per channel.
-    mean: list[float] = Field(default_factory=lambda: [0.5])
-    std: list[float] = Field(default_factory=lambda: [0.5])
+    mean: list[FiniteFloat] = Field(default_factory=lambda: [0.5])
+    std: list[FiniteFloat] = Field(default_factory=lambda: [0.5])
     shard_size: PositiveInt = 1000
     workers: int = Field(0, ge=0)  # 0 = one per CPU core
     max_pixels: PositiveInt = 64_000_000  # larger images are rejected as decompression bombs
@@ -141,8 +152,8 @@ class PreprocessConfig(_Strict):
             values = getattr(self, name)
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{name} needs 1 or {self.channels} values, got {values}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be > 0, got {self.std}")
+        if any(s < MIN_STD for s in self.std):  # below it, float32 pixels overflow
+            raise ValueError(f"std must be > 0 (at least {MIN_STD:g}), got {self.std}")
         return self
 
 
@@ -153,10 +164,10 @@ class TrainConfig(_Strict):
     sources: list[Literal["synthetic", "real"]] = Field(default=["synthetic"], min_length=1)
     epochs: int = Field(10, ge=0, le=100_000)  # 0: the initial weights are the model
     batch_size: PositiveInt = 32
-    lr: float = Field(1e-3, gt=0)
-    betas: list[float] = Field(default=[0.9, 0.999], min_length=2, max_length=2)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)  # decoupled (AdamW)
+    lr: FiniteFloat = Field(1e-3, gt=0)
+    betas: list[FiniteFloat] = Field(default=[0.9, 0.999], min_length=2, max_length=2)
+    eps: FiniteFloat = Field(1e-8, gt=0)
+    weight_decay: FiniteFloat = Field(0.0, ge=0)  # decoupled (AdamW)
     val_fraction: float = Field(0.1, ge=0, lt=1)  # chosen per image by a hash of its id
     patience: int = Field(3, ge=0)  # epochs without a better val loss before stopping; 0: never
     seed: int = Field(0, ge=0, lt=2**63)  # initial weights, split, order, augmentation
@@ -250,6 +261,17 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"{total:,} images in all (at most {MAX_IMAGES:,} per config): split the "
                 "classes over several configs and data roots"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _blocks_fit_the_image(self) -> PipelineConfig:
+        side, n = min(self.preprocess.width, self.preprocess.height), len(self.train.blocks)
+        if side >> n < 1:  # each block's MaxPool halves the image
+            raise ValueError(
+                f"train.blocks has {n} blocks, each halving the image, but preprocess "
+                f"width/height is {self.preprocess.width}x{self.preprocess.height}: use at "
+                f"most {side.bit_length() - 1} blocks or images of at least {2**n} pixels a side"
             )
         return self
 

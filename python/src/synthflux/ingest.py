@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class ImportSummary:
         ]
         if self.ignored:
             shown = ", ".join(self.ignored[:5]) + (" ..." if len(self.ignored) > 5 else "")
-            out.append(f"ignored {plural(len(self.ignored), 'file')} that are not images: {shown}")
+            out.append(f"ignored {plural(len(self.ignored), 'file')}: {shown}")
         return out
 
 
@@ -147,10 +148,20 @@ def _scan(
             continue
         for path in sorted((folder / c).rglob("*")):
             rel = path.relative_to(folder / c)
-            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            shown = os.fsencode(f"{c}/{rel.as_posix()}").decode("utf-8", "backslashreplace")
+            if path.is_symlink() and not path.is_file():  # rglob does not follow them
+                what = "a link to a folder: not followed" if path.is_dir() else "a broken link"
+                ignored.append(f"{shown} ({what})")
+                continue
+            if not path.is_file():
+                continue
+            if shown != f"{c}/{rel.as_posix()}":  # undecodable bytes: no id, no JSON, no CSV
+                ignored.append(f"{shown} (its name is not UTF-8: rename it)")
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append(f"{c}/{rel.as_posix()}")
+                ignored.append(f"{shown} (not an image)")
                 continue
             files.append((c, path, rel.as_posix()))
     if not files:
