@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from conftest import BASE_CONFIG, REPO, run_cli, run_until_held, tree_bytes
+from conftest import BASE_CONFIG, REPO, run_cli, run_until_held, save_config, tree_bytes
 from synthflux import classify, generate, lineage, preprocess
 from synthflux.cli import main
 from synthflux.layout import DataLayout
@@ -419,3 +419,34 @@ def test_the_confusion_matrix_columns_line_up(write_config):
     ends = [[m.end() for m in re.finditer(r"\S+", line)] for line in lines[header + 1 : header + 4]]
     # Each class name ends where the numbers of its column end, in every row.
     assert ends[0] == ends[1][1:] == ends[2][1:]
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    """ENOSPC from a write or fsync names no file: the error says which one it was."""
+    from synthflux import storage
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    target = tmp_path / "summary.json"
+    with pytest.raises(OSError) as e:
+        storage.write_json_atomic(target, {"a": 1})
+    assert e.value.filename == str(target) and e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left
+
+
+def test_a_second_training_folder_never_replaces_the_first(tmp_path):
+    from digits import digits_config, write_digits
+
+    train_a, train_b = write_digits(tmp_path / "a")
+    path, cfg = save_config(tmp_path / "d.toml", digits_config(tmp_path / "data"))
+    assert run_cli("import", str(path), str(train_a), "--as", "train").returncode == 0
+    manifest = (cfg.layout.source("train").manifest).read_bytes()
+    done = run_cli("import", str(path), str(train_b), "--as", "train")
+    assert done.returncode == 2 and f"source 'train' was imported from {train_a}" in done.stderr
+    assert cfg.layout.source("train").manifest.read_bytes() == manifest
+    assert (
+        run_cli("import", str(path), str(train_b), "--as", "train", "--name", "more").returncode
+        == 0
+    )

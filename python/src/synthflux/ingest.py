@@ -13,6 +13,7 @@ classes; each image's id is a hash of its class and path, so adding images never
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -80,7 +81,7 @@ def run(
     name = name or split
     layout = cfg.layout
     source = layout.source(name)
-    _check_name(layout, name, split)
+    _check_name(layout, name, split, folder)
     # 1. what the folder holds, checked against the config's classes
     files, ignored = _scan(folder, cfg.class_names, classes_subset)
     summary = ImportSummary(name, split, folder.resolve(), ignored=ignored)
@@ -107,7 +108,14 @@ def run(
     return summary
 
 
-def _check_name(layout: DataLayout, name: str, split: Split) -> None:
+def _imported_from(described: Path) -> Path | None:
+    try:
+        return Path(json.loads(described.read_text(encoding="utf-8"))["folder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_name(layout: DataLayout, name: str, split: Split, folder: Path) -> None:
     if name == SYNTHETIC or not SAFE_NAME.match(name) or ".." in name:
         raise DataError(
             f"--name {name!r}: must be letters, digits, '-', '_' or '.' (it names a folder), "
@@ -121,6 +129,12 @@ def _check_name(layout: DataLayout, name: str, split: Split) -> None:
         if before != split:
             raise DataError(
                 f"source {name!r} was imported --as {before}: give this one another --name"
+            )
+        was = _imported_from(described)
+        if was is not None and was != folder.resolve():  # another folder: never replace it
+            raise DataError(
+                f"source {name!r} was imported from {was}: give this folder its own --name "
+                f"(or remove {layout.source(name).folder} to replace that source)"
             )
 
 
