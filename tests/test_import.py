@@ -179,3 +179,27 @@ def test_names_that_are_not_utf8_and_links_are_listed_not_fatal(tmp_path):
     assert "dog/gone.png (a broken link)" in done.stdout
     assert "dog/elsewhere (a link to a folder: not followed)" in done.stdout
     assert preprocess.run(cfg).complete
+
+
+def test_an_unreadable_class_folder_changes_nothing(tmp_path, monkeypatch):
+    """A class folder that cannot be listed (no permission; root reads everything, so it is
+    simulated) is an error naming it, and the earlier import stays whole."""
+    import os
+
+    folder = folder_of(tmp_path / "photos", {"cat": 3, "dog": 2})
+    _, cfg = config(tmp_path)
+    ingest.run(cfg, folder, split="train")
+    before = (cfg.data_root / "imported" / "train" / "manifest.jsonl").read_bytes()
+    real = os.scandir
+
+    def no_permission(path="."):
+        if Path(path) == folder / "cat":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    with pytest.raises(DataError, match=r"photos/cat: cannot be read \(Permission denied\)"):
+        ingest.run(cfg, folder, split="train")
+    monkeypatch.undo()
+    assert (cfg.data_root / "imported" / "train" / "manifest.jsonl").read_bytes() == before
+    assert len(manifest(cfg, "train")) == 5

@@ -504,3 +504,26 @@ def test_a_damaged_checkpoint_is_said_kept_aside_and_training_starts_afresh(writ
     assert "Traceback" not in done.stderr
     assert ckpt.with_name("checkpoint.npz.damaged").read_bytes() == damaged  # nothing lost
     assert cfg.layout.default_weights.read_bytes() == weights  # afresh = the same training
+
+
+@pytest.mark.slow
+def test_overlapping_or_empty_test_sets_are_said_loudly(tmp_path, digit_folders):
+    """Training images imported as a test set too: evaluate and the report warn, with the
+    count per class. A test set whose every image was rejected: said, not dropped silently."""
+    _, cfg = digits(tmp_path, digit_folders, epochs=1)
+    ingest.run(cfg, digit_folders[0], split="test", name="same")
+    broken = tmp_path / "broken" / "3"
+    broken.mkdir(parents=True)
+    (broken / "a.png").write_bytes(b"not a png")
+    ingest.run(cfg, broken.parent, split="test", name="broken", classes_subset=True)
+    run_pipeline(cfg, say=quiet)
+    notes = json.loads(cfg.layout.evaluation_summary.read_text())["notes"]
+    same = [n for n in notes if "test set 'same' are byte-identical to training images" in n]
+    per_class = {c: len(list((digit_folders[0] / c).iterdir())) for c in DIGITS}
+    n = sum(per_class.values())
+    assert len(same) == 1 and same[0].startswith(f"WARNING: {n} of {n} images"), notes
+    assert f"(per class: {per_class})" in same[0]
+    assert not any("test set 'test'" in n for n in notes)  # the real split shares nothing
+    assert any("test set 'broken' has no image to score" in n for n in notes), notes
+    page = cfg.layout.report.joinpath("index.html").read_text()
+    assert "byte-identical to training images" in page and "has no image to score" in page

@@ -84,6 +84,7 @@ def run(
         chosen = [r for r in rows if r["split"] == name]
         if chosen:
             summary.splits[name] = _scores(cfg, chosen, kind)
+    summary.notes += _warnings(cfg, rows, summary.splits)
     if not any(s["kind"] == "test" for s in summary.splits.values()):
         summary.notes.append(
             "no test set: import real images with `synthflux import CONFIG FOLDER --as test` "
@@ -135,8 +136,35 @@ def _rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
                 rec = records[image_id]
                 rows.append({"split": split, "source": source.name, "id": image_id,
                              "name": rec.get("name", ""), "file": rec.get("file", ""),
-                             "label": int(shard.labels[row]), "probs": probs[row]})  # fmt: skip
+                             "label": int(shard.labels[row]), "probs": probs[row],
+                             "sha256": rec.get("sha256")})  # fmt: skip
     return rows
+
+
+def _warnings(cfg: PipelineConfig, rows: list[dict[str, Any]], splits: dict[str, Any]) -> list[str]:
+    """Said loudly (logged, and in summary.json and the report): a test set that has nothing
+    left to score, and test images byte-identical to training images (their scores flatter)."""
+    out = []
+    learned = {r["sha256"] for r in rows if r["split"] in ("train", "validation") and r["sha256"]}
+    for source in test_sources(cfg):
+        if source.name not in splits:
+            out.append(
+                f"WARNING: test set {source.name!r} has no image to score (preprocess rejected "
+                f"every one: {cfg.layout.prepared(source.name).rejects})"
+            )
+            continue
+        same = [r for r in rows if r["split"] == source.name and r["sha256"] in learned]
+        if same:
+            per_class = {c: n for c in cfg.class_names
+                         if (n := sum(cfg.class_names[r["label"]] == c for r in same))}  # fmt: skip
+            out.append(
+                f"WARNING: {len(same)} of {splits[source.name]['images']} images of test set "
+                f"{source.name!r} are byte-identical to training images (per class: "
+                f"{per_class}): its scores overstate how the model does on unseen images"
+            )
+    for line in out:
+        log.warning("evaluate: %s", line)
+    return out
 
 
 def _split(source: Source, held_out: bool) -> str:

@@ -142,6 +142,20 @@ def _check_name(layout: DataLayout, name: str, split: Split, folder: Path) -> No
 IMAGE_EXTENSIONS = frozenset(Image.registered_extensions())
 
 
+def _require_readable(folder: Path) -> None:
+    """A folder that cannot be listed would import as no images and remove the earlier
+    copies: refuse first, before anything is changed."""
+    errors: list[OSError] = []
+    for _ in os.walk(folder, onerror=errors.append):
+        pass
+    if errors:
+        e = errors[0]
+        raise DataError(
+            f"{e.filename or folder}: cannot be read ({e.strerror or e}): nothing was imported "
+            "or removed"
+        )
+
+
 def _scan(
     folder: Path, classes: list[str], subset: bool
 ) -> tuple[list[tuple[str, Path, str]], list[str]]:
@@ -160,6 +174,7 @@ def _scan(
     for c in classes:
         if c not in found:
             continue
+        _require_readable(folder / c)
         for path in sorted((folder / c).rglob("*")):
             rel = path.relative_to(folder / c)
             if any(part.startswith(".") for part in rel.parts):
