@@ -199,7 +199,9 @@ def train(argv: list[str]) -> int:
             die(out, f"simulated failure in epoch {epoch} (contract stand-in)", code=3)
         print("progress: 2/2", flush=True)
         print(f"metrics: {json.dumps(m)}", flush=True)
-        write_atomic(checkpoint, {"state": np.array([1, epoch, 2 * epoch, epoch, 0, 0])})
+        write_atomic(checkpoint, {"state": np.array([1, epoch, 2 * epoch, epoch, 0, 0]),
+                                  "arch": weights["arch"], "history": np.zeros((epoch, 8)),
+                                  "best_val_loss": np.array([loss + 0.1])})  # fmt: skip
         write_atomic(
             os.path.join(out, "metrics.jsonl"), None, raw="\n".join(lines).encode() + b"\n"
         )

@@ -46,7 +46,7 @@ from synthflux.images import Decoder, DecodeResult
 from synthflux.layout import DatasetPaths, marker_file, shard_index
 from synthflux.previews import write_previews
 from synthflux.progress import Progress, plural
-from synthflux.records import ManifestRecord, count_records, mixed_records
+from synthflux.records import ManifestRecord, count_records, mixed_records, relabelled
 from synthflux.shardwriter import ShardWriter
 from synthflux.sources import Source, all_sources
 from synthflux.stages import (
@@ -174,7 +174,7 @@ def _process(
                     progress.update(len(records))
                     continue
                 tasks = [(_input_path(source, r), r.get("sha256")) for r in records]
-                info = _process_shard(prepared, k, records, pre, _counted(decode(tasks), progress))
+                info = _process_shard(prepared, k, records, pre, progress.counting(decode(tasks)))
                 verified[source.name, k] = info
                 summary.shards_done += 1
                 summary.images += info["count"] + len(info["rejects"])
@@ -196,12 +196,6 @@ def _ready_sources(cfg: PipelineConfig) -> list[Source]:
     return sources
 
 
-def _counted(results: Iterable[DecodeResult], progress: Progress) -> Iterator[DecodeResult]:
-    for r in results:
-        progress.update()
-        yield r
-
-
 # --- one shard ---------------------------------------------------------------------------
 
 
@@ -215,21 +209,7 @@ def _shards(source: Source, cfg: PipelineConfig) -> Iterator[tuple[int, list[Man
         chunk = list(itertools.islice(records, cfg.preprocess.shard_size))
         if not chunk:
             return
-        yield k, [_labelled(rec, labels, source, hint) for rec in chunk]
-
-
-def _labelled(
-    rec: ManifestRecord, labels: dict[str, int], source: Source, hint: str
-) -> ManifestRecord:
-    """The record with the label its class has in the config (a manifest keeps the numbers of
-    the config it was made with: reordered classes must not relabel the images)."""
-    label = labels.get(rec["class"])
-    if label is None:
-        raise DataError(
-            f"{source.paths.manifest}: image id {rec['id']} is of class {rec['class']!r}, which "
-            f"is not one of the config's classes ({', '.join(labels)}): {hint}"
-        )
-    return {**rec, "label": label}
+        yield k, [relabelled(rec, labels, source.paths.manifest, hint) for rec in chunk]
 
 
 def _settings(cfg: PreprocessConfig) -> str:

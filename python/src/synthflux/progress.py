@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
 
 log = logging.getLogger("synthflux")
+
+T = TypeVar("T")
 
 
 class Progress:
@@ -33,6 +37,12 @@ class Progress:
         if now - self.last_log >= self.every_s or self.done == self.total:
             self.last_log = now
             log.info("%s: %s", self.desc, self.status())
+
+    def counting(self, items: Iterable[T]) -> Iterator[T]:
+        """The items, one update each as it is taken."""
+        for item in items:
+            self.update()
+            yield item
 
     def status(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)

@@ -346,3 +346,17 @@ def count_records(path: Path) -> int:
     """Manifest lines, counted without parsing them (the full parse streams later)."""
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
+
+
+def relabelled(
+    rec: ManifestRecord, labels: dict[str, int], manifest: Path, hint: str
+) -> ManifestRecord:
+    """The record with the label its class has in the config now (a manifest keeps the
+    numbers of the config it was made with: reordered classes must not relabel images)."""
+    label = labels.get(rec["class"])
+    if label is None:
+        raise DataError(
+            f"{manifest}: image id {rec['id']} is of class {rec['class']!r}, which is not one "
+            f"of the config's classes ({', '.join(labels)}): {hint}"
+        )
+    return {**rec, "label": label}
