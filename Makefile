@@ -47,7 +47,7 @@ test: lint ## lint, then every test (what CI runs)
 # What needs no Docker engine, Slurm cluster or Julia, and nothing marked slow.
 FAST := not docker and not slurm and not julia and not slow
 .PHONY: test-fast
-test-fast: lint ## lint, then the tests that need no Docker, Slurm or Julia (a minute or two)
+test-fast: lint ## lint, then the tests that need no Docker, Slurm or Julia (about 5 minutes on 2 cores)
 	cd tests && ../$(BIN)/pytest -m "$(FAST)"
 
 .PHONY: bench
