@@ -25,12 +25,11 @@ from synthflux.stages import Option, Stage, at_least
 @dataclass
 class CountSummary:
     counts: dict[str, int]
+    top: int = 1
     complete: bool = True
 
     def lines(self) -> list[str]:
         return [f"counted {sum(self.counts.values())} images (top {self.top})"]
-
-    top: int = 1
 
 
 def _counts_file(cfg: PipelineConfig) -> Path:

@@ -167,7 +167,7 @@ def _job(cfg: PipelineConfig, source: Source, ds: Dataset, weights: Path, stagin
     prepared = cfg.layout.prepared(source.name)
     return Job(
         "classify", ((source.name, prepared.folder),), tuple(s.file for s in ds.shards), weights,
-        output, cfg.layout.inside(cfg.layout.predicted(source.name), "."),
+        output, cfg.layout.relative(cfg.layout.predicted(source.name)),
         ("--batch-size", str(cfg.cnn.batch_size)), timeout_s=cfg.cnn.timeout_s,
     )  # fmt: skip
 
@@ -316,9 +316,7 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
     for s in all_sources(cfg):
         with suppress(OSError, ValueError, KeyError, TypeError, DataError):
             total += len(read_dataset(cfg.layout.prepared(s.name))["shards"])
-    done = lineage.one_job_state(cfg, "classify")
-    done.shards[0].total, done.shards[0].done = total, total if done.complete else 0
-    return done
+    return lineage.one_job_state(cfg, "classify", total)
 
 
 STAGE = Stage(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,8 +156,8 @@ def _warnings(cfg: PipelineConfig, rows: list[dict[str, Any]], splits: dict[str,
             continue
         same = [r for r in rows if r["split"] == source.name and r["sha256"] in learned]
         if same:
-            per_class = {c: n for c in cfg.class_names
-                         if (n := sum(cfg.class_names[r["label"]] == c for r in same))}  # fmt: skip
+            counts = Counter(cfg.class_names[r["label"]] for r in same)
+            per_class = {c: counts[c] for c in cfg.class_names if counts[c]}
             out.append(
                 f"WARNING: {len(same)} of {splits[source.name]['images']} images of test set "
                 f"{source.name!r} are byte-identical to training images (per class: "

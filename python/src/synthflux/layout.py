@@ -224,9 +224,9 @@ class DataLayout:
         """A stage's stage.json in its folder: its timings and what its outputs were made from."""
         return folder / STAGE_FILE
 
-    def inside(self, path: Path, root: str = "/data") -> str:
-        """`path` as a container sees it, with the data root mounted at `root`."""
-        return (Path(root) / path.relative_to(self.root)).as_posix()
+    def relative(self, path: Path) -> str:
+        """`path` below the data root, as stage.json lists it and a container sees it."""
+        return path.relative_to(self.root).as_posix()
 
 
 @dataclass(frozen=True)

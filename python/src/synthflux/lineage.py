@@ -52,7 +52,7 @@ def record(
     """Write the stage's stage.json, last: the key it computed from, and each output's sha256
     (paths relative to the data root), so that a later change to any of them is seen."""
     layout = cfg.layout
-    digests = {p.relative_to(layout.root).as_posix(): sha256_file(p) for p in outputs}
+    digests = {layout.relative(p): sha256_file(p) for p in outputs}
     return write_stage_marker(
         stage(name).marker(layout), name, key=key, seconds=seconds, complete=complete,
         facts={**(facts or {}), "outputs": digests},
@@ -131,10 +131,13 @@ def require_imported(source: SourcePaths) -> None:
         raise DataError(f"{source.manifest} changed since it was imported: import it again")
 
 
-def one_job_state(cfg: PipelineConfig, name: str) -> StageState:
-    """The state of a stage that runs as one job: complete when its result is current."""
+def one_job_state(cfg: PipelineConfig, name: str, total: int = 1) -> StageState:
+    """The state of a stage that runs as one job, counting `total` things it makes: complete
+    when its result is current."""
     why = problem(cfg, name)
-    return StageState(name, [ShardState(0, int(why is None), 1)], why is None, why or "")
+    return StageState(
+        name, [ShardState(0, total if why is None else 0, total)], why is None, why or ""
+    )
 
 
 def state(cfg: PipelineConfig, name: str, n: int) -> StageState:

@@ -1,7 +1,8 @@
 """preprocess: every source's images -> normalised float32 .npz shards.
 
-(A long module: one stage's whole life -- planning, writing, finishing, previews, done-ness --
-reads best in one place; the image work is in images.py, the .npz writer in shardwriter.py.)
+(A long module: one stage's whole life -- planning, writing, finishing, done-ness -- reads
+best in one place; the image work is in images.py, the .npz writer in shardwriter.py, the
+preview grids in previews.py.)
 
 Each source (the generated images, and every imported folder: synthflux.sources) is its own
 dataset, preprocessed/<source>/. Its manifest's records are taken in a mixed order (a hash of

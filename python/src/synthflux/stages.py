@@ -134,7 +134,9 @@ class Stage:
     # True: run() itself keeps verified work and says so, so `synthflux run` always calls it;
     # False: `synthflux run` calls it only when its result is not current.
     resumes: bool = False
-    runs_cnn: bool = False  # it trains or runs the CNN: --backend/--image and [cnn] are its
+    # It trains or runs the CNN, or reads results that belong to a backend (evaluate):
+    # --backend/--image are its options, and submit passes the nodes' backend.
+    runs_cnn: bool = False
     uses_gpu: bool = False  # on a cluster, its tasks get --gpus-per-task
     node_args: str = ""  # more arguments for its cluster tasks (shell words)
     unit: str = "results"  # what state() counts: "images", "output shards"
@@ -183,9 +185,3 @@ def write_stage_marker(
     }
     write_json_atomic(path, marker)
     return marker
-
-
-def one_job(stage: str, complete: bool, note: str, done: int = 1, total: int = 1) -> StageState:
-    """The state of a stage that runs as one job (not as tasks)."""
-    shards = [ShardState(0, done if complete else 0, total)]
-    return StageState(stage, shards, complete, "" if complete else note)

@@ -150,15 +150,11 @@ def atomic_write(path: Path, mode: str = "wb", durable: bool = True) -> Iterator
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if e.filename is None:  # a full disk names no file: say which one was being written
+        if isinstance(e, OSError) and e.filename is None:  # a full disk names no file
             raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         raise
 
 

@@ -170,7 +170,7 @@ def _prepare(
     run_dir.mkdir(parents=True, exist_ok=True)
     _set_aside_if_damaged(layout.trainer_output("checkpoint.npz"))
     inputs = tuple((s.name, layout.prepared(s.name).folder) for s in sources)
-    job = Job("train", inputs, (), layout.init_weights, run_dir, layout.inside(run_dir, "."),
+    job = Job("train", inputs, (), layout.init_weights, run_dir, layout.relative(run_dir),
               (), OUTPUTS, cfg.train.timeout_s, "train.timeout_s",
               settings=TrainSettings.of(cfg.train))  # fmt: skip
     with atomic_write(layout.job_args, "w") as f:  # for `flux_model.jl @job.args`

@@ -58,14 +58,13 @@ def choose(cfg: PipelineConfig) -> PipelineConfig:
     command asks here, and the answer is said once."""
     if cfg.cnn.backend != "auto":
         return cfg
-    backend, _ = _detect(cfg.cnn.image, cfg.cnn.julia)
-    return cfg.with_cnn(backend=backend)
+    return cfg.with_cnn(backend=_detect(cfg.cnn.image, cfg.cnn.julia))
 
 
 @functools.cache
-def _detect(image: str, julia: str) -> tuple[str, str]:
+def _detect(image: str, julia: str) -> str:
     """docker if the image is there and the engine answers, else local if a julia with Flux
-    and NPZ loads, else reference; and why, said once per process."""
+    and NPZ loads, else reference; why is said once per process."""
     backend, why = (
         "reference",
         (
@@ -78,7 +77,7 @@ def _detect(image: str, julia: str) -> tuple[str, str]:
     elif _julia_has_flux(julia):
         backend, why = "local", f"{julia!r} loads Flux and NPZ"
     log.info("cnn backend auto: %s (%s; set [cnn] backend to choose)", backend, why)
-    return backend, why
+    return backend
 
 
 def _docker_has(image: str) -> bool:

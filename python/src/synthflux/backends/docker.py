@@ -42,11 +42,10 @@ LABEL = "synthflux.stage"
 class Docker:
     cfg: PipelineConfig
 
-    def train(self, job: Job) -> None:
-        run(self.cfg, job)
-
     def classify(self, job: Job) -> None:
         run(self.cfg, job)
+
+    train = classify  # one flux_model.jl run either way: the job's arguments say which
 
     def ready(self) -> None:
         """A clear error now, not after `run --from` deleted results: no engine, no image."""
@@ -165,7 +164,7 @@ def _plan(cfg: PipelineConfig, client: Any, job: Job, user: tuple[int, int]) -> 
     if not cfg.cnn.volume:
         _check_readable(job, files, folders, user)
         inputs = [f"{DATA_MOUNT}/{_inside(job, folder, cfg.data_root)}" for _, folder in job.inputs]
-        trained = cfg.layout.inside(cfg.layout.default_weights, ".")
+        trained = cfg.layout.relative(cfg.layout.default_weights)
         weights = f"{DATA_MOUNT}/{_inside(job, job.weights, cfg.data_root, trained)}"
         output = f"{DATA_MOUNT}/{job.output_inside}"
         mounts = [

@@ -29,11 +29,10 @@ log = logging.getLogger("synthflux")
 class Local:
     cfg: PipelineConfig
 
-    def train(self, job: Job) -> None:
-        run(self.cfg, job)
-
     def classify(self, job: Job) -> None:
         run(self.cfg, job)
+
+    train = classify  # one flux_model.jl run either way: the job's arguments say which
 
     def ready(self) -> None:
         _julia(self.cfg, CnnError)
