@@ -22,7 +22,7 @@ import tomli_w
 
 from synthflux import generate
 from synthflux.config import load_config
-from synthflux.diffusion import resolve_model
+from synthflux.diffusion import guidance_argument, resolve_model
 from synthflux.records import image_seed, plan_batches
 
 
@@ -88,7 +88,7 @@ def bare(cfg, model_path: str) -> float:
             prompt=[j.prompt for j in batch],
             negative_prompt=[j.negative_prompt for j in batch] if cfg.negative_prompt else None,
             num_inference_steps=gen.steps,
-            guidance_scale=gen.guidance_scale,
+            guidance_scale=guidance_argument([j.guidance_scale for j in batch]),
             width=gen.width,
             height=gen.height,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],

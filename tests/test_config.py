@@ -37,6 +37,20 @@ BAD = [
     ({"generate": {"steps": 0}}, "generate.steps = 0"),
     ({"generate": {"width": 500}}, "generate.width = 500: must be divisible by 8"),
     ({"generate": {"guidance_scale": -1}}, "generate.guidance_scale = -1"),
+    ({"generate": {"guidance_scale": [3.0, 1.5]}}, "needs 1 <= low <= high"),
+    ({"generate": {"guidance_scale": [0.5, 2.0]}}, "needs 1 <= low <= high"),
+    ({"generate": {"guidance_scale": [1.5, 2.0, 3.0]}}, "generate.guidance_scale"),
+    ({"pools": {"context": []}}, "pools.context is empty"),
+    ({"style": "photo, {light}"}, "style 'photo, {light}' uses {light} but pools has none"),
+    (
+        {
+            "classes": [
+                {"name": "a", "prompts": ["x"], "prompts_file": "none.txt"},
+                {"name": "b", "prompts": ["x"]},
+            ]
+        },
+        "classes.0: cannot read prompts file",
+    ),
     ({"generate": {"batch_size": 0}}, "generate.batch_size = 0"),
     ({"generate": {"device": "tpu"}}, "generate.device = 'tpu'"),
     ({"generate": {"dtype": "int8"}}, "generate.dtype = 'int8'"),

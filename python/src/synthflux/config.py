@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
 import string
 import sys
@@ -18,7 +19,9 @@ from pydantic import (
     ConfigDict,
     Field,
     FiniteFloat,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -62,9 +65,12 @@ class ClassSpec(_Strict):
     name: str
     # Needed to generate the class's images; a class only imported (real photos) needs none.
     prompts: list[str] = Field(default_factory=list)
+    # More prompts, one per line ('#' starts a comment), relative to the config file's folder.
+    prompts_file: str = ""
     # Template variables: "a {color} cat" with color = ["black", "white"] gives two prompts.
     variables: dict[str, list[str]] = Field(default_factory=dict)
     images: Annotated[int, Field(gt=0, le=MAX_IMAGES)] | None = None  # overrides images_per_class
+    _file_prompts: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -77,27 +83,56 @@ class ClassSpec(_Strict):
         return name
 
     @model_validator(mode="after")
-    def _known_variables(self) -> ClassSpec:
-        for prompt in self.prompts:
-            for _, field, _, _ in string.Formatter().parse(prompt):
-                if field is not None and field not in self.variables:
-                    raise ValueError(
-                        f"prompt {prompt!r} uses {{{field}}} but variables has "
-                        f"{sorted(self.variables) or 'none'}"
-                    )
+    def _read_prompts_file(self, info: ValidationInfo) -> ClassSpec:
+        if self.prompts_file:
+            folder = (info.context or {}).get("config_dir", Path("."))
+            self._file_prompts = read_prompts_file(Path(folder) / self.prompts_file)
         for var, values in self.variables.items():
             if not values:
                 raise ValueError(f"variables.{var} is empty")
         return self
 
+    @property
+    def all_prompts(self) -> list[str]:
+        """The config's prompts, then the prompt file's."""
+        return self.prompts + self._file_prompts
+
     def expanded_prompts(self) -> list[str]:
-        """Every prompt with every combination of its variables, in a fixed order."""
+        """Every prompt with every combination of its variables, in a fixed order. Pool
+        placeholders stay in: each image fills them with its own draw (records.py)."""
         out = []
-        for prompt in self.prompts:
-            used = sorted({f for _, f, _, _ in string.Formatter().parse(prompt) if f})
+        for prompt in self.all_prompts:
+            used = sorted(set(placeholders(prompt)) & set(self.variables))
             for combo in itertools.product(*(self.variables[v] for v in used)):
-                out.append(prompt.format(**dict(zip(used, combo, strict=True))))
+                out.append(fill(prompt, dict(zip(used, combo, strict=True))))
         return out
+
+
+def placeholders(template: str) -> list[str]:
+    """The `{name}`s a prompt uses."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """`template` with the given placeholders filled and the others left as `{name}`."""
+    return template.format_map(_Keep(values))
+
+
+class _Keep(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts file {path}: {e}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts")
+    return prompts
 
 
 class GenerateConfig(_Strict):
@@ -109,7 +144,11 @@ class GenerateConfig(_Strict):
         "default"
     )
     steps: PositiveInt = 25
-    guidance_scale: float = Field(7.5, ge=0)
+    # Classifier-free guidance: one value, or a range [low, high] each image draws from by its
+    # seed. Training data wants low guidance (about 1.5-3: Sariyildiz et al. 2023, Fan et al.
+    # 2024): 7.5 (diffusers' default, kept so existing data stays valid) makes prettier images
+    # of less variety. 0 or 1 turns guidance off.
+    guidance_scale: float | list[float] = 7.5
     width: PositiveInt = 512
     height: PositiveInt = 512
     batch_size: PositiveInt = 4
@@ -121,6 +160,25 @@ class GenerateConfig(_Strict):
     # What to do with an image the model's safety checker flags.
     on_flagged: Literal["regenerate", "drop"] = "regenerate"
     max_attempts: PositiveInt = 3
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _scale_or_range(cls, v: object) -> object:
+        # Checked here, whole, so that an error names the field rather than a union member.
+        def number(x: object) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        if number(v):
+            if v < 0:  # type: ignore[operator]
+                raise ValueError("must be >= 0 (0 or 1 turns guidance off)")
+            return float(v)  # type: ignore[arg-type]
+        if not (isinstance(v, list) and len(v) == 2 and all(number(x) for x in v)):
+            raise ValueError("must be a number or a range [low, high] of two numbers")
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(
+                f"a range [low, high] needs 1 <= low <= high (at 1 or below guidance is off), got {v}"
+            )
+        return [float(x) for x in v]
 
     @field_validator("width", "height")
     @classmethod
@@ -219,6 +277,9 @@ class PipelineConfig(_Strict):
     images_per_class: int = Field(8, gt=0, le=MAX_IMAGES)
     style: str = ""  # appended to every prompt: "<prompt>, <style>"
     negative_prompt: str = ""
+    # Prompt pools: a prompt or the style using {context} gets, per image, one value of
+    # pools.context drawn by the image's seed (varied scenes: He et al. 2023's diverse prompts).
+    pools: dict[str, list[str]] = Field(default_factory=dict)
     classes: list[ClassSpec] = Field(min_length=2)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
@@ -238,10 +299,30 @@ class PipelineConfig(_Strict):
         return classes
 
     @model_validator(mode="after")
+    def _known_placeholders(self) -> PipelineConfig:
+        for name, values in self.pools.items():
+            if not values:
+                raise ValueError(f"pools.{name} is empty")
+        for field in placeholders(self.style):
+            if field not in self.pools:
+                raise ValueError(f"style {self.style!r} uses {{{field}}} but pools has "
+                                 f"{sorted(self.pools) or 'none'}")  # fmt: skip
+        for i, spec in enumerate(self.classes):
+            for prompt in spec.all_prompts:
+                for field in placeholders(prompt):
+                    if field not in spec.variables and field not in self.pools:
+                        raise ValueError(
+                            f"classes.{i}: prompt {prompt!r} uses {{{field}}} but variables has "
+                            f"{sorted(spec.variables) or 'none'} and pools has "
+                            f"{sorted(self.pools) or 'none'}"
+                        )
+        return self
+
+    @model_validator(mode="after")
     def _prompts_to_generate(self) -> PipelineConfig:
         if self.generates:
             for i, c in enumerate(self.classes):
-                if not c.prompts:
+                if not c.all_prompts:
                     raise ValueError(
                         f"classes.{i}.prompts is empty: class {c.name!r} needs prompts to "
                         "generate its images (or train on real images only: train.sources = "
@@ -351,7 +432,7 @@ def load_config(path: str | Path, data_root: str | Path | None = None) -> Pipeli
         raw["data_root"] = str(data_root)
     _moved(raw, path)
     try:
-        cfg = PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw, context={"config_dir": path.parent})
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
     if cfg.data_root.exists() and not cfg.data_root.is_dir():

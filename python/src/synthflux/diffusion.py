@@ -222,3 +222,36 @@ def model_prompts(pipe: Any, prompts: set[str]) -> dict[str, str]:
             "(shorten the prompt or the style)", prompt, len(ids) - 2, limit - 2, kept, cut,
         )  # fmt: skip
     return seen
+
+
+class PerImageGuidance(float):
+    """Classifier-free guidance with a scale per image of the batch, for diffusers pipelines.
+
+    The pipeline compares its scale as a number (`> 1` turns guidance on) and mixes with
+    `scale * (text - uncond)`: this float is the batch's largest scale for the first, and
+    multiplies a (batch, ...) tensor row by row for the second. tests/test_generate.py checks
+    that an image made in a mixed batch equals the one made with its scale alone.
+    """
+
+    scales: tuple[float, ...]
+
+    def __new__(cls, scales: list[float]) -> PerImageGuidance:
+        obj = super().__new__(cls, max(scales))
+        obj.scales = tuple(scales)
+        return obj
+
+    def __mul__(self, other: Any) -> Any:
+        import torch
+
+        if isinstance(other, torch.Tensor) and other.dim() and other.shape[0] == len(self.scales):
+            rows = torch.tensor(self.scales, dtype=other.dtype, device=other.device)
+            return other * rows.view(-1, *[1] * (other.dim() - 1))
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+
+def guidance_argument(scales: list[float]) -> float:
+    """What to pass as `guidance_scale` for a batch: a plain float when every image has the
+    same scale (the same call as ever), else a PerImageGuidance."""
+    return scales[0] if len(set(scales)) == 1 else PerImageGuidance(scales)

@@ -29,7 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from synthflux import lineage
 from synthflux.config import PipelineConfig
-from synthflux.diffusion import load_pipeline, model_prompts, resolve_model
+from synthflux.diffusion import guidance_argument, load_pipeline, model_prompts, resolve_model
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
 from synthflux.records import (
@@ -268,11 +268,12 @@ def _denoise(
     prompts = [p.job.prompt for p in batch] + [batch[-1].job.prompt] * pad
     negatives = [p.job.negative_prompt or "" for p in batch] + [""] * pad
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
+    scales = [p.job.guidance_scale for p in batch] + [batch[-1].job.guidance_scale] * pad
     result = pipe(
         prompt=prompts,
         negative_prompt=negatives if any(negatives) else None,
         num_inference_steps=gen.steps,
-        guidance_scale=gen.guidance_scale,
+        guidance_scale=guidance_argument(scales),
         width=gen.width,
         height=gen.height,
         generator=generators,

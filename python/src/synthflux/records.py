@@ -19,7 +19,7 @@ from typing import Any, TypedDict, cast
 import numpy as np
 from PIL import Image
 
-from synthflux.config import PipelineConfig
+from synthflux.config import PipelineConfig, fill, placeholders
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.storage import read_jsonl, sha256_bytes, write_jsonl_atomic
@@ -92,6 +92,7 @@ class ImageJob:
     prompt: str
     negative_prompt: str
     batch_images: int  # real images in its batch (the rest of the batch is padding)
+    guidance_scale: float
 
     @property
     def file(self) -> str:
@@ -126,14 +127,40 @@ def plan_batches(cfg: PipelineConfig) -> list[Batch]:
                     class_name=spec.name,
                     label=label,
                     index=index,
-                    prompt=styled[index % len(styled)],
+                    prompt=_drawn_prompt(cfg, styled[index % len(styled)], spec.name, index),
                     negative_prompt=cfg.negative_prompt,
                     batch_images=n,
+                    guidance_scale=_drawn_guidance(cfg, spec.name, index),
                 )
                 for index in range(start, start + n)
             )
             batches.append(Batch(jobs))
     return batches
+
+
+def _draw(global_seed: int, class_name: str, index: int, what: str) -> float:
+    """A number in [0, 1) fixed by the image's identity and what it is drawn for (never by
+    its attempt: a regenerated image keeps its prompt and guidance)."""
+    key = f"{global_seed}\0{class_name}\0{index}\0{what}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+
+
+def _drawn_prompt(cfg: PipelineConfig, template: str, class_name: str, index: int) -> str:
+    """The prompt with each pool placeholder filled by this image's draw from that pool."""
+    picks = {}
+    for pool in placeholders(template):
+        values = cfg.pools[pool]
+        picks[pool] = values[int(_draw(cfg.seed, class_name, index, f"pool:{pool}") * len(values))]
+    return fill(template, picks)
+
+
+def _drawn_guidance(cfg: PipelineConfig, class_name: str, index: int) -> float:
+    """The guidance scale, or this image's draw from the range (4 decimals: readable records)."""
+    scale = cfg.generate.guidance_scale
+    if not isinstance(scale, list):
+        return scale
+    low, high = scale
+    return round(low + (high - low) * _draw(cfg.seed, class_name, index, "guidance"), 4)
 
 
 def plan_key(cfg: PipelineConfig) -> str:
@@ -142,7 +169,11 @@ def plan_key(cfg: PipelineConfig) -> str:
     settings = cfg.model_dump(
         mode="json",
         include={"seed", "images_per_class", "style", "negative_prompt", "classes", "generate"},
+        exclude={"classes": {"__all__": {"prompts_file"}}},
     )
+    if cfg.pools or any(c.prompts_file for c in cfg.classes):  # (older keys stay as they were)
+        settings["pools"] = cfg.pools
+        settings["prompts"] = [c.all_prompts for c in cfg.classes]  # a prompt file's lines
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,7 +202,7 @@ def base_record(job: ImageJob, cfg: PipelineConfig, model: ModelRef) -> Manifest
         "model_revision": model.revision,
         "scheduler": model.scheduler,
         "steps": gen.steps,
-        "guidance_scale": gen.guidance_scale,
+        "guidance_scale": job.guidance_scale,
         "width": gen.width,
         "height": gen.height,
         "batch_size": gen.batch_size,
