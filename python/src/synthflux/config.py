@@ -9,7 +9,6 @@ import difflib
 import itertools
 import math
 import re
-import string
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -28,6 +27,7 @@ from pydantic import (
 
 from synthflux.errors import ConfigError
 from synthflux.layout import DataLayout
+from synthflux.prompts import fill, placeholders, read_prompts_file
 from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_KERNEL
 
 if sys.version_info >= (3, 11):
@@ -106,33 +106,6 @@ class ClassSpec(_Strict):
             for combo in itertools.product(*(self.variables[v] for v in used)):
                 out.append(fill(prompt, dict(zip(used, combo, strict=True))))
         return out
-
-
-def placeholders(template: str) -> list[str]:
-    """The `{name}`s a prompt uses."""
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-
-
-def fill(template: str, values: dict[str, str]) -> str:
-    """`template` with the given placeholders filled and the others left as `{name}`."""
-    return template.format_map(_Keep(values))
-
-
-class _Keep(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def read_prompts_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path}: {e}") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompts file {path} has no prompts")
-    return prompts
 
 
 class GenerateConfig(_Strict):
@@ -266,6 +239,25 @@ class CnnConfig(_Strict):
     volume: str = ""
 
 
+class FilterConfig(_Strict):
+    """Which generated images reach training: the filter stage scores every image, drops the
+    ones below a bar and keeps each class's best. Nothing set: every image is kept."""
+
+    # Near-duplicates within a class: a 64-bit perceptual hash (imagehash.phash) at most this
+    # many bits from an image kept before it (in index order). -1: duplicates are kept.
+    max_hash_distance: int = Field(-1, ge=-1, le=64)
+    # A CNN trained on the real training images (`import --as train`; [train]'s settings and
+    # network) gives each synthetic image a probability of its class: drop those below.
+    min_real_confidence: float = Field(0.0, ge=0, le=1)
+    # Per class, keep only the best this many (by that probability when it is scored, else by
+    # index). 0: no cap.
+    keep_top: int = Field(0, ge=0, le=MAX_IMAGES)
+
+    @property
+    def scores_real(self) -> bool:
+        return self.min_real_confidence > 0 or self.keep_top > 0
+
+
 class ClassifyConfig(_Strict):
     # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
     weights: str = ""
@@ -283,6 +275,8 @@ class PipelineConfig(_Strict):
     classes: list[ClassSpec] = Field(min_length=2)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    # Present: the filter stage runs between generate and preprocess.
+    filter: FilterConfig | None = None
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -355,6 +349,11 @@ class PipelineConfig(_Strict):
                 f"most {side.bit_length() - 1} blocks or images of at least {2**n} pixels a side"
             )
         return self
+
+    @property
+    def filters(self) -> bool:
+        """Whether the filter stage runs: the config makes images and has a [filter]."""
+        return self.generates and self.filter is not None
 
     @property
     def class_names(self) -> list[str]:

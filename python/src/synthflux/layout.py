@@ -103,16 +103,37 @@ class DataLayout:
     def manifest_lock(self) -> Path:
         return self.generated / ".manifest.lock"
 
+    # --- filter ---------------------------------------------------------------------------------
+    @property
+    def filtered(self) -> Path:
+        return self.root / "filtered"
+
+    @property
+    def filtered_manifest(self) -> Path:
+        """The generated images the filter kept: the synthetic source's manifest then."""
+        return self.filtered / "manifest.jsonl"
+
+    @property
+    def filter_scores(self) -> Path:
+        """Every generated image's scores, and why it was dropped (if it was)."""
+        return self.filtered / "scores.jsonl"
+
+    @property
+    def filter_cnn(self) -> Path:
+        """The CNN trained on the real training images to score the synthetic ones."""
+        return self.filtered / "real-cnn"
+
     # --- import ---------------------------------------------------------------------------------
     @property
     def imported(self) -> Path:
         return self.root / "imported"
 
-    def source(self, name: str) -> SourcePaths:
-        """Where a source's images and manifest are: generated/ for the synthetic one,
-        imported/<name>/ for a folder of real images."""
-        folder = self.generated if name == SYNTHETIC else self.imported / name
-        return SourcePaths(name, folder)
+    def source(self, name: str, *, filtered: bool = False) -> SourcePaths:
+        """Where a source's images and manifest are: generated/ for the synthetic one (its
+        manifest the filter's when `filtered`), imported/<name>/ for a folder of real images."""
+        if name == SYNTHETIC:
+            return SourcePaths(name, self.generated, self.filtered_manifest if filtered else None)
+        return SourcePaths(name, self.imported / name)
 
     # --- preprocess -------------------------------------------------------------------------
     @property
@@ -235,10 +256,11 @@ class SourcePaths:
 
     name: str
     folder: Path
+    listing: Path | None = None  # its manifest, when not folder/manifest.jsonl (filtered)
 
     @property
     def manifest(self) -> Path:
-        return self.folder / "manifest.jsonl"
+        return self.listing or self.folder / "manifest.jsonl"
 
     @property
     def marker(self) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from synthflux import classify, evaluate, generate, lineage, preprocess, report, train
+from synthflux import filter as filtering  # (the module's name is the stage's)
 from synthflux.backends import backend_for, choose
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
@@ -27,6 +28,7 @@ log = logging.getLogger("synthflux")
 
 STAGES: tuple[Stage, ...] = (
     generate.STAGE,
+    filtering.STAGE,
     preprocess.STAGE,
     train.STAGE,
     classify.STAGE,

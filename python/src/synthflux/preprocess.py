@@ -185,6 +185,7 @@ def _process(
 def _ready_sources(cfg: PipelineConfig) -> list[Source]:
     """Every source, each one checked complete upstream (a clear error if not)."""
     lineage.require(cfg, "generate")
+    lineage.require(cfg, "filter")
     sources = all_sources(cfg)
     for source in sources:
         if not source.synthetic:
@@ -432,7 +433,7 @@ def _finished(cfg: PipelineConfig, source: Source) -> DatasetInfo:
 STAGE = Stage(
     "preprocess", run, key=key, folder=lambda layout: layout.preprocessed,
     results=lambda cfg: [cfg.layout.prepared(s.name).dataset for s in all_sources(cfg)],
-    needs=("generate",), state=state, sharded=True, resumes=True, unit="output shards",
+    needs=("generate", "filter"), state=state, sharded=True, resumes=True, unit="output shards",
     product="shards", node_args='--workers "${SLURM_CPUS_PER_TASK:-1}"',
     help="every source's images -> normalised .npz shards",
     description="Decode, orient, convert (grayscale or RGB), resize and normalise every "

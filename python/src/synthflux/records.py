@@ -19,9 +19,10 @@ from typing import Any, TypedDict, cast
 import numpy as np
 from PIL import Image
 
-from synthflux.config import PipelineConfig, fill, placeholders
+from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
+from synthflux.prompts import fill, placeholders
 from synthflux.storage import read_jsonl, sha256_bytes, write_jsonl_atomic
 
 PNG_KEY = "synthflux"  # the PNG text chunk holding an image's record
@@ -60,6 +61,8 @@ ManifestRecord = TypedDict(
         "original": str,  # the file imported
         "original_size": int,
         "original_mtime_ns": int,
+        # The filter's scores of a kept generated image (filtering.py).
+        "filter": dict[str, Any],
     },
     total=False,
 )

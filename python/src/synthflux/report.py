@@ -65,7 +65,8 @@ def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = No
     wrong = [r for r in eval_rows if r["kind"] == "test" and r["correct"] == "0"][:MISTAKES]
     thumbs |= {(r["source"], r["id"]): _thumbnail(layout, r) for r in wrong}
     # 4. the page, everything in it
-    page = _html(picked, thumbs, classes, summary, evaluation, epochs, pictures, wrong)
+    filtered = lineage.marker(cfg, "filter") if cfg.filters else None
+    page = _html(picked, thumbs, classes, summary, evaluation, epochs, pictures, wrong, filtered)
     html_path = out / "index.html"
     with atomic_write(html_path, "w") as f:
         f.write(page)
@@ -261,6 +262,19 @@ def _card(r: dict[str, str], thumb: Image.Image, classes: list[str], wrong_only:
             f"<figcaption><b>#{e(r['id'])}</b> {detail}</figcaption></figure>")  # fmt: skip
 
 
+def _filter_html(marker: dict[str, Any] | None) -> str:
+    """What the filter kept per class and dropped per reason (filtered/scores.jsonl has each
+    image's scores and reason)."""
+    if not marker:
+        return ""
+    e = html.escape
+    kept = "".join(f"<tr><th>{e(c)}</th><td>{n}</td></tr>" for c, n in marker["kept"].items())
+    dropped = ", ".join(f"{n} {e(reason)}" for reason, n in marker["dropped"].items()) or "none"
+    return (f"<h2>Filter</h2><p>Generated images dropped before training: {dropped} (each "
+            f"image's scores and reason: <code>filtered/scores.jsonl</code>).</p><table><tr>"
+            f"<th>class</th><th>kept</th></tr>{kept}</table>")  # fmt: skip
+
+
 def _evaluation_html(evaluation: dict[str, Any] | None, pictures: dict[str, Path]) -> str:
     if not evaluation:
         return "<p>Not evaluated yet (<code>synthflux evaluate</code>).</p>"
@@ -296,6 +310,7 @@ def _html(
     epochs: list[dict[str, Any]],
     pictures: dict[str, Path],
     wrong: list[dict[str, str]],
+    filtered: dict[str, Any] | None,
 ) -> str:
     e = html.escape
     timings = ", ".join(_timing(stage, t) for stage, t in summary.get("timings", {}).items())
@@ -326,7 +341,7 @@ img.plot {{ max-width: 100%; }}
 <p>{plural(summary["images"], "image")} in {plural(summary["shards"], "shard")} classified with
 backend {e(str(summary.get("backend")))}: accuracy against their labels <b>{accuracy}</b>
 ({summary["correct"]}/{summary["images"]}); timings: {e(timings)}.</p>
-<h2>Training</h2>{curves}
+{_filter_html(filtered)}<h2>Training</h2>{curves}
 <h2>Evaluation</h2>{_evaluation_html(evaluation, pictures)}
 <h2>Test images it got wrong <small>({len(wrong)} shown)</small></h2>
 <div class="grid" id="mistakes">{mistakes or "<p>None (or no test set).</p>"}</div>
@@ -367,7 +382,7 @@ def key(cfg: PipelineConfig) -> str:
 STAGE = Stage(
     "report", run, key=key, folder=lambda layout: layout.report,
     results=lambda cfg: [cfg.layout.report / "index.html"],
-    needs=("train", "classify", "evaluate"), unit="reports", product="report pages",
+    needs=("filter", "train", "classify", "evaluate"), unit="reports", product="report pages",
     options=(
         Option(("--per-class",), {"type": at_least(1), "default": 24, "metavar": "N",
                                   "help": "images shown per class (default: 24)"}),

@@ -55,7 +55,8 @@ def imported_split(marker: Path) -> Split:
 def all_sources(cfg: PipelineConfig) -> list[Source]:
     """Every source of this data root: the synthetic one first (if the config makes it)."""
     layout = cfg.layout
-    synthetic = [Source(SYNTHETIC, "train", layout.source(SYNTHETIC))] if cfg.generates else []
+    paths = layout.source(SYNTHETIC, filtered=cfg.filters)
+    synthetic = [Source(SYNTHETIC, "train", paths)] if cfg.generates else []
     return synthetic + imported(layout)
 
 

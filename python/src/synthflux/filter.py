@@ -1,0 +1,260 @@
+"""filter: which generated images reach training ([filter] in the config).
+
+Every generated image is scored, in a fixed order, and dropped for the first reason that
+applies: near-duplicate (a perceptual hash close to an image of its class kept before it),
+low real confidence (a CNN trained on the real training images, by [train]'s settings with
+the PyTorch twin, gives its class a probability below the bar), or not among its class's
+`keep_top` best. Outputs (DataLayout): filtered/scores.jsonl (every image: its scores and why
+it was dropped), filtered/manifest.jsonl (the kept images' records: the synthetic source's
+manifest from then on; the PNGs stay in generated/), filtered/real-cnn/ (that CNN).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from synthflux import lineage
+from synthflux.config import FilterConfig, PipelineConfig
+from synthflux.errors import ConfigError, DataError, Rejected
+from synthflux.images import load_image
+from synthflux.layout import DataLayout, shard_file
+from synthflux.progress import Progress, plural
+from synthflux.records import ManifestRecord, iter_records, read_manifest, relabelled
+from synthflux.sources import Source, imported
+from synthflux.stages import Stage
+from synthflux.storage import sha256_file, write_jsonl_atomic
+from synthflux.trainplan import TrainSettings
+
+log = logging.getLogger("synthflux")
+
+DUPLICATE, UNREADABLE, LOW_CONFIDENCE, NOT_TOP = (
+    "near-duplicate", "unreadable", "low real confidence", "not in the top k")  # fmt: skip
+
+
+@dataclass
+class Scored:
+    """One generated image on its way through the filter."""
+
+    record: ManifestRecord
+    scores: dict[str, Any] = field(default_factory=dict)
+    dropped: str | None = None  # the reason, in words
+
+    def drop(self, reason: str, detail: str) -> None:
+        if self.dropped is None:
+            self.dropped = f"{reason}: {detail}"
+
+
+@dataclass
+class FilterSummary:
+    kept: dict[str, int]  # per class
+    dropped: dict[str, int]  # per reason
+    seconds: float = 0.0
+    complete: bool = True
+
+    def lines(self) -> list[str]:
+        kept = sum(self.kept.values())
+        why = ", ".join(f"{n} {reason}" for reason, n in self.dropped.items()) or "none"
+        return [f"kept {plural(kept, 'image')} (per class {self.kept}); dropped: {why}",
+                "wrote filtered/manifest.jsonl and filtered/scores.jsonl"]  # fmt: skip
+
+
+def run(cfg: PipelineConfig) -> FilterSummary:
+    """Score every generated image, drop by [filter]'s rules, publish the kept ones."""
+    started = time.monotonic()
+    if cfg.filter is None:
+        raise ConfigError("the config has no [filter] section: nothing to filter by")
+    settings, layout = cfg.filter, cfg.layout
+    lineage.require(cfg, "generate")
+    stage_key = key(cfg)  # before the work: inputs changed meanwhile are not called current
+    items = [Scored(rec) for rec in sorted(read_manifest(layout), key=_order)]
+    if settings.max_hash_distance >= 0:
+        _drop_duplicates(items, layout, settings.max_hash_distance)
+    if settings.scores_real:
+        _score_real(cfg, items)
+    if settings.keep_top:
+        _keep_top(items, cfg.class_names, settings.keep_top)
+    kept = [i.record | {"filter": i.scores} for i in items if i.dropped is None]
+    write_jsonl_atomic(layout.filter_scores, [_row(i) for i in items])
+    write_jsonl_atomic(layout.filtered_manifest, kept)
+    summary = FilterSummary(
+        kept={name: sum(r["class"] == name for r in kept) for name in cfg.class_names},
+        dropped=dict(Counter(i.dropped.split(":")[0] for i in items if i.dropped)),
+        seconds=time.monotonic() - started,
+    )
+    lineage.record(cfg, "filter", key=stage_key, seconds=summary.seconds,
+                   outputs=[layout.filtered_manifest, layout.filter_scores],
+                   facts={"kept": summary.kept, "dropped": summary.dropped})  # fmt: skip
+    return summary
+
+
+def _order(rec: ManifestRecord) -> tuple[int, int]:
+    return rec["label"], rec["index"]
+
+
+def _row(item: Scored) -> dict[str, Any]:
+    rec = item.record
+    return {"id": rec["id"], "class": rec["class"], "file": rec["file"],
+            "scores": item.scores, "dropped": item.dropped}  # fmt: skip
+
+
+# --- the rules, in order ---------------------------------------------------------------------
+
+
+def _drop_duplicates(items: list[Scored], layout: DataLayout, max_distance: int) -> None:
+    """Drop an image whose perceptual hash is within `max_distance` bits of one of its
+    class's images kept before it."""
+    import imagehash
+    from PIL import Image
+
+    kept: dict[str, list[tuple[np.ndarray, str]]] = {}
+    with Progress("filter: hashes", len(items)) as progress:
+        for item in items:
+            progress.update()
+            try:
+                with Image.open(layout.image(item.record["file"])) as im:
+                    phash = imagehash.phash(im)
+            except OSError as e:
+                item.drop(UNREADABLE, str(e))
+                continue
+            bits = phash.hash.flatten()
+            item.scores["phash"] = str(phash)
+            same_class = kept.setdefault(item.record["class"], [])
+            for other_bits, other in same_class:
+                distance = int((bits != other_bits).sum())
+                if distance <= max_distance:
+                    item.drop(DUPLICATE, f"{distance} bits from {other}")
+                    break
+            else:
+                same_class.append((bits, item.record["name"]))
+
+
+def _score_real(cfg: PipelineConfig, items: list[Scored]) -> None:
+    """Each image's probability of its own class under a CNN trained on the real images."""
+    from synthflux import reference
+
+    weights = _train_real_cnn(cfg)
+    model = reference.build_model(weights)
+    bar = cfg.filter.min_real_confidence if cfg.filter else 0.0
+    todo = [i for i in items if i.dropped is None]
+    with Progress("filter: real CNN", len(todo)) as progress:
+        for start in range(0, len(todo), 64):
+            batch, pixels = [], []
+            for item in todo[start : start + 64]:
+                rec = item.record
+                try:
+                    pixels.append(load_image(cfg.layout.image(rec["file"]), rec["sha256"],
+                                             cfg.preprocess))  # fmt: skip
+                    batch.append(item)
+                except Rejected as e:
+                    item.drop(UNREADABLE, str(e))
+            progress.update(len(todo[start : start + 64]))
+            if not batch:
+                continue
+            probs = reference.predict(weights, np.stack(pixels).T, model=model)
+            labels = {name: k for k, name in enumerate(cfg.class_names)}
+            for item, p in zip(batch, probs, strict=True):
+                confidence = float(p[labels[item.record["class"]]])
+                item.scores["real_confidence"] = round(confidence, 6)
+                if confidence < bar:
+                    item.drop(LOW_CONFIDENCE, f"{confidence:.3f} < {bar}")
+
+
+def _keep_top(items: list[Scored], classes: list[str], top: int) -> None:
+    """Per class, keep the `top` best of what is left: by real confidence, else by index."""
+    for name in classes:
+        left = [i for i in items if i.dropped is None and i.record["class"] == name]
+        left.sort(key=lambda i: (-i.scores.get("real_confidence", 0.0), i.record["index"]))
+        for rank, item in enumerate(left[top:], top + 1):
+            item.drop(NOT_TOP, f"rank {rank} of its class, keep_top = {top}")
+
+
+# --- the CNN trained on the real images ------------------------------------------------------
+
+
+def _real_sources(cfg: PipelineConfig) -> list[Source]:
+    found = [s for s in imported(cfg.layout) if s.split == "train"]
+    if not found:
+        raise DataError(
+            "filter.min_real_confidence and filter.keep_top score images with a CNN trained on "
+            "real images, and none were imported for training: run `synthflux import CONFIG "
+            "FOLDER --as train` (or remove those settings)"
+        )
+    for source in found:
+        lineage.require_imported(source.paths)
+    return found
+
+
+def _train_real_cnn(cfg: PipelineConfig) -> dict[str, np.ndarray]:
+    """Train [train]'s network with the PyTorch twin on the real training images (one shard,
+    made afresh: the set is small, and the filter runs only when its inputs change)."""
+    from synthflux.reference_train import train
+    from synthflux.shardwriter import ShardWriter
+    from synthflux.weights import init_weights, load_weights, save_weights
+
+    folder, pre = cfg.layout.filter_cnn, cfg.preprocess
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    labels = {name: k for k, name in enumerate(cfg.class_names)}
+    ids, classes = [], []
+    with ShardWriter(folder / "rows.npy", (pre.channels, pre.height, pre.width)) as writer:
+        for source in _real_sources(cfg):
+            for rec in iter_records(source.paths.manifest, "import it again"):
+                rec = relabelled(rec, labels, source.paths.manifest, "import it again")
+                try:
+                    writer.append(load_image(source.paths.image(rec["file"]), None, pre))
+                except Rejected:
+                    continue  # preprocess lists it among the source's rejects
+                ids.append(rec["id"])
+                classes.append(rec["label"])
+        writer.finish(folder / shard_file(0), labels=np.array(classes, np.int64),
+                      ids=np.array(ids, np.int64))  # fmt: skip
+    t = cfg.train
+    save_weights(folder / "init.npz", init_weights(pre.width, pre.height, pre.channels,
+                 len(labels), t.seed, t.blocks, t.kernel))  # fmt: skip
+    log.info(
+        "filter: training a CNN on %s to score the synthetic ones", plural(len(ids), "real image")
+    )
+    train([("real", folder)], folder / "init.npz", folder / "run", TrainSettings.of(t),
+          lambda line: log.debug("filter: %s", line))  # fmt: skip
+    return dict(load_weights(folder / "run" / "weights.npz"))
+
+
+# --- done-ness -------------------------------------------------------------------------------
+
+
+def key(cfg: PipelineConfig) -> str:
+    """The generated manifest, the filter's settings and the classes; and, when the real
+    CNN scores, the real images' manifests and what that CNN is trained with."""
+    settings: FilterConfig = cfg.filter or FilterConfig()
+    inputs: dict[str, Any] = {
+        "manifest": sha256_file(cfg.layout.manifest),
+        "filter": settings.model_dump(),
+        "classes": cfg.class_names,
+    }
+    if settings.scores_real:
+        inputs["real"] = {s.name: sha256_file(s.paths.manifest) for s in _real_sources(cfg)}
+        inputs["preprocess"] = cfg.preprocess.model_dump(exclude={"workers"})
+        inputs["train"] = cfg.train.model_dump(exclude={"timeout_s", "sources"})
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+STAGE = Stage(
+    "filter", run, key=key, folder=lambda layout: layout.filtered,
+    results=lambda cfg: [cfg.layout.filtered_manifest], needs=("generate",),
+    applies=lambda cfg: cfg.filters, unit="images", product="filtered images",
+    help="drop near-duplicate and unconvincing generated images ([filter])",
+    description="Score every generated image and keep those that pass [filter]'s rules: "
+    "near-duplicates within a class (perceptual hash), the confidence of a CNN trained on the "
+    "real training images, and the best keep_top per class. Writes DATA/filtered/manifest.jsonl "
+    "(what preprocess then reads as the synthetic source) and DATA/filtered/scores.jsonl (every "
+    "image's scores and why it was dropped).",
+)  # fmt: skip
