@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from synthflux import __version__
 from synthflux.config import BACKENDS, PipelineConfig
 from synthflux.errors import SynthfluxError
-from synthflux.stages import at_least
+from synthflux.stages import at_least, shard_spec
 
 # The stages are imported when the parser is built, inside main's handling of Ctrl-C.
 
@@ -165,6 +165,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(sub: Any) -> None:
+    p = _command(
+        sub,
+        "sweep",
+        cmd_sweep,
+        "train and evaluate over a grid ([sweep]): what N synthetic images are worth",
+        "Run the pipeline once per point of the config's [sweep] grid -- synthetic images "
+        "per class (images), what the CNN learns from (sources: synthetic, real, both) and "
+        "any settings to vary (vary, dotted names) -- each point in its own data root under "
+        "DATA/sweep/points/, the images generated once at the largest N and shared. Then "
+        "write DATA/sweep/table.csv, accuracy.png (accuracy on each test set against N, the "
+        "real-only baseline as a line) and summary.json, with 'one real image ≈ k synthetic' "
+        "where the curves allow it. Points already evaluated are skipped: re-running resumes. "
+        "On a cluster: --only-generate (with --shard I/N as an array), then --shard I/N (an "
+        "array over the points), then once without options to write the table.",
+    )
+    p.add_argument("--shard", type=shard_spec, metavar="I/N",
+                   help="run only every N-th point, from the I-th (a Slurm array task)")  # fmt: skip
+    p.add_argument("--only-generate", action="store_true",
+                   help="only generate the sweep's images (with --shard: part I of N)")  # fmt: skip
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from synthflux.sweep import run
+
+    run(Path(args.config), data_root=args.data, shard=args.shard, only_generate=args.only_generate)
+    return 0
+
+
 def _submit(sub: Any) -> None:
     p = _command(
         sub,
@@ -286,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for st in STAGES:
         _stage_command(sub, st)
-    for add in (_import, _run, _submit, _status, _tiny_model):
+    for add in (_import, _run, _sweep, _submit, _status, _tiny_model):
         add(sub)
     return parser
 

@@ -11,7 +11,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -416,24 +416,35 @@ def _moved(raw: dict[str, object], path: Path) -> None:
                 )
 
 
-def load_config(path: str | Path, data_root: str | Path | None = None) -> PipelineConfig:
-    """Read and validate a pipeline config; `data_root` (--data) overrides the file's."""
-    path = Path(path)
+def validate(raw: dict[str, Any], path: Path) -> PipelineConfig:
+    """A config from its TOML table; `path` names it in errors and anchors prompt files."""
+    _moved(raw, path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return PipelineConfig.model_validate(raw, context={"config_dir": path.parent})
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+        return raw
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path, data_root: str | Path | None = None) -> PipelineConfig:
+    """Read and validate a pipeline config; `data_root` (--data) overrides the file's."""
+    path = Path(path)
+    raw = read_toml(path)
+    raw.pop("sweep", None)  # `synthflux sweep`'s own section: sweep.py reads it
     if data_root is not None:
         raw["data_root"] = str(data_root)
-    _moved(raw, path)
-    try:
-        cfg = PipelineConfig.model_validate(raw, context={"config_dir": path.parent})
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
+    cfg = validate(raw, path)
     if cfg.data_root.exists() and not cfg.data_root.is_dir():
         raise ConfigError(f"data root {cfg.data_root} exists and is not a folder")
     return cfg

@@ -123,6 +123,31 @@ class DataLayout:
         """The CNN trained on the real training images to score the synthetic ones."""
         return self.filtered / "real-cnn"
 
+    # --- sweep ----------------------------------------------------------------------------------
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep"
+
+    def sweep_point(self, name: str) -> Path:
+        """A sweep point's own data root."""
+        return self.sweep / "points" / name
+
+    def sweep_images(self, key: str) -> Path:
+        """The data root where a sweep generates one generation setting's images, once."""
+        return self.sweep / f"images-{key}"
+
+    @property
+    def sweep_table(self) -> Path:
+        return self.sweep / "table.csv"
+
+    @property
+    def sweep_plot(self) -> Path:
+        return self.sweep / "accuracy.png"
+
+    @property
+    def sweep_summary(self) -> Path:
+        return self.sweep / "summary.json"
+
     # --- import ---------------------------------------------------------------------------------
     @property
     def imported(self) -> Path:

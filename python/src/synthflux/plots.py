@@ -1,4 +1,4 @@
-"""The report's pictures, with matplotlib: learning curves and confusion matrices.
+"""The pictures, with matplotlib: learning curves, confusion matrices, the sweep's curves.
 
 Figures are built without pyplot (no global state, no display needed) and saved as PNG bytes.
 """
@@ -62,4 +62,33 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], title: str) ->
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def sweep_curves(rows: list[dict[str, Any]], tests: list[str], varied: list[str]) -> bytes:
+    """`synthflux sweep`: accuracy on each test set against synthetic images per class, a
+    line per source mix and varied setting, the real-only accuracy as a dashed line."""
+    fig = _figure(5.5 * len(tests), 4)
+    axes = np.atleast_1d(fig.subplots(1, len(tests)))
+    for ax, test in zip(axes, tests, strict=True):
+        for i, combo in enumerate(sorted({tuple(r[k] for k in varied) for r in rows})):
+            mine = [r for r in rows if tuple(r[k] for k in varied) == combo and r[test] is not None]
+            label = ", ".join(f"{k}={v}" for k, v in zip(varied, combo, strict=True))
+            color = f"C{i}"
+            for sources, marker in (("synthetic", "o-"), ("both", "s--")):
+                curve = sorted((r["synthetic_per_class"], r[test]) for r in mine
+                               if r["sources"] == sources)  # fmt: skip
+                if curve:
+                    ax.plot(*zip(*curve, strict=True), marker, color=color, alpha=1 if sources == "synthetic" else 0.6,
+                            label=f"{sources} {label}".strip())  # fmt: skip
+            for r in (r for r in mine if r["sources"] == "real"):
+                ax.axhline(r[test], color=color, linestyle=":",
+                           label=f"real only ({r['real_per_class']:g}/class) {label}".strip())  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("synthetic images per class")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(test.removeprefix("test:"), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return _png(fig)

@@ -1,0 +1,328 @@
+"""`synthflux sweep`: how many synthetic images one real image is worth, and which settings help.
+
+The config's `[sweep]` names a grid: synthetic images per class (`images`), what the CNN
+learns from (`sources`: synthetic, real, both) and settings to vary (`vary`, dotted names).
+Each point is a whole `synthflux run` in a data root of its own, DATA/sweep/points/<point>/,
+sharing what it can: the images of one generation setting are generated once, at the grid's
+largest N, in DATA/sweep/images-<key>/; a point of N per class links the first N of each class
+(an image's seed depends on its class and index alone, so they are the images a run of N
+makes; generate verifies them and remakes only a last, partial batch, whose shape differs);
+imported folders are linked, not copied. Points already evaluated are skipped, so a sweep
+resumes; `--shard I/N` runs every N-th point (a Slurm array), after `--only-generate`.
+Outputs: DATA/sweep/table.csv, accuracy.png (test accuracy against N, the real-only baseline
+as a line) and summary.json (the table and "one real image ≈ k synthetic").
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from synthflux import generate, lineage
+from synthflux.config import MAX_IMAGES, PipelineConfig, read_toml, validate
+from synthflux.errors import ConfigError, DataError
+from synthflux.layout import DataLayout
+from synthflux.records import count_records, plan_images, plan_key
+from synthflux.sources import imported
+from synthflux.storage import ShardSpec, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger("synthflux")
+
+Mix = Literal["synthetic", "real", "both"]
+TRAINS_ON: dict[Mix, list[str]] = {
+    "synthetic": ["synthetic"],
+    "real": ["real"],
+    "both": ["synthetic", "real"],
+}
+
+
+class SweepConfig(BaseModel):
+    """The `[sweep]` section (only `synthflux sweep` reads it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    images: list[Annotated[int, Field(gt=0, le=MAX_IMAGES)]] = Field(
+        default_factory=lambda: [10, 30, 100], min_length=1
+    )  # synthetic images per class
+    sources: list[Mix] = Field(default_factory=lambda: list(TRAINS_ON), min_length=1)
+    # Settings by dotted name with the values to try, e.g. "train.lr" = [0.001, 0.003]: every
+    # combination (times sources and images) is a point.
+    vary: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Point:
+    sources: Mix  # what the CNN learns from
+    images: int  # synthetic images per class (0: real only)
+    settings: tuple[tuple[str, Any], ...]  # the varied settings' values
+
+    @property
+    def name(self) -> str:
+        parts = [self.sources] + ([f"n{self.images}"] if self.images else [])
+        parts += [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in self.settings]
+        return re.sub(r"[^A-Za-z0-9._=,-]", "_", "-".join(parts))[:120]
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: PipelineConfig  # the config as written (its data root holds the sweep)
+    points: list[tuple[Point, PipelineConfig]]
+    images: dict[str, PipelineConfig]  # per generation setting: its config at the largest N
+
+
+def plan(path: Path, data_root: str | Path | None = None) -> Plan:
+    """Every point's config, and where each generation setting's images are made."""
+    raw = read_toml(path)
+    try:
+        grid = SweepConfig.model_validate(raw.pop("sweep", {}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: sweep.{where}: {first['msg']}") from None
+    if data_root is not None:
+        raw["data_root"] = str(data_root)
+    base = validate(copy.deepcopy(raw), path)
+    combos = itertools.product(*grid.vary.values())
+    points = [
+        Point(src, 0 if src == "real" else n, tuple(zip(grid.vary, combo, strict=True)))
+        for combo in combos
+        for src in grid.sources
+        for n in ([0] if src == "real" else sorted(set(grid.images)))
+    ]
+    configs = [(p, _point_config(raw, path, p, base.layout)) for p in points]
+    images: dict[str, PipelineConfig] = {}
+    for point, cfg in configs:
+        if cfg.generates:
+            key = _generation_key(cfg)
+            if key not in images or images[key].images_per_class < point.images:
+                root = base.layout.sweep_images(key)
+                images[key] = cfg.model_copy(update={"data_root": root})
+    return Plan(base, configs, images)
+
+
+def _point_config(
+    raw: dict[str, Any], path: Path, point: Point, layout: DataLayout
+) -> PipelineConfig:
+    raw = copy.deepcopy(raw)
+    for dotted, value in point.settings:
+        *sections, name = dotted.split(".")
+        table = raw
+        for section in sections:
+            table = table.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: sweep.vary: {dotted!r} is not a setting")
+        table[name] = value
+    raw.setdefault("train", {})["sources"] = TRAINS_ON[point.sources]
+    if point.images:
+        raw["images_per_class"] = point.images
+        for spec in raw.get("classes", []):
+            spec.pop("images", None)  # one N for every class: the sweep's
+    raw["data_root"] = str(layout.sweep_point(point.name))
+    try:
+        return validate(raw, path)
+    except ConfigError as e:
+        raise ConfigError(f"sweep point {point.name}: {e}") from None
+
+
+def _generation_key(cfg: PipelineConfig) -> str:
+    """What the images depend on, whatever the number per class."""
+    return plan_key(cfg.model_copy(update={"images_per_class": 1}))[:12]
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def run(
+    path: Path,
+    *,
+    data_root: str | Path | None = None,
+    shard: ShardSpec | None = None,
+    only_generate: bool = False,
+    say: Callable[[str], None] = print,
+) -> list[dict[str, Any]] | None:
+    """Generate the images, run the points (this shard's), and, once every point is done,
+    write the table and the plot. Returns the table's rows, or None while points remain."""
+    grid = plan(Path(path), data_root)
+    for images_cfg in grid.images.values():
+        _share_models(grid.base.layout, images_cfg.layout)
+        if only_generate or shard is None:
+            for line in generate.run(images_cfg, shard=shard if only_generate else None).lines():
+                say(f"sweep images {images_cfg.layout.root.name}: {line}")
+        elif not lineage.is_current(images_cfg, "generate"):
+            raise DataError(
+                f"the sweep's images in {images_cfg.layout.root} are not all generated: run "
+                "`synthflux sweep CONFIG --only-generate` first (a Slurm array too, with --shard)"
+            )
+    if only_generate:
+        return None
+    from synthflux.pipeline import run_pipeline  # (pipeline imports every stage)
+
+    for i, (point, cfg) in enumerate(grid.points):
+        if shard is not None and not shard.owns(i):
+            continue
+        if _done(cfg):
+            say(f"sweep {point.name}: evaluated and current; skipped")
+            continue
+        _link_inputs(grid, point, cfg)
+        say(f"sweep {point.name}: running ({i + 1} of {len(grid.points)})")
+        run_pipeline(cfg, say=_logger(point.name))
+    if not all(_done(cfg) for _, cfg in grid.points):
+        say("sweep: other points are not done yet; run the sweep again to write the table")
+        return None
+    rows = [_row(grid, point, cfg) for point, cfg in grid.points]
+    return _publish(grid, rows, say)
+
+
+def _logger(name: str) -> Callable[[str], None]:
+    return lambda line: log.info("%s: %s", name, line)
+
+
+def _done(cfg: PipelineConfig) -> bool:
+    return cfg.layout.evaluation_summary.is_file() and lineage.is_current(cfg, "evaluate")
+
+
+def _share_models(base: DataLayout, layout: DataLayout) -> None:
+    """A generated model (`model = "tiny"`) and the revision cache are the base root's."""
+    base.models.mkdir(parents=True, exist_ok=True)
+    _symlink(layout.models, base.models)
+
+
+def _symlink(link: Path, target: Path) -> None:
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def _link_inputs(grid: Plan, point: Point, cfg: PipelineConfig) -> None:
+    """The point's data root: the shared models, the imported folders it uses (test sets;
+    training ones when it learns from them or the filter scores with them), and the first N
+    images of each class."""
+    layout = cfg.layout
+    _share_models(grid.base.layout, layout)
+    filter_reads_real = cfg.filter is not None and cfg.filter.scores_real
+    for source in imported(grid.base.layout):
+        if source.split == "test" or point.sources != "synthetic" or filter_reads_real:
+            _symlink(layout.imported / source.name, source.paths.folder)
+    if cfg.generates:
+        images = grid.images[_generation_key(cfg)].layout
+        for job in plan_images(cfg):
+            src, dest = images.image(job.file), layout.image(job.file)
+            if src.is_file() and not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dest)
+                except OSError:  # another file system: a copy
+                    shutil.copy2(src, dest)
+
+
+# --- the table, the plot, the exchange rate --------------------------------------------------
+
+
+def _row(grid: Plan, point: Point, cfg: PipelineConfig) -> dict[str, Any]:
+    summary = json.loads(cfg.layout.evaluation_summary.read_text())
+    splits = summary["splits"]
+    real = sum(count_records(s.paths.manifest) for s in imported(grid.base.layout)
+               if s.split == "train") if point.sources != "synthetic" else 0  # fmt: skip
+    row: dict[str, Any] = {"point": point.name, "sources": point.sources,
+                           "synthetic_per_class": point.images,
+                           "real_per_class": round(real / len(cfg.classes), 1)}  # fmt: skip
+    row.update({k: json.dumps(v) for k, v in point.settings})
+    row["train_images"] = sum(s["images"] for s in splits.values() if s["kind"] != "test")
+    row["val_accuracy"] = splits.get("validation", {}).get("accuracy")
+    for name, s in splits.items():
+        if s["kind"] == "test":
+            row[f"test:{name}"] = s["accuracy"]
+    return row
+
+
+def exchange_rate(real: float, real_per_class: float, curve: list[tuple[int, float]]) -> str:
+    """ "one real image ≈ k synthetic": where the synthetic curve (N per class, accuracy)
+    reaches the real-only accuracy, interpolated in log N, over the real images per class."""
+    curve = sorted(curve)
+    if not curve or real_per_class <= 0:
+        return "n/a"
+    if curve[0][1] >= real:
+        return f"one real image ≈ at most {curve[0][0] / real_per_class:.2g} synthetic"
+    for (n0, a0), (n1, a1) in itertools.pairwise(curve):
+        if a1 >= real > a0:
+            t = (real - a0) / (a1 - a0)
+            n = math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
+            return f"one real image ≈ {n / real_per_class:.2g} synthetic (the real baseline at N ≈ {n:.0f} per class)"
+    best = max(curve, key=lambda c: c[1])
+    return (f"synthetic images did not reach the real baseline ({real:.3f}); the best was "
+            f"{best[1]:.3f} at N = {best[0]}")  # fmt: skip
+
+
+def _rates(rows: list[dict[str, Any]], tests: list[str], varied: list[str]) -> list[str]:
+    out = []
+    for combo, grouped in itertools.groupby(sorted(rows, key=lambda r: [r[k] for k in varied]),
+                                            key=lambda r: [r[k] for k in varied]):  # fmt: skip
+        group = list(grouped)
+        base = next((r for r in group if r["sources"] == "real"), None)
+        curve = [r for r in group if r["sources"] == "synthetic"]
+        where = ", ".join(f"{k}={v}" for k, v in zip(varied, combo, strict=True))
+        for test in tests:
+            if base is None or base[test] is None or not curve:
+                continue
+            points = [(r["synthetic_per_class"], r[test]) for r in curve if r[test] is not None]
+            rate = exchange_rate(base[test], base["real_per_class"], points)
+            out.append(f"{test}{f' ({where})' if where else ''}: {rate}")
+    return out
+
+
+def _publish(
+    grid: Plan, rows: list[dict[str, Any]], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    from synthflux.plots import sweep_curves
+
+    layout = grid.base.layout
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(layout.sweep_table, buf.getvalue().encode())
+    tests = [c for c in columns if c.startswith("test:")]
+    varied = [k for k in columns if k not in ("point", "sources", "synthetic_per_class",
+              "real_per_class", "train_images", "val_accuracy") and k not in tests]  # fmt: skip
+    rates = _rates(rows, tests, varied)
+    if tests:
+        write_bytes_atomic(layout.sweep_plot, sweep_curves(rows, tests, varied))
+    write_json_atomic(layout.sweep_summary, {"rows": rows, "exchange_rates": rates,
+                      "key": hashlib.sha256(json.dumps(rows).encode()).hexdigest()})  # fmt: skip
+    for line in _table_lines(rows, columns) + rates:
+        say(line)
+    say(f"wrote {layout.sweep_table}" + (f" and {layout.sweep_plot}" if tests else
+        " (no test set imported: no plot; `synthflux import CONFIG FOLDER --as test`)"))  # fmt: skip
+    return rows
+
+
+def _table_lines(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    shown = [c for c in columns if c != "point"]
+    widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in shown}
+    lines = ["  ".join(c.ljust(widths[c]) for c in shown)]
+    lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in shown) for r in rows]
+    return lines

@@ -1,0 +1,137 @@
+"""`synthflux sweep`: the grid's points are whole runs whose results equal separate runs; the
+images are generated once and shared; a re-run resumes; the exchange rate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tomllib
+from digits import write_digits
+
+from conftest import BASE_CONFIG, deep_update, run_cli, save_config
+from synthflux import ingest, sweep
+from synthflux.layout import DataLayout
+from synthflux.pipeline import run_pipeline
+from synthflux.sweep import exchange_rate
+
+DIGITS = ["0", "1"]
+
+
+@pytest.fixture
+def two_digits(tmp_path: Path) -> tuple[Path, Path]:
+    """Real images of two classes, '0' and '1', as train and test ImageFolders."""
+    train, test = write_digits(tmp_path / "digits")
+    for folder in (train, test):
+        for d in folder.iterdir():
+            if d.name not in DIGITS:
+                shutil.rmtree(d)
+    return train, test
+
+
+def digit_config(
+    tmp_path: Path, tiny_model: Path, name: str, data: Path, **more
+) -> tuple[Path, object]:
+    raw = deep_update(BASE_CONFIG, {
+        "classes": [{"name": d, "prompts": [f"the digit {d}"]} for d in DIGITS],
+        "generate": {"model": str(tiny_model), "batch_size": 3},
+        "preprocess": {"width": 8, "height": 8, "shard_size": 64},
+        "train": {"epochs": 2, "blocks": [4], "val_fraction": 0.25},
+        "cnn": {"backend": "reference"},
+    })  # fmt: skip
+    raw = deep_update(raw, more) | {"data_root": str(data)}
+    return save_config(tmp_path / name, raw)
+
+
+def test_a_sweep_point_equals_a_separate_run_and_the_sweep_resumes(
+    tmp_path, tiny_model, two_digits
+):
+    train, test = two_digits
+    path, cfg = digit_config(tmp_path, tiny_model, "sweep.toml", tmp_path / "data",
+                             sweep={"images": [2, 4], "sources": ["synthetic", "real", "both"]})  # fmt: skip
+    ingest.run(cfg, train, split="train")
+    ingest.run(cfg, test, split="test")
+    said: list[str] = []
+    rows = sweep.run(path, say=said.append)
+    assert rows is not None
+    assert [r["point"] for r in rows] == [
+        "synthetic-n2",
+        "synthetic-n4",
+        "real",
+        "both-n2",
+        "both-n4",
+    ]
+    layout = cfg.layout
+    # The images were generated once, at N = 4, and the points link them.
+    (images,) = layout.sweep.glob("images-*")
+    assert len(list(images.glob("generated/*/*.png"))) == 8
+    n4 = layout.sweep_point("synthetic-n4") / "generated" / "0" / "0-000000.png"
+    assert n4.stat().st_ino == (images / "generated" / "0" / "0-000000.png").stat().st_ino
+    # A point equals a separate run of its config, image for image and prediction for prediction.
+    _, alone = digit_config(tmp_path, tiny_model, "alone.toml", tmp_path / "alone",
+                            images_per_class=2, train={"sources": ["synthetic", "real"]})  # fmt: skip
+    ingest.run(alone, train, split="train")
+    ingest.run(alone, test, split="test")
+    run_pipeline(alone, say=lambda line: None)
+    point = layout.sweep_point("both-n2")
+    assert (point / "generated/manifest.jsonl").read_bytes() == alone.layout.manifest.read_bytes()
+    assert (
+        point / "evaluation/predictions.csv"
+    ).read_bytes() == alone.layout.evaluation_csv.read_bytes()
+    mine = json.loads(alone.layout.evaluation_summary.read_text())["splits"]["test"]["accuracy"]
+    assert next(r for r in rows if r["point"] == "both-n2")["test:test"] == mine
+    # The table, the plot and the summary; a second run only reads them back.
+    with open(layout.sweep_table) as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["test:test"]) for r in table] == [r["test:test"] for r in rows]
+    assert (
+        table[2]["real_per_class"] == str(rows[2]["real_per_class"])
+        and rows[2]["real_per_class"] > 100
+    )
+    assert layout.sweep_plot.read_bytes().startswith(b"\x89PNG")
+    again: list[str] = []
+    assert sweep.run(path, say=again.append) == rows
+    assert sum("evaluated and current; skipped" in line for line in again) == 5
+
+
+def test_sweep_shards_need_the_images_first_and_vary_any_setting(tmp_path, tiny_model, two_digits):
+    _, test = two_digits
+    path, cfg = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data", sweep={
+        "images": [3], "sources": ["synthetic"], "vary": {"train.lr": [0.001, 0.01]}})  # fmt: skip
+    ingest.run(cfg, test, split="test")
+    early = run_cli("sweep", str(path), "--shard", "0/2")
+    assert early.returncode == 2 and "--only-generate" in early.stderr
+    assert run_cli("sweep", str(path), "--only-generate").returncode == 0
+    for i in (0, 1):
+        assert run_cli("sweep", str(path), "--shard", f"{i}/2").returncode == 0
+    rows = sweep.run(path, say=lambda line: None)
+    assert [r["train.lr"] for r in rows] == ["0.001", "0.01"]
+    for r, lr in zip(rows, ("0.001", "0.01"), strict=True):  # each point trained with its value
+        job = DataLayout(cfg.layout.sweep_point(r["point"])).job_args.read_text().split()
+        assert job[job.index("--lr") + 1] == lr
+    bad = save_config(tmp_path / "bad.toml", {**_raw(path), "sweep": {"vary": {"train.lrr": [1]}}})[
+        0
+    ]
+    result = run_cli("sweep", str(bad))
+    assert (
+        result.returncode == 2
+        and "train.lrr" in result.stderr
+        and "did you mean 'lr'" in result.stderr
+    )
+
+
+def _raw(path: Path) -> dict:
+    return tomllib.loads(path.read_text())
+
+
+def test_exchange_rate():
+    # real-only accuracy 0.8 with 50 real images per class; synthetic reaches 0.8 between
+    # N = 100 (0.7) and N = 1000 (0.9): at N = sqrt(100 * 1000) = 316 in log N, so 6.3 per real.
+    assert exchange_rate(0.8, 50, [(100, 0.7), (1000, 0.9)]).startswith(
+        "one real image ≈ 6.3 synthetic"
+    )
+    assert "did not reach" in exchange_rate(0.95, 50, [(100, 0.7), (1000, 0.9)])
+    assert exchange_rate(0.5, 50, [(100, 0.7)]) == "one real image ≈ at most 2 synthetic"
