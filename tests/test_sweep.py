@@ -135,3 +135,18 @@ def test_exchange_rate():
     )
     assert "did not reach" in exchange_rate(0.95, 50, [(100, 0.7), (1000, 0.9)])
     assert exchange_rate(0.5, 50, [(100, 0.7)]) == "one real image ≈ at most 2 synthetic"
+
+
+def test_a_bad_sweep_section_is_one_line(tmp_path):
+    for sweep_section, message in (
+        ({"images": [0]}, "sweep.images.0 = 0: Input should be greater than 0"),
+        (
+            {"sourcs": ["real"]},
+            "sweep.sourcs = ['real']: not a known setting; did you mean 'sources'?",
+        ),
+    ):
+        raw = BASE_CONFIG | {"data_root": str(tmp_path / "d"), "sweep": sweep_section}
+        path, _ = save_config(tmp_path / "c.toml", raw)  # (other commands ignore [sweep])
+        result = run_cli("sweep", str(path))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "d").exists()

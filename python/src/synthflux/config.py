@@ -5,7 +5,6 @@ Every field is documented in README.md ("Config reference"); examples live in ex
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
@@ -25,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from synthflux.errors import ConfigError
+from synthflux.errors import ConfigError, describe
 from synthflux.layout import DataLayout
 from synthflux.prompts import fill, placeholders, read_prompts_file
 from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_KERNEL
@@ -377,33 +376,6 @@ class PipelineConfig(_Strict):
         return self.model_copy(update={"cnn": self.cnn.model_copy(update=update)})
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = _unknown_key(first["loc"])
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" = {value!r}"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{loc}{shown}: {msg}{more}"
-
-
-def _unknown_key(loc: tuple[int | str, ...]) -> str:
-    """'not a known setting', with the closest allowed names (a typo is the usual cause)."""
-    model: type[BaseModel] = PipelineConfig
-    for part in loc[:-1]:
-        if isinstance(part, str):  # a section, or a list of them (classes)
-            field = model.model_fields[part].annotation
-            inner = get_args(field)[0] if get_args(field) else field
-            if isinstance(inner, type) and issubclass(inner, BaseModel):
-                model = inner
-    allowed = sorted(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"not a known setting; {hint}allowed here: {', '.join(allowed)}"
-
-
 def _moved(raw: dict[str, object], path: Path) -> None:
     """[classify] backend/image/... moved to [cnn]: say so, rather than 'unknown setting'."""
     section = raw.get("classify")
@@ -422,7 +394,7 @@ def validate(raw: dict[str, Any], path: Path) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(raw, context={"config_dir": path.parent})
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
+        raise ConfigError(f"{path}: {describe(e, PipelineConfig)}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

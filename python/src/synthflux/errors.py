@@ -1,5 +1,12 @@
 """The exceptions a user can meet; the CLI prints them as one line, without a traceback."""
 
+from __future__ import annotations
+
+import difflib
+from typing import get_args
+
+from pydantic import BaseModel, ValidationError
+
 
 class SynthfluxError(Exception):
     """Base class: anything the user can fix (bad config, missing model, bad input)."""
@@ -68,3 +75,30 @@ class Rejected(Exception):
 
     Not a SynthfluxError: a rejected image is quarantined (rejects.jsonl), not a failed run.
     """
+
+
+def describe(err: ValidationError, model: type[BaseModel]) -> str:
+    """A pydantic error as one line: where, the value, what is wrong (the first of them)."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = _unknown_key(first["loc"], model)
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc}{shown}: {msg}{more}"
+
+
+def _unknown_key(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:
+    """'not a known setting', with the closest allowed names (a typo is the usual cause)."""
+    for part in loc[:-1]:
+        if isinstance(part, str):  # a section, or a list of them (classes)
+            field = model.model_fields[part].annotation
+            inner = get_args(field)[0] if get_args(field) else field
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                model = inner
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"not a known setting; {hint}allowed here: {', '.join(allowed)}"

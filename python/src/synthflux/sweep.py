@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synthflux import generate, lineage
 from synthflux.config import MAX_IMAGES, PipelineConfig, read_toml, validate
-from synthflux.errors import ConfigError, DataError
+from synthflux.errors import ConfigError, DataError, describe
 from synthflux.layout import DataLayout
 from synthflux.records import count_records, plan_images, plan_key
 from synthflux.sources import imported
@@ -91,9 +91,7 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
     try:
         grid = SweepConfig.model_validate(raw.pop("sweep", {}))
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: sweep.{where}: {first['msg']}") from None
+        raise ConfigError(f"{path}: sweep.{describe(e, SweepConfig)}") from None
     if data_root is not None:
         raw["data_root"] = str(data_root)
     base = validate(copy.deepcopy(raw), path)
