@@ -52,3 +52,13 @@ def digits_config(data: Path, **train: Any) -> dict[str, Any]:
         },
         "cnn": {"backend": "reference"},
     }
+
+
+def keep_classes(folders: tuple[Path, ...], names: list[str]) -> None:
+    """Remove every class folder but `names` from each ImageFolder."""
+    import shutil
+
+    for folder in folders:
+        for d in folder.iterdir():
+            if d.name not in names:
+                shutil.rmtree(d)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import tomllib
-from digits import write_digits
+from digits import keep_classes, write_digits
 
 from conftest import BASE_CONFIG, deep_update, run_cli, save_config
 from synthflux import ingest, sweep
@@ -25,10 +24,7 @@ DIGITS = ["0", "1"]
 def two_digits(tmp_path: Path) -> tuple[Path, Path]:
     """Real images of two classes, '0' and '1', as train and test ImageFolders."""
     train, test = write_digits(tmp_path / "digits")
-    for folder in (train, test):
-        for d in folder.iterdir():
-            if d.name not in DIGITS:
-                shutil.rmtree(d)
+    keep_classes((train, test), DIGITS)
     return train, test
 
 

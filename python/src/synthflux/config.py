@@ -132,6 +132,16 @@ class GenerateConfig(_Strict):
     # What to do with an image the model's safety checker flags.
     on_flagged: Literal["regenerate", "drop"] = "regenerate"
     max_attempts: PositiveInt = 3
+    # Real-guided generation (img2img; DA-Fusion, He et al. 2023): each image starts from a real
+    # image of its class in this imported training source (image i from the class's real
+    # image i mod R), noised by `strength` (1: the real image is ignored). "": text only.
+    init_source: str = ""
+    strength: float = Field(0.5, gt=0, le=1)
+    images_per_real: int = Field(0, ge=0, le=MAX_IMAGES)  # with init_source (0: images_per_class)
+    # Adapters loaded into the model, each a local file/folder or a Hub id; their hashes are
+    # in every image's record.
+    lora: list[str] = Field(default_factory=list)
+    textual_inversion: list[str] = Field(default_factory=list)
 
     @field_validator("guidance_scale", mode="before")
     @classmethod

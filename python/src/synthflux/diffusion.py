@@ -7,6 +7,7 @@ Resolving never loads weights; loading happens only when there are images to mak
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -83,9 +84,15 @@ def resolve_model(cfg: PipelineConfig, *, offline: bool) -> ModelRef | None: ...
 
 
 def resolve_model(cfg: PipelineConfig, *, offline: bool = False) -> ModelRef | None:
-    """Find the model (building the tiny one, or using the Hugging Face cache) without loading
-    it. With `offline` (status, on any mount): nothing is built or downloaded, and None means
-    the model is not available here."""
+    """Find the model (building the tiny one, or using the Hugging Face cache) and its
+    adapters without loading them. With `offline` (status, on any mount): nothing is built or
+    downloaded, and None means the model or an adapter is not available here."""
+    ref = _base_model(cfg, offline)
+    found = adapters(cfg, offline) if ref is not None else None
+    return None if ref is None or found is None else dataclasses.replace(ref, adapters=found)
+
+
+def _base_model(cfg: PipelineConfig, offline: bool) -> ModelRef | None:
     gen = cfg.generate
     layout = cfg.layout
     if gen.model == "tiny":
@@ -119,6 +126,59 @@ def resolve_model(cfg: PipelineConfig, *, offline: bool = False) -> ModelRef | N
 def _local_ref(folder: Path, name: str, cfg: PipelineConfig) -> ModelRef:
     revision = _hash_folder(folder, cfg.layout.revisions)
     return ModelRef(str(folder), name, revision, _model_scheduler(folder, cfg.generate.scheduler))
+
+
+def adapters(cfg: PipelineConfig, offline: bool = False) -> tuple[str, ...] | None:
+    """Each LoRA and textual-inversion adapter as "kind:name@digest" (a local one's sha256, a
+    Hub one's commit), for the records; None if one is not available here (`offline`)."""
+    gen, found = cfg.generate, []
+    for kind, names in (("lora", gen.lora), ("textual_inversion", gen.textual_inversion)):
+        for i, name in enumerate(names):
+            digest = _adapter_digest(name, f"generate.{kind}[{i}]", cfg, offline)
+            if digest is None:
+                return None
+            found.append(f"{kind}:{name}@{digest}")
+    return tuple(found)
+
+
+def _adapter_digest(name: str, field: str, cfg: PipelineConfig, offline: bool) -> str | None:
+    local = Path(name).expanduser()
+    if local.is_file():
+        return "sha256:" + sha256_file(local)
+    if local.is_dir():
+        return _hash_folder(local, cfg.layout.revisions)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"{field} = {name!r}: no such file or folder (nor a Hub id, owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=offline)).name  # the commit
+    except Exception as e:  # huggingface_hub raises many types; all mean "cannot get it"
+        if offline:
+            return None
+        raise ModelError(f"{field} = {name!r}: cannot get it from the Hub ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None  # fmt: skip
+
+
+def _load_adapters(pipe: Any, cfg: PipelineConfig) -> None:
+    gen = cfg.generate
+    for kind, names in (("lora", gen.lora), ("textual_inversion", gen.textual_inversion)):
+        for i, name in enumerate(names):
+            local = Path(name).expanduser()
+            where = str(local) if local.exists() else name
+            try:
+                if kind == "lora":
+                    pipe.load_lora_weights(where, adapter_name=f"lora{i}")
+                else:
+                    pipe.load_textual_inversion(where)
+            except Exception as e:  # diffusers/peft raise many types for a bad adapter
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                hint = (
+                    " (LoRA needs the peft package: pip install peft)" if "PEFT" in reason else ""
+                )
+                raise ModelError(
+                    f"generate.{kind}[{i}] = {name!r}: cannot load it: {reason}{hint}"
+                ) from None
 
 
 def _download(model_id: str, revision: str | None, local_only: bool = False) -> str:
@@ -185,6 +245,11 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
     if gen.scheduler != "default":
         scheduler_cls = getattr(diffusers, SCHEDULERS[gen.scheduler])
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    if gen.init_source:  # real-guided: the same components, started from real images
+        from diffusers import AutoPipelineForImage2Image
+
+        pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+    _load_adapters(pipe, cfg)
     if gen.attention_slicing:
         pipe.enable_attention_slicing()
     if gen.cpu_offload and device == "cuda":

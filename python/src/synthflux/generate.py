@@ -32,6 +32,7 @@ from synthflux.config import PipelineConfig
 from synthflux.diffusion import guidance_argument, load_pipeline, model_prompts, resolve_model
 from synthflux.layout import DataLayout
 from synthflux.progress import Progress
+from synthflux.realguide import init_image
 from synthflux.records import (
     PNG_KEY,
     Batch,
@@ -269,15 +270,20 @@ def _denoise(
     negatives = [p.job.negative_prompt or "" for p in batch] + [""] * pad
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
     scales = [p.job.guidance_scale for p in batch] + [batch[-1].job.guidance_scale] * pad
+    starts = [p.job.parent for p in batch if p.job.parent is not None]
+    if starts:  # img2img: the real images to start from, and how far to noise them
+        images = [init_image(cfg, parent) for parent in starts + starts[-1:] * pad]
+        shape: dict[str, Any] = {"image": images, "strength": gen.strength}
+    else:
+        shape = {"width": gen.width, "height": gen.height}
     result = pipe(
         prompt=prompts,
         negative_prompt=negatives if any(negatives) else None,
         num_inference_steps=gen.steps,
         guidance_scale=guidance_argument(scales),
-        width=gen.width,
-        height=gen.height,
         generator=generators,
         output_type="np",
+        **shape,
     )
     images = result.images[: len(batch)]
     flags = getattr(result, "nsfw_content_detected", None) or [False] * len(batch)

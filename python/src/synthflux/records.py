@@ -23,7 +23,8 @@ from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.prompts import fill, placeholders
-from synthflux.storage import read_jsonl, sha256_bytes, write_jsonl_atomic
+from synthflux.realguide import Parent, parents
+from synthflux.storage import read_jsonl, sha256_bytes, sha256_file, write_jsonl_atomic
 
 PNG_KEY = "synthflux"  # the PNG text chunk holding an image's record
 
@@ -61,8 +62,12 @@ ManifestRecord = TypedDict(
         "original": str,  # the file imported
         "original_size": int,
         "original_mtime_ns": int,
-        # The filter's scores of a kept generated image (filtering.py).
+        # The filter's scores of a kept generated image (filter.py).
         "filter": dict[str, Any],
+        # Real-guided images: the real image it started from, and how much it was noised.
+        "parent": dict[str, Any],
+        "strength": float,
+        "adapters": list[str],  # LoRA and textual-inversion adapters, with their hashes
     },
     total=False,
 )
@@ -76,6 +81,7 @@ class ModelRef:
     name: str
     revision: str
     scheduler: str
+    adapters: tuple[str, ...] = ()  # "lora:<name>@<digest>", "textual_inversion:<name>@<digest>"
 
 
 # An image's id is label * ID_STRIDE + index: it names the image whatever the other classes'
@@ -96,6 +102,7 @@ class ImageJob:
     negative_prompt: str
     batch_images: int  # real images in its batch (the rest of the batch is padding)
     guidance_scale: float
+    parent: Parent | None = None  # the real image it starts from (realguide.py)
 
     @property
     def file(self) -> str:
@@ -116,11 +123,13 @@ class Batch:
 
 def plan_batches(cfg: PipelineConfig) -> list[Batch]:
     """Every image the config asks for, as canonical batches in (class, index) order."""
-    size = cfg.generate.batch_size
+    size, per_real = cfg.generate.batch_size, cfg.generate.images_per_real
+    guides = parents(cfg)  # None: from text only
     batches: list[Batch] = []
     for label, spec in enumerate(cfg.classes):
         styled = [f"{p}, {cfg.style}" if cfg.style else p for p in spec.expanded_prompts()]
-        count = cfg.images_for(spec)
+        mine = guides[spec.name] if guides else []
+        count = len(mine) * per_real if mine and per_real else cfg.images_for(spec)
         for start in range(0, count, size):
             n = min(size, count - start)
             jobs = tuple(
@@ -134,6 +143,7 @@ def plan_batches(cfg: PipelineConfig) -> list[Batch]:
                     negative_prompt=cfg.negative_prompt,
                     batch_images=n,
                     guidance_scale=_drawn_guidance(cfg, spec.name, index),
+                    parent=mine[index % len(mine)] if mine else None,
                 )
                 for index in range(start, start + n)
             )
@@ -169,12 +179,18 @@ def _drawn_guidance(cfg: PipelineConfig, class_name: str, index: int) -> float:
 def plan_key(cfg: PipelineConfig) -> str:
     """A hash of every setting the images depend on (the model's revision aside: records
     carry it). generate's stage.json keeps it, so later stages see a stale manifest."""
+    later = {"init_source", "strength", "images_per_real", "lora", "textual_inversion"}
     settings = cfg.model_dump(
         mode="json",
         include={"seed", "images_per_class", "style", "negative_prompt", "classes", "generate"},
-        exclude={"classes": {"__all__": {"prompts_file"}}},
-    )
-    if cfg.pools or any(c.prompts_file for c in cfg.classes):  # (older keys stay as they were)
+        exclude={"classes": {"__all__": {"prompts_file"}}, "generate": later},
+    )  # (settings added later join the key only when used: older keys stay as they were)
+    gen = cfg.generate
+    if gen.init_source or gen.lora or gen.textual_inversion:
+        settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later)
+    if gen.init_source:  # the real images' manifest: their records hold their sha256
+        settings["init_manifest"] = sha256_file(cfg.layout.source(gen.init_source).manifest)
+    if cfg.pools or any(c.prompts_file for c in cfg.classes):
         settings["pools"] = cfg.pools
         settings["prompts"] = [c.all_prompts for c in cfg.classes]  # a prompt file's lines
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -211,6 +227,8 @@ def base_record(job: ImageJob, cfg: PipelineConfig, model: ModelRef) -> Manifest
         "batch_size": gen.batch_size,
         "batch_images": job.batch_images,
         "file": job.file,
+        **({"adapters": list(model.adapters)} if model.adapters else {}),
+        **({"parent": job.parent.record(), "strength": gen.strength} if job.parent else {}),
     }
 
 
