@@ -146,3 +146,20 @@ def test_a_bad_sweep_section_is_one_line(tmp_path):
         result = run_cli("sweep", str(path))
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert not (tmp_path / "d").exists()
+
+
+def test_a_sweep_of_real_guided_images(tmp_path, tiny_model, two_digits):
+    """The shared images and every point see the real images they start from."""
+    train, test = two_digits
+    path, cfg = digit_config(tmp_path, tiny_model, "g.toml", tmp_path / "data",
+                             generate={"init_source": "train", "steps": 4},
+                             sweep={"images": [2, 3], "sources": ["synthetic"]})  # fmt: skip
+    ingest.run(cfg, train, split="train")
+    ingest.run(cfg, test, split="test")
+    rows = sweep.run(path, say=lambda line: None)
+    assert rows is not None and [r["point"] for r in rows] == ["synthetic-n2", "synthetic-n3"]
+    point = cfg.layout.sweep_point("synthetic-n3")
+    records = [
+        json.loads(line) for line in (point / "generated/manifest.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 6 and all(r["parent"]["source"] == "train" for r in records)

@@ -106,7 +106,7 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
     images: dict[str, PipelineConfig] = {}
     for point, cfg in configs:
         if cfg.generates:
-            key = _generation_key(cfg)
+            key = _generation_key(cfg, base)
             if key not in images or images[key].images_per_class < point.images:
                 root = base.layout.sweep_images(key)
                 images[key] = cfg.model_copy(update={"data_root": root})
@@ -137,9 +137,12 @@ def _point_config(
         raise ConfigError(f"sweep point {point.name}: {e}") from None
 
 
-def _generation_key(cfg: PipelineConfig) -> str:
-    """What the images depend on, whatever the number per class."""
-    return plan_key(cfg.model_copy(update={"images_per_class": 1}))[:12]
+def _generation_key(cfg: PipelineConfig, base: PipelineConfig) -> str:
+    """What the images depend on, whatever the number per class (real images to start from
+    are read where they were imported: the base data root)."""
+    return plan_key(cfg.model_copy(update={"images_per_class": 1, "data_root": base.data_root}))[
+        :12
+    ]
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -158,6 +161,8 @@ def run(
     grid = plan(Path(path), data_root)
     for images_cfg in grid.images.values():
         _share_models(grid.base.layout, images_cfg.layout)
+        if images_cfg.generate.init_source:  # real-guided: the real images it starts from
+            _link_source(grid.base.layout, images_cfg.layout, images_cfg.generate.init_source)
         if only_generate or shard is None:
             for line in generate.run(images_cfg, shard=shard if only_generate else None).lines():
                 say(f"sweep images {images_cfg.layout.root.name}: {line}")
@@ -211,18 +216,24 @@ def _symlink(link: Path, target: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=True)
 
 
+def _link_source(base: DataLayout, layout: DataLayout, name: str) -> None:
+    folder = base.source(name).folder
+    if folder.is_dir():
+        _symlink(layout.imported / name, folder)
+
+
 def _link_inputs(grid: Plan, point: Point, cfg: PipelineConfig) -> None:
     """The point's data root: the shared models, the imported folders it uses (test sets;
     training ones when it learns from them or the filter scores with them), and the first N
     images of each class."""
     layout = cfg.layout
     _share_models(grid.base.layout, layout)
-    filter_reads_real = cfg.filter is not None and cfg.filter.scores_real
+    reads_real = (cfg.filter is not None and cfg.filter.scores_real) or cfg.generate.init_source
     for source in imported(grid.base.layout):
-        if source.split == "test" or point.sources != "synthetic" or filter_reads_real:
+        if source.split == "test" or point.sources != "synthetic" or reads_real:
             _symlink(layout.imported / source.name, source.paths.folder)
     if cfg.generates:
-        images = grid.images[_generation_key(cfg)].layout
+        images = grid.images[_generation_key(cfg, grid.base)].layout
         for job in plan_images(cfg):
             src, dest = images.image(job.file), layout.image(job.file)
             if src.is_file() and not dest.exists():
