@@ -151,3 +151,41 @@ def test_run_filters_and_the_report_says_what_was_dropped(write_config):
     )
     page = (cfg.layout.report / "index.html").read_text()
     assert "<h2>Filter</h2><p>Generated images dropped before training: 6 near-duplicate" in page
+
+
+def test_clip_scores_are_clipscore_and_zero_shot_confidence(write_config):
+    """The scores equal CLIP's own numbers, computed here independently; the bars drop exactly
+    the images below them."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    path, cfg = write_config(filter={"clip_model": "tiny"})
+    generate.run(cfg)
+    filtering.run(cfg)
+    rows = scores(cfg)
+    model = CLIPModel.from_pretrained(cfg.layout.tiny_clip)
+    processor = CLIPProcessor.from_pretrained(cfg.layout.tiny_clip)
+    records = {
+        r["id"]: r
+        for r in (json.loads(line) for line in cfg.layout.manifest.read_text().splitlines())
+    }
+    texts = ["a photo of a cat", "a photo of a dog"]
+    for row in rows:
+        rec = records[row["id"]]
+        image = Image.open(cfg.layout.image(rec["file"])).convert("RGB")
+        with torch.no_grad():
+            out = model(**processor(text=[rec["model_prompt"], *texts], images=[image],
+                                    return_tensors="pt", padding=True))  # fmt: skip
+        cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds[:1])
+        assert row["scores"]["clip_score"] == pytest.approx(max(100 * float(cosine), 0), abs=1e-3)
+        zero_shot = out.logits_per_image[0, 1:].softmax(-1)[["cat", "dog"].index(rec["class"])]
+        assert row["scores"]["clip_confidence"] == pytest.approx(float(zero_shot), abs=1e-5)
+    # (a random CLIP's cosines are often negative, so its scores are often 0: the zero-shot
+    # probability makes the bar here)
+    bar = float(np.median([r["scores"]["clip_confidence"] for r in rows]))
+    rule = {"clip_model": "tiny", "min_clip_confidence": bar}
+    _, strict = save_config(path, {**_raw(path), "filter": rule})
+    assert not lineage.is_current(strict, "filter")
+    filtering.run(strict)
+    dropped = [(r["dropped"] or "").startswith("low CLIP confidence") for r in scores(strict)]
+    assert dropped == [r["scores"]["clip_confidence"] < bar for r in rows] and 0 < sum(dropped) < 8

@@ -258,9 +258,15 @@ class FilterConfig(_Strict):
     # A CNN trained on the real training images (`import --as train`; [train]'s settings and
     # network) gives each synthetic image a probability of its class: drop those below.
     min_real_confidence: float = Field(0.0, ge=0, le=1)
-    # Per class, keep only the best this many (by that probability when it is scored, else by
-    # index). 0: no cap.
+    # Per class, keep only the best this many (by the real CNN's probability when it scores,
+    # else CLIP's, else by index). 0: no cap.
     keep_top: int = Field(0, ge=0, le=MAX_IMAGES)
+    # CLIP (a local folder, a Hub id, or "tiny": a random test model built offline) scores
+    # each image against its own prompt (CLIPScore: 100 x cosine, Hessel et al. 2021) and
+    # gives its class's zero-shot probability among "a photo of a <class>". "": not scored.
+    clip_model: str = ""
+    min_clip_score: float = Field(0.0, ge=0, le=100)
+    min_clip_confidence: float = Field(0.0, ge=0, le=1)
 
     @property
     def scores_real(self) -> bool:

@@ -134,14 +134,16 @@ def adapters(cfg: PipelineConfig, offline: bool = False) -> tuple[str, ...] | No
     gen, found = cfg.generate, []
     for kind, names in (("lora", gen.lora), ("textual_inversion", gen.textual_inversion)):
         for i, name in enumerate(names):
-            digest = _adapter_digest(name, f"generate.{kind}[{i}]", cfg, offline)
+            digest = digest_of(name, f"generate.{kind}[{i}]", cfg, offline)
             if digest is None:
                 return None
             found.append(f"{kind}:{name}@{digest}")
     return tuple(found)
 
 
-def _adapter_digest(name: str, field: str, cfg: PipelineConfig, offline: bool) -> str | None:
+def digest_of(name: str, field: str, cfg: PipelineConfig, offline: bool) -> str | None:
+    """What identifies a model file or folder's bytes: its sha256 (a folder's cached by size
+    and mtime), or a Hub id's commit; None when offline and not in the local cache."""
     local = Path(name).expanduser()
     if local.is_file():
         return "sha256:" + sha256_file(local)

@@ -2,7 +2,8 @@
 
 Every generated image is scored, in a fixed order, and dropped for the first reason that
 applies: near-duplicate (a perceptual hash close to an image of its class kept before it),
-low real confidence (a CNN trained on the real training images, by [train]'s settings with
+low CLIP score or confidence (against its own prompt; zero-shot among the classes), low real
+confidence (a CNN trained on the real training images, by [train]'s settings with
 the PyTorch twin, gives its class a probability below the bar), or not among its class's
 `keep_top` best. Outputs (DataLayout): filtered/scores.jsonl (every image: its scores and why
 it was dropped), filtered/manifest.jsonl (the kept images' records: the synthetic source's
@@ -18,12 +19,14 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from synthflux import lineage
 from synthflux.config import FilterConfig, PipelineConfig
+from synthflux.diffusion import digest_of
 from synthflux.errors import ConfigError, DataError, Rejected
 from synthflux.images import load_image
 from synthflux.layout import DataLayout, shard_file
@@ -38,6 +41,7 @@ log = logging.getLogger("synthflux")
 
 DUPLICATE, UNREADABLE, LOW_CONFIDENCE, NOT_TOP = (
     "near-duplicate", "unreadable", "low real confidence", "not in the top k")  # fmt: skip
+LOW_CLIP_SCORE, LOW_CLIP_CONFIDENCE = "low CLIP score", "low CLIP confidence"
 
 
 @dataclass
@@ -74,10 +78,13 @@ def run(cfg: PipelineConfig) -> FilterSummary:
         raise ConfigError("the config has no [filter] section: nothing to filter by")
     settings, layout = cfg.filter, cfg.layout
     lineage.require(cfg, "generate")
+    clip = clip_path(cfg) if settings.clip_model else None  # ("tiny" is built first: keyed)
     stage_key = key(cfg)  # before the work: inputs changed meanwhile are not called current
     items = [Scored(rec) for rec in sorted(read_manifest(layout), key=_order)]
     if settings.max_hash_distance >= 0:
         _drop_duplicates(items, layout, settings.max_hash_distance)
+    if clip is not None:
+        _score_clip(cfg, items, clip)
     if settings.scores_real:
         _score_real(cfg, items)
     if settings.keep_top:
@@ -168,11 +175,74 @@ def _score_real(cfg: PipelineConfig, items: list[Scored]) -> None:
                     item.drop(LOW_CONFIDENCE, f"{confidence:.3f} < {bar}")
 
 
+def _score_clip(cfg: PipelineConfig, items: list[Scored], where: str) -> None:
+    """CLIPScore against the image's own prompt, and the zero-shot probability of its class."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    settings = cfg.filter or FilterConfig()
+    model, processor = CLIPModel.from_pretrained(where).eval(), CLIPProcessor.from_pretrained(where)
+    classes = [f"a photo of a {name}" for name in cfg.class_names]
+    todo = [i for i in items if i.dropped is None]
+    with Progress("filter: CLIP", len(todo)) as progress, torch.inference_mode():
+        for start in range(0, len(todo), 32):
+            batch = todo[start : start + 32]
+            images = []
+            for item in batch:
+                with Image.open(cfg.layout.image(item.record["file"])) as im:
+                    images.append(im.convert("RGB"))
+            prompts = [i.record.get("model_prompt") or i.record["prompt"] for i in batch]
+            inputs = processor(text=prompts + classes, images=images, return_tensors="pt",
+                               padding=True, truncation=True)  # fmt: skip
+            out = model(**inputs)  # text_embeds and image_embeds: projected, unit length
+            image, text = out.image_embeds, out.text_embeds
+            scores = 100 * (image * text[: len(batch)]).sum(-1).clamp(min=0)
+            probs = (model.logit_scale.exp() * image @ text[len(batch) :].T).softmax(-1)
+            for item, score, p in zip(batch, scores.tolist(), probs, strict=True):
+                confidence = float(p[cfg.class_names.index(item.record["class"])])
+                item.scores |= {
+                    "clip_score": round(score, 4),
+                    "clip_confidence": round(confidence, 6),
+                }
+                if score < settings.min_clip_score:
+                    item.drop(LOW_CLIP_SCORE, f"{score:.2f} < {settings.min_clip_score}")
+                elif confidence < settings.min_clip_confidence:
+                    item.drop(
+                        LOW_CLIP_CONFIDENCE, f"{confidence:.3f} < {settings.min_clip_confidence}"
+                    )
+            progress.update(len(batch))
+
+
+def clip_path(cfg: PipelineConfig) -> str:
+    """Where [filter] clip_model loads from: the tiny test CLIP (built once), a folder, or a
+    Hub id (downloaded into the Hugging Face cache first, so that its commit is known)."""
+    name = cfg.filter.clip_model if cfg.filter else ""
+    if name == "tiny":
+        from synthflux.tiny_model import save_tiny_clip
+
+        return str(save_tiny_clip(cfg.layout.tiny_clip))
+    digest_of(name, "filter.clip_model", cfg, offline=False)  # a clear error if unavailable
+    local = Path(name).expanduser()
+    return str(local) if local.is_dir() else name
+
+
+def _clip_digest(cfg: PipelineConfig) -> str | None:
+    """The CLIP model's sha256 or commit, without building or downloading anything."""
+    name = cfg.filter.clip_model if cfg.filter else ""
+    if name == "tiny":
+        if not (cfg.layout.tiny_clip / "config.json").is_file():
+            return "tiny (not built yet)"
+        name = str(cfg.layout.tiny_clip)
+    return digest_of(name, "filter.clip_model", cfg, offline=True)
+
+
 def _keep_top(items: list[Scored], classes: list[str], top: int) -> None:
     """Per class, keep the `top` best of what is left: by real confidence, else by index."""
     for name in classes:
         left = [i for i in items if i.dropped is None and i.record["class"] == name]
-        left.sort(key=lambda i: (-i.scores.get("real_confidence", 0.0), i.record["index"]))
+        left.sort(key=lambda i: (-i.scores.get("real_confidence", 0.0),
+                                 -i.scores.get("clip_confidence", 0.0), i.record["index"]))  # fmt: skip
         for rank, item in enumerate(left[top:], top + 1):
             item.drop(NOT_TOP, f"rank {rank} of its class, keep_top = {top}")
 
@@ -240,6 +310,8 @@ def key(cfg: PipelineConfig) -> str:
         "filter": settings.model_dump(),
         "classes": cfg.class_names,
     }
+    if settings.clip_model:
+        inputs["clip"] = _clip_digest(cfg)
     if settings.scores_real:
         inputs["real"] = {s.name: sha256_file(s.paths.manifest) for s in _real_sources(cfg)}
         inputs["preprocess"] = cfg.preprocess.model_dump(exclude={"workers"})
@@ -253,7 +325,7 @@ STAGE = Stage(
     applies=lambda cfg: cfg.filters, unit="images", product="filtered images",
     help="drop near-duplicate and unconvincing generated images ([filter])",
     description="Score every generated image and keep those that pass [filter]'s rules: "
-    "near-duplicates within a class (perceptual hash), the confidence of a CNN trained on the "
+    "near-duplicates within a class (perceptual hash), CLIP's score and zero-shot confidence, the confidence of a CNN trained on the "
     "real training images, and the best keep_top per class. Writes DATA/filtered/manifest.jsonl "
     "(what preprocess then reads as the synthetic source) and DATA/filtered/scores.jsonl (every "
     "image's scores and why it was dropped).",

@@ -70,6 +70,10 @@ class DataLayout:
         return self.models / "tiny"
 
     @property
+    def tiny_clip(self) -> Path:
+        return self.models / "tiny-clip"
+
+    @property
     def revisions(self) -> Path:
         """Local models' revision hashes, cached by file size and mtime."""
         return self.models / "revisions.json"

@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised Stable Diffusion pipeline, built offline.
+"""A tiny, randomly initialised Stable Diffusion pipeline (and CLIP model), built offline.
 
 Tests and the demo use it so that they run the very same `from_pretrained` path as real
 models, in seconds on a CPU, with nothing downloaded. Its images are noise-like: it is
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +125,54 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     )
 
 
+# A CLIP model of the same size for the filter's image-text scores (diffusers' tests' shape).
+CLIP_VISION: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                               "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+
+
+def build_tiny_clip(seed: int = 0) -> tuple[Any, Any]:
+    """(model, processor): a random CLIP with TEXT_ENCODER's text tower and the tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=TEXT_ENCODER, vision_config=CLIP_VISION,
+                                     projection_dim=16))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+    size = CLIP_VISION["image_size"]
+    images = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """Build the tiny CLIP and save it to `folder` (atomically)."""
+
+    def build(tmp: Path) -> None:
+        model, processor = build_tiny_clip(seed)
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return _save_atomically(Path(folder), "config.json", build)
+
+
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it to `folder` (atomically: a whole model or none)."""
-    folder = Path(folder)
-    if (folder / "model_index.json").exists():
+
+    def build(tmp: Path) -> None:
+        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+
+    return _save_atomically(Path(folder), "model_index.json", build)
+
+
+def _save_atomically(folder: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    if (folder / marker).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder.parent)  # a half-built model of a killed run
@@ -137,11 +182,11 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
         from synthflux.progress import quiet_library_progress
 
         quiet_library_progress()
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        build(tmp)
         public_mode(tmp, directory=True)
         tmp.rename(folder)
     except OSError:
-        if (folder / "model_index.json").exists():  # another process won the race
+        if (folder / marker).exists():  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
             return folder
         raise
