@@ -287,7 +287,7 @@ def test_png_bytes_are_deterministic_for_the_same_pixels():
 
 
 def test_example_configs_are_valid():
-    for name in ("tiny", "sd15", "sd-turbo"):
+    for name in ("tiny", "sd15", "sd-turbo", "sweep"):
         cfg = load_config(REPO / "examples" / f"{name}.toml")
         assert len(cfg.classes) == 2
 
