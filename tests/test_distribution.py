@@ -1,0 +1,113 @@
+"""Distribution metrics (synthflux.distribution) on known feature sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synthflux import distribution
+from synthflux.distribution import compare, duplicate_rates, frechet_distance, kid, prdc
+
+
+def gaussian(n: int, seed: int, d: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_a_set_against_itself_is_at_distance_zero_and_fully_covered():
+    x = gaussian(300, 1)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    # KID's unbiased estimator over two permutations of the same 300 rows is, exactly,
+    # 2 (mean k(x, x') - mean k(x, x)) / m: slightly below zero, shrinking as 1/m.
+    k = (x @ x.T / x.shape[1] + 1) ** 3
+    off, diag = (k.sum() - np.trace(k)) / (300 * 299), np.trace(k) / 300
+    assert kid(x, x) == pytest.approx(2 * (off - diag) / 300, rel=1e-9)
+    assert abs(kid(x, x)) < 0.06  # vs 0.19 at noise level 1 below
+    assert prdc(x, x) == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+
+
+def test_fd_and_kid_grow_as_one_set_is_perturbed_more():
+    x, z = gaussian(300, 1), gaussian(300, 2)
+    noise = np.random.default_rng(3).normal(size=z.shape)
+    fds, kids = [], []
+    for sigma in (0.5, 1.0, 2.0):
+        y = z + sigma * noise
+        fds.append(frechet_distance(x, y))
+        kids.append(kid(x, y))
+    assert fds == sorted(fds) and kids == sorted(kids), (fds, kids)
+    assert fds[0] < 0.5 * fds[1] < 0.5 * fds[2]  # strictly, not by rounding
+    assert kids[2] > 1.0 > kids[1] > 0.05  # at sigma 1 and 2: far above KID's O(1/m) noise
+
+
+def test_fd_of_two_gaussians_is_the_closed_form():
+    """Diagonal covariances: ||mu1 - mu2||² + sum(s1 + s2 - 2 sqrt(s1 s2)), with the sample
+    moments (np.cov, ddof 1), to rtol 1e-6."""
+    rng = np.random.default_rng(4)
+    d = 8
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d) + 2
+    sd1, sd2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    # Whitened samples: exactly these means and (diagonal) covariances.
+    base = rng.normal(size=(500, d))
+    base = (base - base.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(base, rowvar=False))).T
+    x, y = mu1 + base * sd1, mu2 + base[::-1] * sd2
+    s1, s2 = sd1**2, sd2**2
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-6)
+
+
+def test_prdc_follows_the_papers_reference_code():
+    """The chunked version equals Naeem et al.'s reference formulas on whole matrices."""
+    real, fake = gaussian(120, 5), gaussian(90, 6) * 1.3 + 0.2
+    k = 5
+
+    def pairwise(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    r_real = np.sort(pairwise(real, real), axis=1)[:, k]
+    r_fake = np.sort(pairwise(fake, fake), axis=1)[:, k]
+    d = pairwise(real, fake)
+    expected = {
+        "precision": (d < r_real[:, None]).any(axis=0).mean(),
+        "recall": (d < r_fake[None, :]).any(axis=1).mean(),
+        "density": (1 / k) * (d < r_real[:, None]).sum(axis=0).mean(),
+        "coverage": (d.min(axis=1) < r_real).mean(),
+    }
+    got = prdc(real, fake, k)
+    assert got is not None and set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+    assert 0 < got["precision"] < 1 and 0 < got["coverage"] < 1  # a case with something to find
+
+
+def test_too_few_images_are_none_not_nan_or_a_crash():
+    one, five = gaussian(1, 7), gaussian(5, 8)
+    m = compare(one, five)
+    assert m["fd"] is None and m["kid"] is None and m["diversity"] is None
+    assert m["precision"] is None and m["coverage"] is None
+    m = compare(five, gaussian(6, 9))  # FD and KID need 2 a set, PRDC more than k = 5
+    assert m["fd"] is not None and m["kid"] is not None and m["precision"] is None
+    assert compare(np.zeros((0, 16)), five)["fd"] is None
+
+
+def test_the_duplicate_rate_counts_an_injected_twin():
+    x = gaussian(20, 10)
+    labels = np.array([0] * 10 + [1] * 10)
+    rates = duplicate_rates(x, labels, ["a", "b"])
+    assert rates["duplicates"] == 0 and rates["rate"] == 0.0
+    # image 3 copied, and image 15 nudged by 1e-4 of a unit: both pairs are twins
+    twin = x[15] + 1e-4
+    x2 = np.vstack([x, x[3], twin])
+    labels2 = np.append(labels, [0, 1])
+    rates = duplicate_rates(x2, labels2, ["a", "b"])
+    assert rates["per_class"]["a"] == {"images": 11, "duplicates": 2, "rate": 2 / 11}
+    assert rates["per_class"]["b"]["duplicates"] == 2
+    assert rates["rate"] == pytest.approx(4 / 22, abs=1e-12)
+    # a copy filed under the other class is no twin
+    rates = duplicate_rates(np.vstack([x, x[3]]), np.append(labels, 1), ["a", "b"])
+    assert rates["duplicates"] == 0
+
+
+def test_section_without_a_test_set_is_empty_and_versioned():
+    assert isinstance(distribution.VERSION, int)
+    x, labels = gaussian(6, 1), np.array([0, 1] * 3)
+    d = distribution.section({"synthetic": (x, labels)}, ["synthetic"], [], ["a", "b"])
+    assert d["comparisons"] == [] and d["sources"]["synthetic"]["images"] == 6
