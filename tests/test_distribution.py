@@ -106,6 +106,27 @@ def test_the_duplicate_rate_counts_an_injected_twin():
     assert rates["duplicates"] == 0
 
 
+def test_features_are_the_last_block_averaged_over_space():
+    """reference.features: (N, C') float32, C' the last block's channels: the mean over space
+    of the maps that Flatten and the Dense layer turn into the model's logits."""
+    import torch
+
+    from synthflux.reference import build_model, features
+    from synthflux.weights import init_weights
+
+    weights = init_weights(16, 16, 1, 3, seed=1, channels_per_block=(4, 6))
+    images = np.asfortranarray(np.random.default_rng(2).normal(size=(16, 16, 1, 7)), np.float32)
+    f = features(weights, images, batch_size=3)
+    assert f.shape == (7, 6) and f.dtype == np.float32
+    model = build_model(weights)
+    batch = torch.from_numpy(np.ascontiguousarray(images.T))
+    with torch.no_grad():
+        maps = model[:-2](batch)
+        assert torch.allclose(model[-1](maps.flatten(1)), model(batch))  # the penultimate cut
+    np.testing.assert_allclose(f, maps.numpy().mean(axis=(2, 3)), rtol=1e-6)
+    assert features(weights, images[..., :0]).shape == (0, 6)
+
+
 def test_section_without_a_test_set_is_empty_and_versioned():
     assert isinstance(distribution.VERSION, int)
     x, labels = gaussian(6, 1), np.array([0, 1] * 3)
