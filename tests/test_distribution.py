@@ -1,12 +1,19 @@
-"""Distribution metrics (synthflux.distribution) on known feature sets."""
+"""Distribution metrics (synthflux.distribution) on known feature sets, and evaluate's
+"distribution" section end to end on the tiny model with real digits as the real images."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from synthflux import distribution
+from synthflux import distribution, evaluate, ingest
 from synthflux.distribution import compare, duplicate_rates, frechet_distance, kid, prdc
+from synthflux.errors import DataError
+from synthflux.pipeline import run_pipeline
 
 
 def gaussian(n: int, seed: int, d: int = 16) -> np.ndarray:
@@ -125,6 +132,83 @@ def test_features_are_the_last_block_averaged_over_space():
         assert torch.allclose(model[-1](maps.flatten(1)), model(batch))  # the penultimate cut
     np.testing.assert_allclose(f, maps.numpy().mean(axis=(2, 3)), rtol=1e-6)
     assert features(weights, images[..., :0]).shape == (0, 6)
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+def write_real(folder: Path, per_class: int, offset: int) -> Path:
+    """cat/ and dog/: sklearn digits 0 and 1, 8x8 grayscale, `per_class` each."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name, digit in (("cat", 0), ("dog", 1)):
+        (folder / name).mkdir(parents=True)
+        rows = np.flatnonzero(digits.target == digit)[offset : offset + per_class]
+        for i in rows:
+            pixels = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(folder / name / f"{i}.png")
+    return folder
+
+
+def test_evaluate_compares_each_training_source_with_each_test_set(
+    write_config, tmp_path, monkeypatch
+):
+    _, cfg = write_config(
+        cnn={"backend": "reference"}, train={"sources": ["synthetic", "real"], "epochs": 2}
+    )
+    ingest.run(cfg, write_real(tmp_path / "real-train", 8, 0), split="train")
+    ingest.run(cfg, write_real(tmp_path / "real-test", 8, 20), split="test")
+    lines: list[str] = []
+    run_pipeline(cfg, say=lines.append)
+    d = json.loads(cfg.layout.evaluation_summary.read_text())["distribution"]
+    assert "NOT comparable with published FID/KID" in d["note"] and d["k"] == 5
+    assert [(c["train"], c["test"]) for c in d["comparisons"]] == [
+        ("synthetic", "test"),
+        ("train", "test"),
+    ]
+    assert set(d["sources"]) == {"synthetic", "train", "test"}
+    synthetic, real = d["comparisons"]
+    for c in (synthetic, real):
+        assert set(c["per_class"]) == {"cat", "dog"}
+        for m in (c["overall"], *c["per_class"].values()):
+            assert m["fd"] is not None and m["fd"] >= 0 and m["kid"] is not None
+    assert synthetic["overall"]["images"] == {"train": 8, "test": 16}
+    assert synthetic["per_class"]["cat"]["precision"] is None  # 4 synthetic cats: not > k
+    assert synthetic["overall"]["precision"] is not None  # 8 and 16 images: > k
+    assert real["per_class"]["cat"]["images"] == {"train": 8, "test": 8}
+    assert real["per_class"]["cat"]["coverage"] is not None
+    # real digits are closer to real digits than the tiny model's noise is
+    assert real["overall"]["fd"] < synthetic["overall"]["fd"]
+    table = [line for line in lines if " vs test (" in line]
+    assert len(table) == 2 and all("FD " in line and "duplicates" in line for line in table)
+    page = run_report(cfg)
+    assert 'id="distribution"' in page and "not comparable with published FID/KID" in page
+    print({c["train"]: {k: c["overall"][k] for k in ("fd", "kid")} for c in d["comparisons"]})
+    # the features come from the weights evaluate's key holds: replaced meanwhile, it refuses
+    before = cfg.layout.evaluation_summary.read_bytes()
+    (cfg.layout.evaluation / "stage.json").unlink()
+    monkeypatch.setattr(evaluate, "load_weights", replace_then_load)
+    with pytest.raises(DataError, match="changed while evaluating"):
+        evaluate.run(cfg)
+    assert cfg.layout.evaluation_summary.read_bytes() == before
+    assert not (cfg.layout.evaluation / "stage.json").exists()  # nothing published
+
+
+def replace_then_load(path: Path) -> dict[str, np.ndarray]:
+    """load_weights, after another process wrote new weights to `path`."""
+    from synthflux.weights import load_weights, save_weights
+
+    weights = load_weights(path)
+    save_weights(path, {k: (a if k == "arch" else a + 1) for k, a in weights.items()})
+    return load_weights(path)
+
+
+def run_report(cfg) -> str:
+    from synthflux import report
+
+    report.run(cfg)
+    return (cfg.layout.report / "index.html").read_text()
 
 
 def test_section_without_a_test_set_is_empty_and_versioned():
