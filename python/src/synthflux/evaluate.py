@@ -5,7 +5,9 @@ synthflux.trainplan.is_validation), `train` (the rest, to see overfitting), and 
 imported test source under its own name (train on synthetic, test on real). For each:
 accuracy, per-class precision/recall/F1, the confusion matrix and counts, in
 DATA/evaluation/summary.json, and every image's prediction in DATA/evaluation/predictions.csv.
-It reads classify's probabilities, which must be current (synthflux.lineage).
+It reads classify's probabilities, which must be current (synthflux.lineage). Its
+"distribution" compares every training source with every test set on the CNN's own features
+(synthflux.distribution; the features from the PyTorch twin, synthflux.reference).
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from synthflux import lineage
+from synthflux import distribution, lineage, reference
 from synthflux.config import PipelineConfig
 from synthflux.contracts import (
     check_probs,
     join_manifest,
     load_dataset,
     model_weights,
+    read_shard,
     weights_path,
 )
 from synthflux.errors import DataError
@@ -36,8 +40,9 @@ from synthflux.metrics import confusion_lines, per_class, summarize
 from synthflux.progress import plural
 from synthflux.sources import Source, all_sources, test_sources, training_sources
 from synthflux.stages import Stage
-from synthflux.storage import atomic_write, write_json_atomic
+from synthflux.storage import atomic_write, sha256_file, write_json_atomic
 from synthflux.trainplan import validation_mask
+from synthflux.weights import load_weights, spec_of
 
 log = logging.getLogger("synthflux")
 
@@ -47,6 +52,7 @@ class EvaluateSummary:
     classes: list[str]
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    distribution: dict[str, Any] = field(default_factory=dict)
     complete: bool = True
 
     def lines(self) -> list[str]:
@@ -60,6 +66,7 @@ class EvaluateSummary:
             if s["kind"] == "test":
                 out += confusion_lines(self.classes, s["confusion_matrix"]["matrix"],
                                                 "true class")  # fmt: skip
+        out += _distribution_lines(self.distribution)
         return out + self.notes + ["wrote evaluation/summary.json and evaluation/predictions.csv"]
 
 
@@ -78,6 +85,7 @@ def run(
     if not cfg.classify.weights:  # the split rule is train's: its settings must be current
         lineage.require(cfg, "train")
     weights = weights_path(cfg)
+    taken = key(cfg)  # before the work: the weights' bytes the features come from
     # 2. every image into its split; 3. the scores of each split
     rows = _rows(cfg)
     summary = EvaluateSummary(cfg.class_names)
@@ -98,13 +106,15 @@ def run(
         )
     if not summary.splits:
         raise DataError("nothing to evaluate: no image was classified")
-    # 4. summary.json, predictions.csv, then stage.json
+    # 4. each training source against each test set, on the CNN's features
+    summary.distribution = _distribution(cfg, weights, taken)
+    # 5. summary.json, predictions.csv, then stage.json
     write_json_atomic(layout.evaluation_summary, {
         "classes": cfg.class_names, "splits": summary.splits, "notes": summary.notes,
-        "weights": str(weights),
+        "distribution": summary.distribution, "weights": str(weights),
         "trained_on": [s.name for s in training_sources(cfg)]})  # fmt: skip
     _write_csv(layout, cfg.class_names, rows)
-    lineage.record(cfg, "evaluate", key=key(cfg), seconds=time.monotonic() - started,
+    lineage.record(cfg, "evaluate", key=taken, seconds=time.monotonic() - started,
                    outputs=[layout.evaluation_summary, layout.evaluation_csv])  # fmt: skip
     return summary
 
@@ -183,6 +193,53 @@ def _scores(cfg: PipelineConfig, rows: list[dict[str, Any]], kind: str) -> dict[
             **per_class(scores["confusion_matrix"]["matrix"], cfg.class_names)}  # fmt: skip
 
 
+def _distribution(cfg: PipelineConfig, weights_file: Path, taken: str) -> dict[str, Any]:
+    """distribution.section over every training and test source's features, from the weights
+    whose bytes the key `taken` holds (changed since: an error, nothing published)."""
+    train = [s.name for s in training_sources(cfg)]
+    test = [s.name for s in test_sources(cfg)]
+    if not test:
+        return {}
+    weights = load_weights(weights_file)
+    if key(cfg) != taken:
+        raise DataError(
+            f"{weights_file} or the predictions changed while evaluating: run `synthflux "
+            "evaluate` again"
+        )
+    model = reference.build_model(weights)
+    spec = spec_of(weights)
+    features = {}
+    for name in train + test:
+        parts, labels = [], []
+        for shard in load_dataset(cfg, name).shards:
+            images, shard_labels, _ = read_shard(
+                shard.path, (spec.width, spec.height, spec.channels)
+            )
+            parts.append(reference.features(weights, images, model=model))
+            labels.append(shard_labels)
+        features[name] = (np.concatenate(parts), np.concatenate(labels))
+    return distribution.section(features, train, test, cfg.class_names)
+
+
+def _distribution_lines(d: dict[str, Any]) -> list[str]:
+    """A short table: each training source against each test set, over all images."""
+    if not d:
+        return []
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    out = [f"distribution ({d['note']}):"]
+    for c in d["comparisons"]:
+        m, dup = c["overall"], d["sources"][c["train"]]["rate"]
+        out.append(f"  {c['train']} vs {c['test']} ({m['images']['train']} vs "
+                   f"{m['images']['test']} images): FD {fmt(m['fd'], '.3g')}, KID "
+                   f"{fmt(m['kid'], '.3g')}, precision {fmt(m['precision'], '.2f')}, recall "
+                   f"{fmt(m['recall'], '.2f')}, density {fmt(m['density'], '.2f')}, coverage "
+                   f"{fmt(m['coverage'], '.2f')}, diversity {fmt(m['diversity'], '.2f')}, "
+                   f"duplicates {fmt(dup, '.1%')}")  # fmt: skip
+    if any(v is None for c in d["comparisons"] for v in c["overall"].values()):
+        out.append(f"  ({d['n/a']})")
+    return out
+
+
 def _write_csv(layout: DataLayout, classes: list[str], rows: list[dict[str, Any]]) -> None:
     header = ["split", "source", "id", "name", "file", "class", "label"]
     header += [f"p_{c}" for c in classes] + ["predicted", "correct"]
@@ -203,11 +260,13 @@ def _write_csv(layout: DataLayout, classes: list[str], rows: list[dict[str, Any]
 
 def key(cfg: PipelineConfig) -> str:
     """The predictions it reads (classify's key and outputs, as its stage.json records them:
-    lineage checks those against the files) and the split rule's settings."""
+    lineage checks those against the files), the split rule's settings, and the weights'
+    sha256 and distribution.VERSION (the features are computed from the weights here)."""
     marker = lineage.marker(cfg, "classify") or {}
     t = cfg.train
     inputs = {"classify": marker.get("key"), "outputs": marker.get("outputs"), "seed": t.seed,
-              "val_fraction": t.val_fraction, "sources": t.sources}  # fmt: skip
+              "val_fraction": t.val_fraction, "sources": t.sources,
+              "weights": sha256_file(weights_path(cfg)), "distribution": distribution.VERSION}  # fmt: skip
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -218,7 +277,9 @@ STAGE = Stage(
     help="the scores on the validation split, the training images and each test source",
     description="Score classify's predictions: the validation split (training images held "
     "out), the training images themselves, and every imported test source -- accuracy, "
-    "per-class precision/recall/F1 and the confusion matrix -- in DATA/evaluation/"
-    "summary.json and predictions.csv. The predictions must be current: `synthflux run` "
-    "makes them first.",
+    "per-class precision/recall/F1 and the confusion matrix -- and, on the CNN's own "
+    "features, how alike each training source and each test set are (FD, KID, precision/"
+    "recall/density/coverage, diversity, duplicates; not comparable with Inception FID) -- in "
+    "DATA/evaluation/summary.json and predictions.csv. The predictions must be current: "
+    "`synthflux run` makes them first.",
 )  # fmt: skip

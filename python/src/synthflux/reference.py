@@ -82,6 +82,30 @@ def predict(
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
+def features(
+    weights: Mapping[str, np.ndarray],
+    images: np.ndarray,
+    batch_size: int = 256,
+    model: nn.Sequential | None = None,
+) -> np.ndarray:
+    """The penultimate features (N, C') float32 of a shard's (W, H, C, N) `images`: the last
+    conv block's output (after its ReLU and 2x2 max-pool) averaged over space, one value per
+    channel, as Inception's pool3 is (synthflux.distribution compares sources with them)."""
+    import torch
+
+    model = model if model is not None else build_model(weights)
+    trunk = model[:-2]  # without Flatten and the Dense layer
+    nchw = np.ascontiguousarray(images.T, dtype=np.float32)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(nchw), batch_size):
+            blocks = trunk(torch.from_numpy(nchw[start : start + batch_size]))
+            out.append(blocks.mean(dim=(2, 3)).numpy())
+    if not out:
+        return np.zeros((0, spec_of(weights).block_channels[-1]), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
 def predict_shard(shard_path: Path, weights: Mapping[str, np.ndarray], out_dir: Path) -> Path:
     """Write `out_dir/<shard>.probs.npz` (probs (N, K) float32, ids int64) as Julia does."""
     spec = check_weights(weights, "weights")

@@ -298,7 +298,38 @@ def _evaluation_html(evaluation: dict[str, Any] | None, pictures: dict[str, Path
                      f"<th>precision</th><th>recall</th><th>F1</th><th>images</th></tr>{cells}"
                      "</table></div>")  # fmt: skip
     parts += [f"<p><i>{e(note)}</i></p>" for note in evaluation.get("notes", [])]
-    return "".join(parts)
+    return "".join(parts) + _distribution_html(evaluation.get("distribution"))
+
+
+def _distribution_html(d: dict[str, Any] | None) -> str:
+    """Each training source against each test set, overall and per class."""
+    if d is None:
+        return "<h3>Distribution</h3><p>Not computed: re-run <code>synthflux evaluate</code>.</p>"
+    if not d:
+        return "<h3>Distribution</h3><p>No test set to compare the training sources with.</p>"
+    e = html.escape
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    head = "".join(f"<th>{h}</th>" for h in ("training source", "test set", "class", "images",
+                   "FD", "KID", "precision", "recall", "density", "coverage", "diversity",
+                   "duplicates"))  # fmt: skip
+    rows = []
+    for c in d["comparisons"]:
+        dups = d["sources"][c["train"]]
+        each = [(k, m, dups["per_class"][k]["rate"]) for k, m in c["per_class"].items()]
+        for name, m, dup in [("all", c["overall"], dups["rate"]), *each]:
+            cells = [fmt(m["fd"], ".4g"), fmt(m["kid"], ".4g")]
+            cells += [fmt(m[k], ".3f") for k in ("precision", "recall", "density", "coverage")]
+            cells += [fmt(m["diversity"], ".2f"), fmt(dup, ".1%")]
+            rows.append(f"<tr><th>{e(c['train'])}</th><th>{e(c['test'])}</th><th>{e(name)}</th>"
+                        f"<td>{m['images']['train']} / {m['images']['test']}</td>"
+                        + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")  # fmt: skip
+    return (f"<h3>Distribution</h3><p><b>On this project's own CNN features, not Inception's: "
+            f"not comparable with published FID/KID.</b> Features: {e(d['features'])}. "
+            f"Precision/recall/density/coverage with k = {d['k']} nearest neighbours (the test "
+            "set is the real one); diversity: the RMS pairwise feature distance within a class "
+            "relative to the test set's (the mean over classes for all); duplicates: the share "
+            f"of the training source's images with a twin ({e(d['duplicate_rule'])}). "
+            f'{e(d["n/a"])}.</p><table id="distribution"><tr>{head}</tr>{"".join(rows)}</table>')  # fmt: skip
 
 
 def _html(
