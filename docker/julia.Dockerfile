@@ -9,8 +9,10 @@
 ARG BASE_IMAGE=julia:1.10
 FROM ${BASE_IMAGE}
 
-# 1: also build a PackageCompiler sysimage with Flux and NPZ (slower build, faster start).
-ARG SYSIMAGE=0
+# 1 (the default): also build a PackageCompiler sysimage of Flux and NPZ, with the warm-up
+# (classify and one training epoch) compiled into it: a slower build (tens of minutes) and a
+# bigger image, for a julia that starts in seconds (julia/README.md "Start-up"). 0: no sysimage.
+ARG SYSIMAGE=1
 # Precompile for several x86-64 CPU generations. Without it code is compiled for the build
 # machine's CPU and every container on another CPU recompiles at start (docker-library/julia#79).
 # On arm64 pass e.g. "generic;cortex-a57;thunderx2t99;carmel".

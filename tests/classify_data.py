@@ -146,15 +146,22 @@ def fake_julia(folder: Path) -> tuple[Path, Path]:
     """A `julia` executable running the stand-in, and a julia/ folder with flux_model.jl.
 
     The driver calls `<julia> --project=<dir> <dir>/flux_model.jl ARGS`; the stand-in skips the
-    first two, exactly as in the test image.
+    first two, exactly as in the test image. Each start is logged: `julia_starts(folder)`.
     """
     exe = folder / "julia"
-    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN}" "$@"\n')
+    log = folder / "julia-starts.log"
+    exe.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\nexec "{sys.executable}" "{STANDIN}" "$@"\n')
     exe.chmod(0o755)
     jdir = folder / "julia-project"
     jdir.mkdir()
     (jdir / "flux_model.jl").write_text("# placeholder: the stand-in ignores this path\n")
     return exe, jdir
+
+
+def julia_starts(folder: Path) -> list[str]:
+    """The command lines `fake_julia(folder)`'s julia was started with, one per start."""
+    log = folder / "julia-starts.log"
+    return log.read_text().splitlines() if log.is_file() else []
 
 
 def check_success(fx: Fixture, summary: Any) -> None:

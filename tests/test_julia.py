@@ -224,3 +224,39 @@ def test_a_julia_checkpoint_goes_on_in_the_twin_and_the_files_agree(
             k: jb[k] for k in ("epoch", "steps", "best_epoch", "train_accuracy")
         }
         assert ja["train_loss"] == pytest.approx(jb["train_loss"], rel=1e-4)
+
+
+def test_one_julia_server_runs_every_job_and_survives_a_failed_one(
+    julia: str, tmp_path: Path
+) -> None:
+    """`flux_model.jl serve` through the driver's session: each golden case in one process,
+    a failing job between them, the same probabilities as the one-shot runs."""
+    from synthflux.backends.job import Job
+    from synthflux.backends.serve import JuliaServer
+    from synthflux.errors import ClassifierFailed
+
+    server = JuliaServer(julia, JULIA_PROJECT)
+
+    def job(case: str, out: Path) -> tuple[Job, list[str]]:
+        out.mkdir()
+        weights = GOLDEN / case / "weights.npz"
+        j = Job("classify", ((case, GOLDEN / case),), (), weights, out, "x", timeout_s=TIMEOUT_S)
+        return j, ["--input", str(GOLDEN / case), "--weights", str(weights), "--output", str(out)]
+
+    try:
+        cases = sorted(c.name for c in GOLDEN.iterdir() if (c / "weights.npz").is_file())[:2]
+        server.run(*job(cases[0], tmp_path / "a"))
+        bad, args = job(cases[0], tmp_path / "bad")
+        with pytest.raises(
+            ClassifierFailed, match=r"julia exited with code 1: flux_model: error: "
+        ):
+            server.run(bad, [*args[:1], str(tmp_path / "missing"), *args[2:]])
+        server.run(*job(cases[1], tmp_path / "b"))
+        assert server.starts == 1 and server.jobs == 3
+    finally:
+        server.close()
+    assert server.proc is None
+    for case, out in zip(cases, (tmp_path / "a", tmp_path / "b"), strict=True):
+        for expected in sorted((GOLDEN / case / "expected").glob("*.probs.npz")):
+            got, want = load_npz(out / expected.name), load_npz(expected)
+            np.testing.assert_allclose(got["probs"], want["probs"], atol=want["atol"][0], rtol=0)

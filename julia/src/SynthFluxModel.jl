@@ -58,5 +58,6 @@ include("shards.jl")
 include("train.jl")
 include("images.jl")
 include("cli.jl")
+include("serve.jl")
 
 end # module

@@ -7,6 +7,7 @@ usage: julia --project=julia julia/flux_model.jl --input DIR_OR_SHARD... --weigh
        julia --project=julia julia/flux_model.jl IMAGE.png --weights W [--mean M...] [--std S...]
        julia --project=julia julia/flux_model.jl train --input NAME=DIR... --weights INIT.npz
                                                  --output DIR [training options]
+       julia --project=julia julia/flux_model.jl serve    (jobs on stdin, one a line)
 
 Run the synthflux CNN over preprocessed shards (or one PNG/JPEG image), or train it (`train`).
 
@@ -30,6 +31,9 @@ Training (`train` first; the rules are docs/training.md's):
   --eps X (1e-8)  --weight-decay X (0, decoupled)  --val-fraction X (0.1)
   --patience P (3; 0: never stop early)  --seed S (0)  --flip 0|1 (0)  --shift N (0)
   stdout: `progress: STEP/STEPS` lines, one `metrics: {...}` line per epoch, `done: ...`
+
+`serve` reads jobs from stdin, one a line: the arguments of one of the commands above,
+separated by tabs. Each job's output is followed by `flux_model serve: job N exit C`.
 
 An argument @PATH stands for the lines of PATH, one argument a line (empty lines ignored).
 Errors exit with status 1 and one line on stderr: `flux_model: error: <file>: <problem>`.
@@ -382,12 +386,14 @@ end
 """
     main(args; out=stdout, err=stderr) -> exit code
 
-The command line (see `USAGE`): classify shards or one image, or `train …`. Errors are reported as one line on `err`
+The command line (see `USAGE`): classify shards or one image, `train …`, or `serve` (jobs read
+from stdin, serve.jl). Errors are reported as one line on `err`
 (`flux_model: error: <file>: <problem>`) with exit code 1; outputs already written stay.
 Set `SYNTHFLUX_DEBUG=1` to get the full stack trace as well.
 """
 function main(args::AbstractVector{<:AbstractString}; out::IO=stdout, err::IO=stderr)
     try
+        !isempty(args) && args[1] == "serve" && length(args) == 1 && return serve(stdin, out)
         args = expand_response_files(args)
         if !isempty(args) && args[1] == "train"
             t = parse_train_args(args[2:end])

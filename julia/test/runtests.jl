@@ -765,6 +765,42 @@ end
     end
 end
 
+@testset "serve: jobs from stdin in one process, a failed job leaves it working" begin
+    mktempdir() do dir
+        a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(6,))
+        init = joinpath(dir, "init.npz")
+        save_weights(init, init_weights(TSPEC; seed=1))
+        job = joinpath(dir, "job.args")
+        write(job, join(["train", "--input", "synthetic=$a", "--weights", init, "--output",
+                         joinpath(dir, "run"), "--epochs", "1", "--val-fraction", "0"], "\n"))
+        gray = ["--input", joinpath(GOLDEN, "gray"), "--weights",
+                joinpath(GOLDEN, "gray", "weights.npz"), "--batch-size", "4", "--output"]
+        lines = [join([gray; joinpath(dir, "p1")], '\t'),
+                 join(["--input", joinpath(dir, "missing"), "--weights", init, "--output",
+                       joinpath(dir, "p2")], '\t'),
+                 "", "serve", "@$job\r",
+                 join([gray; joinpath(dir, "p 3")], '\t')]
+        out = IOBuffer()
+        @test M.serve(IOBuffer(join(lines, "\n") * "\n"), out) == 0
+        text = split(String(take!(out)), '\n')
+        ends = filter(l -> startswith(l, M.SERVE_END), text)
+        @test ends == ["flux_model serve: job $i exit $c" for (i, c) in enumerate((0, 1, 1, 0, 0))]
+        # Each error line comes before its job's end line, on the same stream.
+        bad = findfirst(l -> occursin("missing: no such file or folder", l), text)
+        @test bad !== nothing && startswith(text[bad], "flux_model: error: ") &&
+              text[bad + 1] == ends[2]
+        @test any(l -> occursin("cannot start another server", l), text)
+        @test isfile(joinpath(dir, "run", "weights.npz")) && !isdir(joinpath(dir, "p2"))
+        for shard in shards_of("gray")  # the same bytes before and after the failures
+            first_run = read(joinpath(dir, "p1", M.probs_name(shard)))
+            @test read(joinpath(dir, "p 3", M.probs_name(shard))) == first_run
+            got, expected = npzread(joinpath(dir, "p1", M.probs_name(shard))), expected_probs("gray", shard)
+            @test maximum(abs.(got["probs"] .- expected["probs"])) <= expected["atol"][1]
+        end
+        @test M.job_words("a\tb c\r") == ["a", "b c"] && M.job_words(" \r") === nothing
+    end
+end
+
 @testset "golden training run from the PyTorch twin" begin
     gdir = joinpath(GOLDEN, "train")
     mktempdir() do dir

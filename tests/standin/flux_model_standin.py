@@ -31,6 +31,13 @@ OUTPUT/checkpoint.npz, OUTPUT/metrics.jsonl and OUTPUT/weights.npz (the initial 
 they are: nothing is learned). With a checkpoint already in OUTPUT it prints
 `resume: from epoch N` and goes on from there. Misbehaviour: {"fail_epoch": 2} exits 3 in
 that epoch; "hold" waits before the first epoch, as above.
+
+    flux_model_standin.py [...] serve
+
+is the server contract (julia/src/serve.jl): one job a line on stdin, its arguments separated by
+tabs, each run as above in this process, its output (errors included) on stdout, then
+`flux_model serve: job N exit C`. The misbehaviour above applies per job ("hang" hangs the
+server); {"crash": true} makes the server itself exit 9 in the middle of a job.
 Only Python 3 and NumPy: the test image holds nothing else.
 """
 
@@ -45,6 +52,7 @@ import time
 import numpy as np
 
 PROG = "flux_model"
+SERVING = False  # in `serve` mode
 
 
 def die(file: str, problem: str, code: int = 1) -> None:
@@ -170,6 +178,7 @@ def train(argv: list[str]) -> int:
     if not folders or "weights" not in opts or "output" not in opts:
         die("--input", "train needs --input NAME=DIR, --weights and --output")
     ctl = control(folders)
+    crash_if_asked(ctl)
     out, epochs = opts["output"], int(opts["epochs"])
     if not os.path.isdir(out):
         die(out, "output folder does not exist")
@@ -210,12 +219,38 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+def crash_if_asked(ctl: dict) -> None:
+    """{"crash": true} in a server: the whole process dies mid-job (a job's error does not)."""
+    if ctl.get("crash") and SERVING:
+        print(f"{PROG}: the server crashes as asked", flush=True)
+        os._exit(9)
+
+
+def serve() -> int:
+    """Jobs from stdin, one a line, in this process; each ended by its end line."""
+    global SERVING
+    SERVING = True
+    sys.stderr = sys.stdout  # a job's error line comes before its end line
+    for n, line in enumerate(sys.stdin, start=1):
+        words = line.rstrip("\r\n").split("\t")
+        try:
+            code = main(words)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        print(f"flux_model serve: job {n} exit {code}", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    words = [a for a in argv if not (a.startswith("--project") or a.endswith(".jl"))]
+    if words == ["serve"]:
+        return serve()
     if "train" in argv:
         return train(argv[argv.index("train") + 1 :])
     opts = parse(argv)
     inputs = opts["input"].split("\0")
     ctl = control(inputs)
+    crash_if_asked(ctl)
     files = shard_files(inputs)
     k = n_classes(opts["weights"])
     out = opts["output"]

@@ -20,6 +20,7 @@ from typing import Any
 from synthflux import classify, evaluate, generate, lineage, preprocess, report, train
 from synthflux import filter as filtering  # (the module's name is the stage's)
 from synthflux.backends import backend_for, choose
+from synthflux.backends.serve import session
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
 from synthflux.stages import Skipped, Stage, Summary
@@ -82,22 +83,29 @@ def run_pipeline(
         for folder in reset_from(cfg, from_stage):
             say(f"run: removed {folder} (--from {from_stage})")
     summaries: list[Summary] = []
-    for st in STAGES:
-        if not st.applies(cfg):
-            continue
-        if not st.resumes and lineage.is_current(cfg, st.name):
-            summary: Summary = Skipped(
-                st.name,
-                f"{st.product} are complete and verified; skipped (use --from {st.name} to redo)",
-            )
-        else:
-            summary = st.run(cfg, **(options or {}).get(st.name, {}))
-        summaries.append(summary)
-        for line in summary.lines():
-            say(f"{st.name}: {line}")
-        if not summary.complete:
-            later = [s.name for s in later_stages(st.name)[1:]]
-            raise DataError(
-                f"{st.name} did not complete; re-run to resume before {', '.join(later) or 'the end'}"
-            )
+    with session():  # one julia for every CNN job of the run (backend local)
+        for st in STAGES:
+            if st.applies(cfg):
+                summaries.append(_run_stage(cfg, st, options or {}, say))
     return summaries
+
+
+def _run_stage(
+    cfg: PipelineConfig, st: Stage, options: dict[str, dict[str, Any]], say: Callable[[str], None]
+) -> Summary:
+    """One stage, or its skip if its result is current; a DataError if it did not complete."""
+    if not st.resumes and lineage.is_current(cfg, st.name):
+        summary: Summary = Skipped(
+            st.name,
+            f"{st.product} are complete and verified; skipped (use --from {st.name} to redo)",
+        )
+    else:
+        summary = st.run(cfg, **options.get(st.name, {}))
+    for line in summary.lines():
+        say(f"{st.name}: {line}")
+    if not summary.complete:
+        later = [s.name for s in later_stages(st.name)[1:]]
+        raise DataError(
+            f"{st.name} did not complete; re-run to resume before {', '.join(later) or 'the end'}"
+        )
+    return summary

@@ -2,7 +2,8 @@
 
 The julia is `cnn.julia` (a name on PATH or a path); its output is streamed line by line,
 it is killed (with anything it forked) at the job's timeout (cnn.timeout_s or
-train.timeout_s) or when we are interrupted.
+train.timeout_s) or when we are interrupted. While a `serve.session()` is open (`synthflux
+run`), the jobs go to one `flux_model.jl serve` process instead (synthflux.backends.serve).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthflux.backends.job import Job
+from synthflux.backends.serve import open_session
 from synthflux.backends.supervise import LogStream, Watchdog, deferred_interrupts, failure
 from synthflux.config import PipelineConfig
 from synthflux.errors import CnnError
@@ -30,7 +32,12 @@ class Local:
     cfg: PipelineConfig
 
     def classify(self, job: Job) -> None:
-        run(self.cfg, job)
+        current = open_session()
+        if current is None:
+            run(self.cfg, job)
+            return
+        exe, jdir = _julia(self.cfg, job.error)
+        current.server(exe, jdir).run(job, job_args(job))
 
     train = classify  # one flux_model.jl run either way: the job's arguments say which
 
@@ -65,12 +72,16 @@ def _julia(cfg: PipelineConfig, error: Callable[[str], CnnError]) -> tuple[str, 
     return exe, jdir
 
 
+def job_args(job: Job) -> list[str]:
+    """flux_model.jl's arguments for the job, with the paths as they are here."""
+    inputs = [str(folder) for _, folder in job.inputs]
+    return job.args(inputs, str(job.weights), str(job.output))
+
+
 def julia_command(cfg: PipelineConfig, job: Job) -> list[str]:
     """The full command line: the julia executable, the project, flux_model.jl, the job's."""
     exe, jdir = _julia(cfg, job.error)
-    inputs = [str(folder) for _, folder in job.inputs]
-    args = job.args(inputs, str(job.weights), str(job.output))
-    return [exe, f"--project={jdir}", str(jdir / "flux_model.jl"), *args]
+    return [exe, f"--project={jdir}", str(jdir / "flux_model.jl"), *job_args(job)]
 
 
 def run(cfg: PipelineConfig, job: Job) -> None:
