@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from synthflux.backends.job import Job
+from synthflux.backends.serve import open_session
 from synthflux.backends.supervise import TAIL_LINES, LogStream, Watchdog, failure
 from synthflux.config import PipelineConfig
 from synthflux.errors import CnnError
@@ -43,6 +44,15 @@ class Docker:
     cfg: PipelineConfig
 
     def classify(self, job: Job) -> None:
+        current = open_session()
+        if current is not None:  # `synthflux run`: one container serves every job it can
+            from synthflux.backends.docker_serve import DockerServer
+
+            key = ("docker", str(self.cfg.data_root.resolve()), self.cfg.cnn.model_dump_json())
+            server = current.server(key, lambda: DockerServer(self.cfg))
+            if server.serves(job):
+                server.run(job)
+                return
         run(self.cfg, job)
 
     train = classify  # one flux_model.jl run either way: the job's arguments say which
@@ -67,19 +77,19 @@ def run(cfg: PipelineConfig, job: Job) -> None:
     container = None
     try:
         _require_image(client, image, job.error)
-        _remove_leftovers(client, cfg, job)
+        _remove_leftovers(client, _labels(cfg, job.command))
         user = container_user()
         plan = _plan(cfg, client, job, user)
         if os.geteuid() == 0 and not plan.copy_back:
             _give_to(job.output, user)  # the bind-mounted output must be writable for nobody
-        container = _create(client, cfg, job, plan, user, name)
+        container = _create(client, cfg, plan, user, name, _labels(cfg, job.command))
         if plan.copy_back:
             container.put_archive(VOLUME_OUT, _out_dir_tar(job.output, user))
         log.info("%s: container %s (%s)", job.command, name, image)
         code, tail, timed_out = _attach_and_wait(container, job)
         _check_exit(container, cfg, job, code, tail, timed_out)
         if plan.copy_back:
-            _copy_out(container, job.output, set(job.outputs) | {probs_file(s) for s in job.shards})
+            _copy_out(container, VOLUME_PREDICTIONS, job.output, wanted_outputs(job))
     except docker.errors.APIError as e:
         raise job.error(f"Docker refused: {e.explanation or e}") from None
     except (docker.errors.DockerException, requests.RequestException) as e:
@@ -236,11 +246,10 @@ def _check_readable(job: Job, paths: list[Path], dirs: list[Path], user: tuple[i
             )
 
 
-def _out_dir_tar(output: Path, user: tuple[int, int]) -> bytes:
+def _out_dir_tar(output: Path, user: tuple[int, int], folder: str = "predictions") -> bytes:
     """A tar of the output folder as it is (empty, or a checkpoint to resume from), for
-    put_archive into /out before start."""
+    put_archive into /out (as /out/`folder`) before the job."""
     buf = io.BytesIO()
-    folder = Path(VOLUME_PREDICTIONS).name
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo(folder)
         # 0777 too, in case the engine does not keep the tar's owner: no one else is in there.
@@ -254,9 +263,14 @@ def _out_dir_tar(output: Path, user: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _copy_out(container: Any, output: Path, wanted: set[str]) -> None:
-    """Volume mode: fetch the classifier's outputs from its /out volume into `output`."""
-    chunks, _ = container.get_archive(VOLUME_PREDICTIONS)
+def wanted_outputs(job: Job) -> set[str]:
+    """The names of the files the job may leave in its output folder."""
+    return set(job.outputs) | {probs_file(s) for s in job.shards}
+
+
+def _copy_out(container: Any, source: str, output: Path, wanted: set[str]) -> None:
+    """Fetch the job's outputs from the container's `source` folder (in /out) into `output`."""
+    chunks, _ = container.get_archive(source)
     with tempfile.TemporaryFile(dir=output) as buf:
         for chunk in chunks:
             buf.write(chunk)
@@ -275,8 +289,9 @@ def _copy_out(container: Any, output: Path, wanted: set[str]) -> None:
 
 
 def _create(
-    client: Any, cfg: PipelineConfig, job: Job, plan: _Plan, user: tuple[int, int], name: str
-) -> Any:
+    client: Any, cfg: PipelineConfig, plan: _Plan, user: tuple[int, int], name: str,
+    labels: dict[str, str], **more: Any,
+) -> Any:  # fmt: skip
     cpus = _cpu_limit(client, cfg.cnn.cpus)
     threads = str(max(1, int(cpus)))
     return client.containers.create(
@@ -294,10 +309,11 @@ def _create(
         memswap_limit=cfg.cnn.memory,  # no swap on top of the memory limit
         nano_cpus=int(cpus * 1e9),
         mounts=plan.mounts,
-        labels={**_labels(cfg, job), "synthflux.run": name},
+        labels={**labels, "synthflux.run": name},
         # BLAS and Julia would otherwise size their thread pools by the host's cores.
         environment={"JULIA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads},
         detach=True,
+        **more,
     )
 
 
@@ -341,16 +357,21 @@ def _check_exit(
         raise failure(job, f"the {what} container exited with code {code}{why}", code, tail)
 
 
-def _labels(cfg: PipelineConfig, job: Job) -> dict[str, str]:
-    return {LABEL: job.command, "synthflux.data_root": str(cfg.data_root.resolve())}
+def _labels(cfg: PipelineConfig, stage: str) -> dict[str, str]:
+    return {LABEL: stage, "synthflux.data_root": str(cfg.data_root.resolve())}
 
 
-def _remove_leftovers(client: Any, cfg: PipelineConfig, job: Job) -> None:
+def _remove_leftovers(
+    client: Any, labels: dict[str, str], alive: Callable[[Any], bool] = lambda c: False
+) -> None:
     """A driver killed outright (SIGKILL, power loss) cannot remove its container: do it now.
-    The stage holds the data root's lock, so no live run owns another such container."""
-    filters = {"label": [f"{k}={v}" for k, v in _labels(cfg, job).items()]}
+    The stage holds the data root's lock, so no live run owns another such container (a
+    session's container says whose it is: `alive` keeps a live driver's)."""
+    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
     for old in client.containers.list(all=True, filters=filters):
-        log.warning("classify: removing container %s left by an earlier run", old.name)
+        if alive(old):
+            continue
+        log.warning("%s: removing container %s left by an earlier run", labels[LABEL], old.name)
         old.remove(force=True, v=True)
 
 

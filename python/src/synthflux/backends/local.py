@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthflux.backends.job import Job
-from synthflux.backends.serve import open_session
+from synthflux.backends.serve import JuliaServer, open_session
 from synthflux.backends.supervise import LogStream, Watchdog, deferred_interrupts, failure
 from synthflux.config import PipelineConfig
 from synthflux.errors import CnnError
@@ -37,7 +37,7 @@ class Local:
             run(self.cfg, job)
             return
         exe, jdir = _julia(self.cfg, job.error)
-        current.server(exe, jdir).run(job, job_args(job))
+        current.server((exe, jdir), lambda: JuliaServer(exe, jdir)).run(job, job_args(job))
 
     train = classify  # one flux_model.jl run either way: the job's arguments say which
 

@@ -2,7 +2,8 @@
 
 Loading Flux and compiling the model takes a minute or more per julia process, so
 `synthflux run` opens a `session()` and the local backend sends every train and classify job
-to one `flux_model.jl serve` process instead of starting julia per job. The protocol
+to one `flux_model.jl serve` process instead of starting julia per job (the docker backend
+to one container running it: synthflux.backends.docker_serve). The protocol
 (julia/src/serve.jl): a job is one line on the server's stdin, the one-shot command's
 arguments separated by tabs; the server streams the job's output (its error line included)
 and ends it with `flux_model serve: job N exit C`.
@@ -21,9 +22,10 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Protocol, TypeVar, cast
 
 from synthflux.backends.job import Job
 from synthflux.backends.supervise import LogStream, Watchdog, deferred_interrupts, failure
@@ -146,17 +148,24 @@ def job_line(job: Job, args: list[str]) -> str:
     return "\t".join(args) + "\n"
 
 
+class Server(Protocol):
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Server)
+
+
 class Session:
-    """The servers of one run, one per (julia, julia/ folder)."""
+    """The servers of one run: one per key, e.g. (julia, julia/ folder), or a Docker image."""
 
     def __init__(self) -> None:
-        self.servers: dict[tuple[str, Path], JuliaServer] = {}
+        self.servers: dict[Hashable, Server] = {}
 
-    def server(self, exe: str, jdir: Path) -> JuliaServer:
-        key = (exe, jdir)
+    def server(self, key: Hashable, make: Callable[[], S]) -> S:
+        """The session's server for `key`, made by `make` the first time."""
         if key not in self.servers:
-            self.servers[key] = JuliaServer(exe, jdir)
-        return self.servers[key]
+            self.servers[key] = make()
+        return cast(S, self.servers[key])
 
     def close(self) -> None:
         for server in self.servers.values():
@@ -168,7 +177,8 @@ _OPEN: Session | None = None
 
 @contextmanager
 def session() -> Iterator[Session]:
-    """While open, local jobs go to one julia server (per julia); nested sessions share it."""
+    """While open, CNN jobs go to one server per julia (local) or image (docker); nested
+    sessions share it."""
     global _OPEN
     if _OPEN is not None:
         yield _OPEN
