@@ -79,6 +79,24 @@ images: ## build the Python (PY_IMAGE) and Julia (JULIA_IMAGE) images
 	docker build $(DOCKER_BUILD_FLAGS) -f docker/python.Dockerfile -t $(PY_IMAGE) .
 	docker build $(DOCKER_BUILD_FLAGS) -f docker/julia.Dockerfile -t $(JULIA_IMAGE) .
 
+# The local backend's answer to the image's sysimage: Flux and NPZ, with the warm-up's training
+# and classification compiled in, for a julia that starts training in seconds, not a minute
+# (julia/README.md "Start-up"). Needs PackageCompiler where JULIA finds it (e.g. its default
+# environment: julia -e 'using Pkg; Pkg.add("PackageCompiler")'); rebuild after Julia or
+# Flux change. Then: [cnn] julia = "<this folder>/julia/build/bin/julia".
+JULIA ?= julia
+SYSIMAGE := julia/build/sysimage.so
+.PHONY: julia-sysimage
+julia-sysimage: ## build julia/build/sysimage.so and julia/build/bin/julia, a julia that uses it
+	mkdir -p julia/build/bin
+	SYNTHFLUX_JULIA_DIR="$(CURDIR)/julia" $(JULIA) --project=julia -e 'using PackageCompiler; \
+		create_sysimage(["Flux", "NPZ"]; sysimage_path="$(SYSIMAGE)", \
+		                precompile_execution_file="docker/julia-warmup.jl")'
+	printf '#!/bin/sh\nexec %s -J%s "$$@"\n' "$$(command -v $(JULIA))" "$(CURDIR)/$(SYSIMAGE)" \
+		> julia/build/bin/julia
+	chmod 755 julia/build/bin/julia
+	@echo "julia-sysimage: set [cnn] julia = \"$(CURDIR)/julia/build/bin/julia\""
+
 .PHONY: all
 all: images ## images, then every stage in containers on volume DATA_VOLUME; results to DATA/containers
 	$(COMPOSE_RUN) generate

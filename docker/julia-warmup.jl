@@ -4,7 +4,8 @@
 # gradient above all) goes into the optional PackageCompiler sysimage.
 using NPZ
 
-include("/opt/synthflux/julia/src/SynthFluxModel.jl")
+# The image's julia/ folder; `make julia-sysimage` points it at the repository's.
+include(joinpath(get(ENV, "SYNTHFLUX_JULIA_DIR", "/opt/synthflux/julia"), "src", "SynthFluxModel.jl"))
 
 mktempdir() do dir
     n = 4

@@ -7,9 +7,9 @@ language-neutral `weights.npz`, the shard I/O of the classify stage, and its tra
 [`main`](@ref); `synthflux.reference` and `synthflux.reference_train` are its PyTorch twins.
 
 Written against Flux's stable API only (Chain, Conv, MaxPool, Dense, relu, softmax, reshape;
-for training `Flux.pullback`, `Flux.logitcrossentropy`, `Flux.logsoftmax` and a hand-written
-AdamW, no Flux optimiser), so the same code runs on Julia 1.10 with Flux 0.14-0.16 and on
-Julia 1.5 with Flux 0.12.
+for training `Flux.logsoftmax`, NNlib's `∇conv_filter`/`∇conv_data`, the backward pass through
+the Chain and AdamW written out, no Flux optimiser), so the same code runs on Julia 1.10 with
+Flux 0.14-0.16 and on Julia 1.5 with Flux 0.12.
 """
 module SynthFluxModel
 

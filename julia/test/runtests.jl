@@ -482,6 +482,14 @@ end
                      xc = x[1:2w2, 1:2h2, :, :];
                      reshape(maximum(reshape(xc, 2, w2, 2, h2, size(x, 3), size(x, 4)); dims=(1, 3)),
                              w2, h2, size(x, 3), size(x, 4)))
+    # NaN (the largest) and -0.0 (below 0.0) take the `isless` loop; elsewhere the fast `<`
+    # loop picks the same elements.
+    odd = Float32[NaN, -0.0, 0.0, 1, -1, Inf, -Inf, 2]
+    for x in (rand(rng, odd, 6, 8, 3, 4), rand(rng, odd[3:end], 6, 8, 3, 4))
+        @test isequal(M.pool2x2_argmax(x), M.pool2x2_argmax(x, isless))
+    end
+    @test M.pool2x2(Float32[-0.0 0.0; 0.0 0.0][:, :, :, :])[1] === 0.0f0
+    @test isnan(M.pool2x2(Float32[1 NaN; 2 3][:, :, :, :])[1])
     for (w, h) in ((4, 4), (5, 7), (16, 16))
         x = M.relu.(round.(randn(rng, Float32, w, h, 3, 4); digits=1))  # many equal values
         dy = randn(rng, Float32, w ÷ 2, h ÷ 2, 3, 4)
@@ -490,26 +498,31 @@ end
     end
 end
 
-@testset "explicit gradient against finite differences" begin
-    spec = ArchSpec(6, 4, 2, 3, 3, [3])
+@testset "explicit gradient against finite differences and Zygote ($(length(blocks)) blocks)" for blocks in ([3], [3, 2])
+    spec = ArchSpec(6, 4, 2, 3, 3, blocks)
     w = init_weights(spec; seed=4)
     f64 = Dict(k => Float64.(a) for (k, a) in w.arrays)
-    model64 = M.Chain(M.Conv(f64["conv1_weight"], f64["conv1_bias"], M.relu; pad=1),
-                      M.pool2x2, M.flatten_whcn, M.Dense(f64["dense_weight"], f64["dense_bias"]))
+    convs = [(M.Conv(f64["conv$(i)_weight"], f64["conv$(i)_bias"], M.relu; pad=1), M.pool2x2)
+             for i in 1:length(blocks)]
+    model64 = M.Chain(Iterators.flatten(convs)..., M.flatten_whcn,
+                      M.Dense(f64["dense_weight"], f64["dense_bias"]))
     rng = M.MersenneTwister(9)
     x = randn(rng, Float64, 6, 4, 2, 5)
     labels = [0, 2, 1, 1, 0]
     y = M.onehot_matrix(Float64, labels, 3)
     loss(m) = M.Flux.logitcrossentropy(m(x), y)
     logits, l, g = M.loss_and_gradient(model64, x, labels, 3)
-    @test l ≈ loss(model64) && logits ≈ model64(x)
+    @test l ≈ loss(model64) && logits == model64(x)
     ls, right = M.example_stats(logits, labels)
     @test ls / 5 ≈ l
     @test right == count(j -> argmax(logits[:, j]) == labels[j] + 1, 1:5)
+    # Zygote through the same Chain (pool2x2's own adjoint): the same gradient.
+    zg = M.Flux.gradient(loss, model64)[1]
     worst = 0.0
     for slot in M.param_slots(spec)
         p, gp = M.param_array(model64, slot), M.grad_array(g, slot)
         @test size(gp) == size(p)
+        @test isapprox(gp, M.grad_array(zg, slot); rtol=1e-10)
         for i in eachindex(p)
             old = p[i]
             p[i] = old + 1e-6; up = loss(model64)
@@ -525,6 +538,7 @@ end
     _, _, g32 = M.loss_and_gradient(model32, Float32.(x), labels, 3)
     for slot in M.param_slots(spec)
         a, b = M.grad_array(g32, slot), M.grad_array(g, slot)
+        @test eltype(a) == Float32
         @test maximum(abs.(a .- b)) <= 1e-4 * max(maximum(abs.(b)), 1e-3)
     end
     @test M.grad_array(nothing, M.param_slots(spec)[1]) === nothing
