@@ -85,13 +85,15 @@ images: ## build the Python (PY_IMAGE) and Julia (JULIA_IMAGE) images
 # environment: julia -e 'using Pkg; Pkg.add("PackageCompiler")'); rebuild after Julia or
 # Flux change. Then: [cnn] julia = "<this folder>/julia/build/bin/julia".
 JULIA ?= julia
+# The environment that holds Flux and NPZ (julia/, instantiated; or a stacked one, julia/README.md)
+JULIA_ENV ?= julia
 SYSIMAGE := julia/build/sysimage.so
+SYSIMAGE_JL := using PackageCompiler; create_sysimage([:Flux, :NPZ]; \
+	sysimage_path="$(SYSIMAGE)", precompile_execution_file="docker/julia-warmup.jl")
 .PHONY: julia-sysimage
 julia-sysimage: ## build julia/build/sysimage.so and julia/build/bin/julia, a julia that uses it
 	mkdir -p julia/build/bin
-	SYNTHFLUX_JULIA_DIR="$(CURDIR)/julia" $(JULIA) --project=julia -e 'using PackageCompiler; \
-		create_sysimage(["Flux", "NPZ"]; sysimage_path="$(SYSIMAGE)", \
-		                precompile_execution_file="docker/julia-warmup.jl")'
+	SYNTHFLUX_JULIA_DIR="$(CURDIR)/julia" $(JULIA) --project=$(JULIA_ENV) -e '$(SYSIMAGE_JL)'
 	printf '#!/bin/sh\nexec %s -J%s "$$@"\n' "$$(command -v $(JULIA))" "$(CURDIR)/$(SYSIMAGE)" \
 		> julia/build/bin/julia
 	chmod 755 julia/build/bin/julia

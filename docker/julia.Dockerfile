@@ -55,7 +55,7 @@ RUN export JULIA_DEPOT_PATH=$BUILD_DEPOT \
     && if [ "$SYSIMAGE" = 1 ]; then \
         julia -e 'using Pkg; Pkg.activate(temp=true); Pkg.add("PackageCompiler"); \
                   using PackageCompiler; Pkg.activate("/opt/synthflux/julia"); \
-                  create_sysimage(["Flux", "NPZ"]; sysimage_path="/opt/synthflux/sysimage.so", \
+                  create_sysimage([:Flux, :NPZ]; sysimage_path="/opt/synthflux/sysimage.so", \
                                   precompile_execution_file="/opt/synthflux/warmup.jl", \
                                   cpu_target=ENV["JULIA_CPU_TARGET"])' \
         && real="$(command -v julia)" \
