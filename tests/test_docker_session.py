@@ -8,15 +8,19 @@ the containers a run creates are counted from the engine's own events.
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 import test_classify_docker
-from classify_data import check_success, control_standin, make_data
+from classify_data import check_success, control_standin, make_data, release_standin
 from classify_data import write_config as classify_config
 from test_classify_docker import containers, run_inside
 from test_train import quiet, real_folder
@@ -28,6 +32,7 @@ from synthflux.backends.serve import session
 from synthflux.errors import ClassifierFailed, TrainerFailed
 from synthflux.pipeline import run_pipeline
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.docker
 engine, image = test_classify_docker.engine, test_classify_docker.image  # the same fixtures
 
@@ -40,6 +45,14 @@ def created(engine: Any, root: Path, since: int) -> list[str]:
                  "label": f"synthflux.data_root={root.resolve()}"},
     )  # fmt: skip
     return [e["Actor"]["Attributes"][LABEL] for e in events]
+
+
+def wait_for(found: Callable[[], Any], seconds: float = 60) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (result := found()):
+        assert time.monotonic() < deadline, "not there after 60 s"
+        time.sleep(0.05)
+    return result
 
 
 def test_a_run_uses_one_container_for_training_and_every_source(
@@ -154,3 +167,34 @@ def test_a_dead_drivers_server_container_is_removed_a_live_ones_kept(
         away.reload()  # another host's driver may be alive: not ours to remove
     finally:
         away.remove(force=True)
+
+
+def test_an_interrupt_removes_the_container_and_keeps_the_checkpoint(
+    tmp_path: Path, image: str, engine: Any
+) -> None:
+    """Ctrl-C in the middle of a served training job: the container is removed, and what the
+    trainer had written (its checkpoint) is copied out for the next run."""
+    fx = make_data(tmp_path / "data")
+    path, _ = classify_config(tmp_path, fx.root, fx.classes, backend="docker", image=image)
+    control_standin(fx, hold_epoch=2)
+    served = (
+        "import sys; from synthflux import train; from synthflux.config import load_config; "
+        "from synthflux.backends.serve import session\n"
+        "with session(): train.run(load_config(sys.argv[1]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", served, str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    checkpoint = fx.root / "training" / "run" / "checkpoint.npz"
+    try:
+        [container] = wait_for(lambda: containers(engine, fx, running_only=True, stage="serve"))
+        wait_for(lambda: "checkpoint.npz" in run_inside(container, "ls", "/out/job-1")[1])
+        assert not checkpoint.exists()  # so far only in the container
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        release_standin(fx)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+    assert containers(engine, fx, stage="serve") == []
+    assert checkpoint.is_file()

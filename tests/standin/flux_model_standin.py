@@ -30,7 +30,8 @@ is the training contract: for each epoch a `progress:` and a `metrics: {...}` li
 OUTPUT/checkpoint.npz, OUTPUT/metrics.jsonl and OUTPUT/weights.npz (the initial weights, as
 they are: nothing is learned). With a checkpoint already in OUTPUT it prints
 `resume: from epoch N` and goes on from there. Misbehaviour: {"fail_epoch": 2} exits 3 in
-that epoch; "hold" waits before the first epoch, as above.
+that epoch; "hold" waits before the first epoch, as above, {"hold_epoch": N} before epoch N
+(after epoch N-1's checkpoint).
 
     flux_model_standin.py [...] serve
 
@@ -191,10 +192,7 @@ def train(argv: list[str]) -> int:
             start = int(z["state"][1])
         print(f"resume: from epoch {start}", flush=True)
     if ctl.get("hold"):
-        release = os.path.join(folders[0], "standin-release")
-        deadline = time.monotonic() + 120
-        while not os.path.exists(release) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_release(folders[0])
     lines = []
     for epoch in range(1, epochs + 1):
         loss = 1.0 / epoch
@@ -204,6 +202,8 @@ def train(argv: list[str]) -> int:
         lines.append(json.dumps(m))
         if epoch <= start:
             continue
+        if ctl.get("hold_epoch") == epoch:
+            wait_for_release(folders[0])
         if ctl.get("fail_epoch") == epoch:
             die(out, f"simulated failure in epoch {epoch} (contract stand-in)", code=3)
         print("progress: 2/2", flush=True)
@@ -217,6 +217,14 @@ def train(argv: list[str]) -> int:
     write_atomic(os.path.join(out, "weights.npz"), weights)
     print(f"{PROG}: trained (contract stand-in: nothing learned)", flush=True)
     return 0
+
+
+def wait_for_release(folder: str) -> None:
+    """{"hold": true} and {"hold_epoch": N}: wait (<= 120 s) for FOLDER/standin-release."""
+    release = os.path.join(folder, "standin-release")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def crash_if_asked(ctl: dict) -> None:
@@ -265,10 +273,7 @@ def main(argv: list[str]) -> int:
         while True:
             time.sleep(3600)
     if ctl.get("hold"):
-        release = os.path.join(os.path.dirname(files[0]), "standin-release")
-        deadline = time.monotonic() + 120
-        while not os.path.exists(release) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_release(os.path.dirname(files[0]))
     start = time.monotonic()
     total = 0
     for path in files:
