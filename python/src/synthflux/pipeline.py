@@ -83,7 +83,7 @@ def run_pipeline(
         for folder in reset_from(cfg, from_stage):
             say(f"run: removed {folder} (--from {from_stage})")
     summaries: list[Summary] = []
-    with session():  # one julia for every CNN job of the run (backend local)
+    with session():  # one julia (or one container) for every CNN job of the run
         for st in STAGES:
             if st.applies(cfg):
                 summaries.append(_run_stage(cfg, st, options or {}, say))

@@ -46,14 +46,13 @@ from synthflux.backends.docker import (
     wanted_outputs,
 )
 from synthflux.backends.job import Job
-from synthflux.backends.serve import END, job_line
+from synthflux.backends.serve import job_line, read_job
 from synthflux.backends.supervise import LogStream, Watchdog, deferred_interrupts, failure
 from synthflux.config import PipelineConfig
 
 log = logging.getLogger("synthflux")
 
 DRIVER = "synthflux.driver"  # label: host:pid of the driver that owns a serve container
-Frames = Iterator[tuple[bytes | None, bytes | None]]
 
 
 class DockerServer:
@@ -67,8 +66,7 @@ class DockerServer:
         self.container: Any = None
         self.name = ""
         self.stdin: Any = None  # the attach socket the jobs are written to
-        self.frames: Frames | None = None  # (stdout, stderr) chunks, across jobs
-        self.pending = b""  # output read past the last end line
+        self.lines: Iterator[bytes] = iter(())  # the container's output lines, across jobs
         self.jobs = 0  # jobs sent to the current container
         self.starts = 0  # containers started
 
@@ -110,7 +108,7 @@ class DockerServer:
         try:
             with Watchdog(job.timeout_s, self._kill) as dog:
                 self._send(line.encode())
-                code = self._read_until_end(logs)
+                code = read_job(self.lines, self.jobs, logs)
         finally:
             died = self._salvage(job, folder) if code is None else None
         tail = logs.close()
@@ -155,13 +153,13 @@ class DockerServer:
                 self.client, cfg, plan, self.user, self.name, labels, stdin_open=True
             )
         # Attach before start, as `docker run` does, so no early line is lost.
-        self.frames = self.container.attach(
-            stdout=True, stderr=True, stream=True, logs=True, demux=True
+        self.lines = _lines(
+            self.container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
         )
         self.stdin = self.container.attach_socket(params={"stdin": 1, "stream": 1})
         self.container.start()
         self.starts += 1
-        self.jobs, self.pending = 0, b""
+        self.jobs = 0
         log.info(
             "%s: container %s (%s) serves the run's jobs", job.command, self.name, cfg.cnn.image
         )
@@ -171,23 +169,6 @@ class DockerServer:
         raw = getattr(self.stdin, "_sock", self.stdin)  # the SDK's socket wraps the real one
         with suppress(OSError):  # it died: reading its output says how
             raw.sendall(data)
-
-    def _read_until_end(self, logs: LogStream) -> int | None:
-        """Stream the job's lines; its exit code from the end line, None when the container
-        stopped (it died, or was killed)."""
-        assert self.frames is not None
-        buffer, self.pending = self.pending, b""
-        for out, err in self.frames:
-            logs.feed(err, "err")
-            *lines, buffer = (buffer + (out or b"")).split(b"\n")
-            for i, raw in enumerate(lines):
-                end = END.fullmatch(raw.decode("utf-8", errors="replace").strip())
-                if end is not None and int(end[1]) == self.jobs:
-                    self.pending = b"".join(rest + b"\n" for rest in lines[i + 1 :]) + buffer
-                    return int(end[2])
-                logs.line(raw.decode("utf-8", errors="replace"))
-        logs.feed(buffer)
-        return None
 
     def _salvage(self, job: Job, folder: str) -> int | None:
         """After a timeout, an interrupt or a crash: stop the container, copy out what the job
@@ -224,7 +205,7 @@ class DockerServer:
         if self.client is not None and self.name:
             with suppress(docker.errors.DockerException, requests.RequestException):
                 (self.container or self.client.containers.get(self.name)).remove(force=True, v=True)
-        self.container, self.stdin, self.frames, self.name = None, None, None, ""
+        self.container, self.stdin, self.lines, self.name = None, None, iter(()), ""
 
     def close(self) -> None:
         """End of the session: the container is removed (every job's outputs are out)."""
@@ -232,6 +213,18 @@ class DockerServer:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def _lines(frames: Iterator[tuple[bytes | None, bytes | None]]) -> Iterator[bytes]:
+    """Whole lines (newline kept) of a demuxed attach stream's stdout and stderr, each stream
+    buffered on its own until its newline; what is left when the stream ends, last."""
+    partial = [b"", b""]
+    for chunks in frames:
+        for i, chunk in enumerate(chunks):
+            if chunk:
+                *whole, partial[i] = (partial[i] + chunk).split(b"\n")
+                yield from (line + b"\n" for line in whole)
+    yield from (rest for rest in partial if rest)
 
 
 def _mount(target: str, source: str | None, kind: str, read_only: bool = True) -> Any:

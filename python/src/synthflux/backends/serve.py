@@ -60,7 +60,7 @@ class JuliaServer:
                     proc.stdin.flush()
                 except (BrokenPipeError, OSError):
                     pass  # it died: reading its output says how
-                code = self._read_until_end(proc, logs)
+                code = read_job(iter(proc.stdout.readline, b""), self.jobs, logs)
         except BaseException:
             self.kill()  # interrupted mid-job: its state is unknown
             self._reap()
@@ -80,16 +80,6 @@ class JuliaServer:
             )  # fmt: skip
         if code != 0:
             raise failure(job, f"julia exited with code {code}", code, tail)
-
-    def _read_until_end(self, proc: subprocess.Popen[bytes], logs: LogStream) -> int | None:
-        """Stream the job's lines; its exit code from the end line, None at EOF (it died)."""
-        assert proc.stdout is not None
-        while raw := proc.stdout.readline():
-            end = END.fullmatch(raw.decode("utf-8", errors="replace").strip())
-            if end is not None and int(end[1]) == self.jobs:
-                return int(end[2])
-            logs.feed(raw)
-        return None
 
     def _process(self, job: Job) -> subprocess.Popen[bytes]:
         if self.proc is not None and self.proc.poll() is None:
@@ -138,6 +128,17 @@ class JuliaServer:
         except subprocess.TimeoutExpired:
             self.kill()
         self._reap()
+
+
+def read_job(lines: Iterator[bytes], number: int, logs: LogStream) -> int | None:
+    """Stream job `number`'s output lines into `logs` until its end line: its exit code; None
+    when the lines end first (the server died)."""
+    for raw in lines:
+        end = END.fullmatch(raw.decode("utf-8", errors="replace").strip())
+        if end is not None and int(end[1]) == number:
+            return int(end[2])
+        logs.feed(raw)
+    return None
 
 
 def job_line(job: Job, args: list[str]) -> str:
