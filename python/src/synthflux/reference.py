@@ -19,7 +19,7 @@ from PyTorch are handled in `build_model`:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from synthflux.storage import atomic_write
 from synthflux.weights import check_weights, load_weights, spec_of
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
@@ -71,15 +72,8 @@ def predict(
     import torch
 
     model = model if model is not None else build_model(weights)
-    nchw = np.ascontiguousarray(images.T, dtype=np.float32)  # no copy for a Fortran-order shard
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(nchw), batch_size):
-            logits = model(torch.from_numpy(nchw[start : start + batch_size]))
-            out.append(torch.softmax(logits, dim=1).numpy())
-    if not out:
-        return np.zeros((0, spec_of(weights).n_classes), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return _in_batches(lambda x: torch.softmax(model(x), dim=1), images, batch_size,
+                       spec_of(weights).n_classes)  # fmt: skip
 
 
 def features(
@@ -91,18 +85,24 @@ def features(
     """The penultimate features (N, C') float32 of a shard's (W, H, C, N) `images`: the last
     conv block's output (after its ReLU and 2x2 max-pool) averaged over space, one value per
     channel, as Inception's pool3 is (synthflux.distribution compares sources with them)."""
-    import torch
-
     model = model if model is not None else build_model(weights)
     trunk = model[:-2]  # without Flatten and the Dense layer
-    nchw = np.ascontiguousarray(images.T, dtype=np.float32)
-    out = []
+    return _in_batches(lambda x: trunk(x).mean(dim=(2, 3)), images, batch_size,
+                       spec_of(weights).block_channels[-1])  # fmt: skip
+
+
+def _in_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int, width: int
+) -> np.ndarray:
+    """`fn` over NCHW batches of a shard's (W, H, C, N) images: the rows (N, width) float32."""
+    import torch
+
+    nchw = np.ascontiguousarray(images.T, dtype=np.float32)  # no copy for a Fortran-order shard
     with torch.inference_mode():
-        for start in range(0, len(nchw), batch_size):
-            blocks = trunk(torch.from_numpy(nchw[start : start + batch_size]))
-            out.append(blocks.mean(dim=(2, 3)).numpy())
+        out = [fn(torch.from_numpy(nchw[start : start + batch_size])).numpy()
+               for start in range(0, len(nchw), batch_size)]  # fmt: skip
     if not out:
-        return np.zeros((0, spec_of(weights).block_channels[-1]), dtype=np.float32)
+        return np.zeros((0, width), dtype=np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
