@@ -40,6 +40,11 @@ TOO_FEW = (
 )
 
 
+def shown(value: float | None, spec: str) -> str:
+    """A metric for a table: formatted by `spec`, or "n/a" where the set was too small."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float | None:
     """||mu_x - mu_y||² + Tr(S_x + S_y - 2 (S_x S_y)^½) between Gaussians fitted to x and y
     (Heusel et al. 2017, as their TTUR code computes it); None for fewer than 2 rows."""

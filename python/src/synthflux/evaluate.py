@@ -34,10 +34,11 @@ from synthflux.contracts import (
     read_shard,
     weights_path,
 )
+from synthflux.distribution import shown
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import confusion_lines, per_class, summarize
-from synthflux.progress import plural
+from synthflux.progress import Progress, plural
 from synthflux.sources import Source, all_sources, test_sources, training_sources
 from synthflux.stages import Stage
 from synthflux.storage import atomic_write, sha256_file, write_json_atomic
@@ -208,16 +209,20 @@ def _distribution(cfg: PipelineConfig, weights_file: Path, taken: str) -> dict[s
         )
     model = reference.build_model(weights)
     spec = spec_of(weights)
+    datasets = {name: load_dataset(cfg, name) for name in train + test}
     features = {}
-    for name in train + test:
-        parts, labels = [], []
-        for shard in load_dataset(cfg, name).shards:
-            images, shard_labels, _ = read_shard(
-                shard.path, (spec.width, spec.height, spec.channels)
-            )
-            parts.append(reference.features(weights, images, model=model))
-            labels.append(shard_labels)
-        features[name] = (np.concatenate(parts), np.concatenate(labels))
+    total = sum(len(s.labels) for ds in datasets.values() for s in ds.shards)
+    with Progress("evaluate: features", total) as progress:
+        for name, ds in datasets.items():
+            parts, labels = [], []
+            for shard in ds.shards:
+                images, shard_labels, _ = read_shard(
+                    shard.path, (spec.width, spec.height, spec.channels)
+                )
+                parts.append(reference.features(weights, images, model=model))
+                labels.append(shard_labels)
+                progress.update(len(shard_labels))
+            features[name] = (np.concatenate(parts), np.concatenate(labels))
     return distribution.section(features, train, test, cfg.class_names)
 
 
@@ -225,16 +230,15 @@ def _distribution_lines(d: dict[str, Any]) -> list[str]:
     """A short table: each training source against each test set, over all images."""
     if not d:
         return []
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     out = [f"distribution ({d['note']}):"]
     for c in d["comparisons"]:
         m, dup = c["overall"], d["sources"][c["train"]]["rate"]
         out.append(f"  {c['train']} vs {c['test']} ({m['images']['train']} vs "
-                   f"{m['images']['test']} images): FD {fmt(m['fd'], '.3g')}, KID "
-                   f"{fmt(m['kid'], '.3g')}, precision {fmt(m['precision'], '.2f')}, recall "
-                   f"{fmt(m['recall'], '.2f')}, density {fmt(m['density'], '.2f')}, coverage "
-                   f"{fmt(m['coverage'], '.2f')}, diversity {fmt(m['diversity'], '.2f')}, "
-                   f"duplicates {fmt(dup, '.1%')}")  # fmt: skip
+                   f"{m['images']['test']} images): FD {shown(m['fd'], '.3g')}, KID "
+                   f"{shown(m['kid'], '.3g')}, precision {shown(m['precision'], '.2f')}, recall "
+                   f"{shown(m['recall'], '.2f')}, density {shown(m['density'], '.2f')}, coverage "
+                   f"{shown(m['coverage'], '.2f')}, diversity {shown(m['diversity'], '.2f')}, "
+                   f"duplicates {shown(dup, '.1%')}")  # fmt: skip
     if any(v is None for c in d["comparisons"] for v in c["overall"].values()):
         out.append(f"  ({d['n/a']})")
     return out

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from synthflux import lineage, plots
 from synthflux.config import PipelineConfig
+from synthflux.distribution import shown
 from synthflux.drawing import Writer
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout
@@ -308,7 +309,6 @@ def _distribution_html(d: dict[str, Any] | None) -> str:
     if not d:
         return "<h3>Distribution</h3><p>No test set to compare the training sources with.</p>"
     e = html.escape
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     head = "".join(f"<th>{h}</th>" for h in ("training source", "test set", "class", "images",
                    "FD", "KID", "precision", "recall", "density", "coverage", "diversity",
                    "duplicates"))  # fmt: skip
@@ -317,9 +317,9 @@ def _distribution_html(d: dict[str, Any] | None) -> str:
         dups = d["sources"][c["train"]]
         each = [(k, m, dups["per_class"][k]["rate"]) for k, m in c["per_class"].items()]
         for name, m, dup in [("all", c["overall"], dups["rate"]), *each]:
-            cells = [fmt(m["fd"], ".4g"), fmt(m["kid"], ".4g")]
-            cells += [fmt(m[k], ".3f") for k in ("precision", "recall", "density", "coverage")]
-            cells += [fmt(m["diversity"], ".2f"), fmt(dup, ".1%")]
+            cells = [shown(m["fd"], ".4g"), shown(m["kid"], ".4g")]
+            cells += [shown(m[k], ".3f") for k in ("precision", "recall", "density", "coverage")]
+            cells += [shown(m["diversity"], ".2f"), shown(dup, ".1%")]
             rows.append(f"<tr><th>{e(c['train'])}</th><th>{e(c['test'])}</th><th>{e(name)}</th>"
                         f"<td>{m['images']['train']} / {m['images']['test']}</td>"
                         + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")  # fmt: skip
