@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import test_classify_local
 from classify_data import (
     check_success,
     control_standin,
@@ -28,6 +29,8 @@ from synthflux.backends.job import Job
 from synthflux.backends.serve import job_line, session
 from synthflux.errors import ClassifierFailed, ClassifyError
 from synthflux.pipeline import run_pipeline
+
+setup = test_classify_local.setup  # the same fixture: the stand-in behind a fake julia
 
 
 def servers(folder: Path) -> list[psutil.Process]:
@@ -70,22 +73,8 @@ def test_without_a_session_each_job_starts_its_own_julia(tmp_path, monkeypatch) 
     assert len(starts) == 2 and not any(s.endswith(" serve") for s in starts)
 
 
-@pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    exe, jdir = fake_julia(tmp_path)
-    monkeypatch.setenv("SYNTHFLUX_JULIA_DIR", str(jdir))
-    monkeypatch.delenv("SYNTHFLUX_STANDIN", raising=False)
-    fx = make_data(tmp_path / "data")
-
-    def _setup(**more):
-        settings = {"backend": "local", "julia": str(exe), **more}
-        return fx, write_config(tmp_path, fx.root, fx.classes, **settings)[1]
-
-    return _setup
-
-
-def test_a_failed_job_leaves_the_server_working(served, tmp_path) -> None:
-    fx, cfg = served()
+def test_a_failed_job_leaves_the_server_working(setup, tmp_path) -> None:
+    fx, _, cfg = setup()
     with session():
         control_standin(fx, fail="shard-00002.npz")
         with pytest.raises(ClassifierFailed) as err:
@@ -101,8 +90,8 @@ def test_a_failed_job_leaves_the_server_working(served, tmp_path) -> None:
     assert servers(tmp_path) == []
 
 
-def test_a_crashed_server_is_reported_and_the_next_job_starts_a_new_one(served, tmp_path) -> None:
-    fx, cfg = served()
+def test_a_crashed_server_is_reported_and_the_next_job_starts_a_new_one(setup, tmp_path) -> None:
+    fx, _, cfg = setup()
     with session():
         control_standin(fx, crash=True)
         with pytest.raises(ClassifierFailed, match=r"julia exited with code 9 during the job \(the "
@@ -115,8 +104,8 @@ def test_a_crashed_server_is_reported_and_the_next_job_starts_a_new_one(served, 
     assert len(julia_starts(tmp_path)) == 2
 
 
-def test_a_timeout_kills_the_server_and_the_next_job_starts_a_new_one(served, tmp_path) -> None:
-    fx, cfg = served(timeout_s=1)
+def test_a_timeout_kills_the_server_and_the_next_job_starts_a_new_one(setup, tmp_path) -> None:
+    fx, _, cfg = setup(timeout_s=1)
     with session():
         control_standin(fx, hang=True)
         start = time.monotonic()
