@@ -653,8 +653,8 @@ function train(job::TrainJob, init::Weights, out::IO; hook=nothing)
     return state
 end
 
-# Compile a step's code on a blank image, on copies of the model and
-# the state, so that the first epoch's seconds and images/s measure training, not the JIT.
+# Compile a step's code on a blank image, on copies of the model and the state, so that the
+# first epoch's seconds and images/s measure training, not the JIT.
 function warm_up(model, slots, job::TrainJob, state::TrainState)
     spec, st = job.spec, job.settings
     x = zeros(Float32, spec.width, spec.height, spec.channels, 1)

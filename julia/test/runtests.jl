@@ -74,6 +74,13 @@ function write_source(dir, name; shards=(10, 7), seed=0, val_fraction=0.0, flip_
     return dir
 end
 
+# DIR/init.npz: TSPEC's initial weights from `seed`; returns its path.
+function write_init(dir; seed=1)
+    path = joinpath(dir, "init.npz")
+    save_weights(path, init_weights(TSPEC; seed=seed))
+    return path
+end
+
 train_args(inputs, weights, output, extra...) =
     ["train", "--input", inputs..., "--weights", weights, "--output", output, extra...]
 
@@ -549,8 +556,7 @@ end
     mktempdir() do dir
         a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(10, 7, 9))
         b = write_source(joinpath(dir, "real"), "real"; shards=(6,), first_id=1000001)
-        init = joinpath(dir, "init.npz")
-        save_weights(init, init_weights(TSPEC; seed=3))
+        init = write_init(dir; seed=3)
         out = joinpath(dir, "run")
         code, text, err = run_cli(train_args(["synthetic=$a", "real=$b"], init, out,
             "--epochs", "5", "--batch-size", "4", "--lr", "0.01", "--val-fraction", "0.25",
@@ -621,8 +627,7 @@ end
     mktempdir() do dir
         a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(9, 8, 5), seed=1)
         b = write_source(joinpath(dir, "digits"), "digits"; shards=(7, 6), seed=2, first_id=5000000)
-        init = joinpath(dir, "init.npz")
-        save_weights(init, init_weights(TSPEC; seed=8))
+        init = write_init(dir; seed=8)
         inputs = ["synthetic=$a", "digits=$b"]
         opts(epochs) = ("--epochs", string(epochs), "--batch-size", "5", "--lr", "0.02",
                         "--weight-decay", "0.01", "--val-fraction", "0.2", "--patience", "0",
@@ -679,8 +684,7 @@ end
         # of learning makes val_loss worse: epoch 1 stays the best.
         a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(12, 12), seed=5,
                          val_fraction=0.3, flip_val=true)
-        init = joinpath(dir, "init.npz")
-        save_weights(init, init_weights(TSPEC; seed=1))
+        init = write_init(dir; seed=1)
         args(out, epochs) = train_args(["synthetic=$a"], init, out, "--epochs", string(epochs),
             "--batch-size", "4", "--lr", "0.05", "--val-fraction", "0.3", "--patience", "2")
         out = joinpath(dir, "run")
@@ -704,8 +708,7 @@ end
 @testset "train: errors are one line" begin
     mktempdir() do dir
         a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(6,))
-        init = joinpath(dir, "init.npz")
-        save_weights(init, init_weights(TSPEC; seed=1))
+        init = write_init(dir; seed=1)
         out = joinpath(dir, "run")
         wrong = joinpath(dir, "wrong")
         mkpath(wrong)
@@ -760,8 +763,7 @@ end
 @testset "response files (@PATH) in both modes" begin
     mktempdir() do dir
         a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(6,))
-        init = joinpath(dir, "init.npz")
-        save_weights(init, init_weights(TSPEC; seed=1))
+        init = write_init(dir; seed=1)
         job = joinpath(dir, "job.args")
         out = joinpath(dir, "run with space")
         write(job, join(["train", "--input", "synthetic=$a", "", "--weights", init, "--output", out,
@@ -782,8 +784,7 @@ end
 @testset "serve: jobs from stdin in one process, a failed job leaves it working" begin
     mktempdir() do dir
         a = write_source(joinpath(dir, "synthetic"), "synthetic"; shards=(6,))
-        init = joinpath(dir, "init.npz")
-        save_weights(init, init_weights(TSPEC; seed=1))
+        init = write_init(dir; seed=1)
         job = joinpath(dir, "job.args")
         write(job, join(["train", "--input", "synthetic=$a", "--weights", init, "--output",
                          joinpath(dir, "run"), "--epochs", "1", "--val-fraction", "0"], "\n"))
