@@ -7,13 +7,14 @@ language-neutral `weights.npz`, the shard I/O of the classify stage, and its tra
 [`main`](@ref); `synthflux.reference` and `synthflux.reference_train` are its PyTorch twins.
 
 Written against Flux's stable API only (Chain, Conv, MaxPool, Dense, relu, softmax, reshape;
-for training `Flux.logsoftmax`, NNlib's `∇conv_filter`/`∇conv_data`, the backward pass through
-the Chain and AdamW written out, no Flux optimiser), so the same code runs on Julia 1.10 with
+for training `Flux.logsoftmax`; the training pass through the Chain, its convolutions
+(conv.jl) and AdamW written out, no Flux optimiser), so the same code runs on Julia 1.10 with
 Flux 0.14-0.16 and on Julia 1.5 with Flux 0.12.
 """
 module SynthFluxModel
 
 using Flux: Flux, Chain, Conv, Dense, MaxPool, relu, softmax
+using LinearAlgebra: mul!
 using NPZ: NPZ, npzread, npzwrite
 using Printf: @printf, @sprintf
 using Random: MersenneTwister
@@ -55,6 +56,7 @@ include("arch.jl")
 include("weights.jl")
 include("model.jl")
 include("shards.jl")
+include("conv.jl")
 include("train.jl")
 include("images.jl")
 include("cli.jl")

@@ -1,9 +1,9 @@
 # Training (`flux_model.jl train`): the one hash behind every random choice, the split, the
 # shard and image orders, augmentation, a streaming trainer with a hand-written AdamW,
 # validation, early stopping, checkpoint and resume. docs/training.md has the rules;
-# python/src/synthflux/reference_train.py is the PyTorch twin. The layers and the convolution
-# gradients come from Flux and NNlib; no Flux optimiser or DataLoader, whose APIs differ
-# between 0.12 and 0.16.
+# python/src/synthflux/reference_train.py is the PyTorch twin. Flux's layers hold the arrays;
+# the training pass is written out (the convolutions in conv.jl); no Flux optimiser or
+# DataLoader, whose APIs differ between 0.12 and 0.16.
 
 const CHECKPOINT_FORMAT = 1
 const HISTORY_COLUMNS = ("epoch", "steps", "train_loss", "train_accuracy", "val_loss",
@@ -204,8 +204,11 @@ function pool2x2_argmax(x::AbstractArray{T,4}, before) where {T}
     return y, which
 end
 
-function pool2x2_gradient(dy, which::Array{UInt8,4}, x::AbstractArray{T,4}) where {T}
-    dx = zeros(T, size(x))
+pool2x2_gradient(dy, which::Array{UInt8,4}, x::AbstractArray{T,4}) where {T} =
+    pool2x2_gradient!(Array{T}(undef, size(x)), dy, which)
+
+function pool2x2_gradient!(dx::AbstractArray{T,4}, dy, which::Array{UInt8,4}) where {T}
+    fill!(dx, zero(T))
     @inbounds for l in axes(which, 4), k in axes(which, 3), j in axes(which, 2), i in axes(which, 1)
         at = which[i, j, k, l] - 0x01
         dx[2i-1+(at & 0x01), 2j-1+(at >> 1), k, l] = dy[i, j, k, l]
@@ -265,24 +268,26 @@ function onehot_matrix(::Type{T}, labels::AbstractVector{<:Integer}, k::Integer)
 end
 
 """
-    loss_and_gradient(model, x, labels, k) -> (logits, loss, grad)
+    loss_and_gradient(model, x, labels, k; buffers) -> (logits, loss, grad)
 
 The batch's logits, its mean cross-entropy (`Flux.logitcrossentropy`'s) and the explicit
 gradient with respect to `model`, a nested NamedTuple as `Flux.gradient` gives
-(`grad.layers[i].weight`). The Chain's layers (Conv with relu, `pool2x2`, `flatten_whcn`,
-Dense) run forward as themselves; the backward pass is written out, layer by layer, with
-NNlib's convolution gradients (`∇conv_filter`, `∇conv_data`): the same numbers as Zygote's
-(runtests.jl checks both against finite differences and each other), without compiling
-Zygote's pullback of the Chain (most of a minute on Julia 1.5) and without the gradient with
-respect to the images, which nothing uses.
+(`grad.layers[i].weight`). The pass is written out layer by layer, forward and backward, with
+the activations as (W, H, N, C) so that each convolution is one gemm for the whole batch
+(conv.jl): the same numbers as Zygote's through the Chain up to rounding (runtests.jl checks
+both against finite differences and each other), without compiling Zygote's pullback (most of
+a minute on Julia 1.5) and without the gradient with respect to the images, which nothing uses.
+`buffers` (one `Buffers` per layer) are reused by the next call that gets them: the
+activations and gradients in them are overwritten then; logits and grad never are.
 """
-function loss_and_gradient(model, x::AbstractArray{T,4}, labels, k::Integer) where {T}
+function loss_and_gradient(model, x::AbstractArray{T,4}, labels, k::Integer;
+                           buffers=[Buffers() for _ in model.layers]) where {T}
     layers = model.layers
     inputs, saved = Vector{Any}(undef, length(layers)), Vector{Any}(undef, length(layers))
-    a = x
+    a = permutedims(x, (1, 2, 4, 3))  # WHCN -> (W, H, N, C)
     for (i, layer) in enumerate(layers)
         inputs[i] = a
-        a, saved[i] = forward(layer, a)
+        a, saved[i] = forward(layer, a, buffers[i])
     end
     logits, n = a, size(a, 2)
     y = onehot_matrix(T, labels, k)
@@ -291,37 +296,31 @@ function loss_and_gradient(model, x::AbstractArray{T,4}, labels, k::Integer) whe
     delta = (exp.(lsm) .- y) ./ n  # d loss / d logits
     grads = Vector{Any}(nothing, length(layers))
     for i in length(layers):-1:1
-        grads[i], delta = backward(layers[i], inputs[i], saved[i], delta, i > 1)
+        grads[i], delta = backward(layers[i], inputs[i], saved[i], delta, i > 1, buffers[i])
     end
     return logits, loss, (layers=Tuple(grads),)
 end
 
-# forward(layer, x) -> (output, what its backward needs);
-# backward(layer, x, saved, delta, input_grad) -> (its arrays' gradient or nothing, the
-# gradient of its input, or nothing when `input_grad` is false).
-forward(c::Conv, x) = (relu_layer(c); y = c(x); (y, y))
-forward(d::Dense, x) = (d.σ === identity || error("Dense with an activation"); (d(x), nothing))
-forward(::typeof(pool2x2), x) = pool2x2_argmax(x)
-forward(::typeof(flatten_whcn), x) = (flatten_whcn(x), nothing)
+# forward(layer, x, buf) -> (output, what its backward needs);
+# backward(layer, x, saved, delta, input_grad, buf) -> (its arrays' gradient or nothing, the
+# gradient of its input, or nothing when `input_grad` is false). buf: the layer's Buffers.
+# Conv's are in conv.jl.
+forward(d::Dense, x, _) = (d.σ === identity || error("Dense with an activation"); (d(x), nothing))
+forward(::typeof(pool2x2), x, _) = pool2x2_argmax(x)
+# Back to WHCN first: the Dense layer's features are in flatten_whcn's order.
+forward(::typeof(flatten_whcn), x, _) = (flatten_whcn(permutedims(x, (1, 2, 4, 3))), nothing)
 
-relu_layer(c::Conv) = c.σ === relu || error("training expects Conv layers with relu")
-
-function backward(c::Conv, x, y, delta, input_grad::Bool)
-    dz = delta .* (y .> 0)  # relu'(z), from relu(z) > 0 <=> z > 0 (PyTorch's rule at 0)
-    cdims = Flux.NNlib.DenseConvDims(x, c.weight; stride=c.stride, padding=c.pad,
-                                     dilation=c.dilation)  # what Conv's forward used
-    dw = Flux.NNlib.∇conv_filter(x, dz, cdims)
-    dx = input_grad ? Flux.NNlib.∇conv_data(dz, c.weight, cdims) : nothing
-    return (weight=dw, bias=vec(sum(dz; dims=(1, 2, 4)))), dx
-end
-
-function backward(d::Dense, x, _, delta, input_grad::Bool)
+function backward(d::Dense, x, _, delta, input_grad::Bool, _)
     dx = input_grad ? d.weight' * delta : nothing
     return (weight=delta * x', bias=vec(sum(delta; dims=2))), dx
 end
 
-backward(::typeof(pool2x2), x, which, delta, _) = nothing, pool2x2_gradient(delta, which, x)
-backward(::typeof(flatten_whcn), x, _, delta, _) = nothing, reshape(delta, size(x))
+backward(::typeof(pool2x2), x, which, delta, _, buf) =
+    nothing, pool2x2_gradient!(buffer(buf, :dx, eltype(x), size(x)), delta, which)
+function backward(::typeof(flatten_whcn), x, _, delta, _, _)
+    w, h, n, c = size(x)
+    return nothing, permutedims(reshape(delta, w, h, c, n), (1, 2, 4, 3))
+end
 
 """Per-example cross-entropy (Float64) and right predictions of K × N logits."""
 function example_stats(logits::AbstractMatrix, labels)
@@ -510,10 +509,11 @@ result_path(dir) = joinpath(dir, "weights.npz")
 
 """
 One AdamW step on a batch; returns (sum of the per-example losses, right predictions, the
-batch's mean loss), all from the forward pass before the update.
+batch's mean loss), all from the forward pass before the update. `buffers`: loss_and_gradient's.
 """
-function train_step!(model, slots, state::TrainState, job::TrainJob, x, labels)
-    logits, loss, grad = loss_and_gradient(model, x, labels, job.spec.n_classes)
+function train_step!(model, slots, state::TrainState, job::TrainJob, x, labels;
+                     buffers=[Buffers() for _ in model.layers])
+    logits, loss, grad = loss_and_gradient(model, x, labels, job.spec.n_classes; buffers=buffers)
     loss_sum, right = example_stats(logits, labels)
     state.step += 1
     k = adamw_scalars(job.settings, state.step)
@@ -538,9 +538,10 @@ function train_epoch!(model, slots, state::TrainState, job::TrainJob, out::IO; h
     x = Array{Float32}(undef, spec.width, spec.height, spec.channels, st.batch_size)
     labels = Vector{Int64}(undef, st.batch_size)
     filled, done, loss_sum, right, n = 0, 0, 0.0, 0, 0
+    buffers = [Buffers() for _ in model.layers]
     t0 = time()
     function step!(xb, lb)
-        l, r, batch_loss = train_step!(model, slots, state, job, xb, lb)
+        l, r, batch_loss = train_step!(model, slots, state, job, xb, lb; buffers=buffers)
         loss_sum += l
         right += r
         n += length(lb)

@@ -505,11 +505,26 @@ end
     end
 end
 
-@testset "explicit gradient against finite differences and Zygote ($(length(blocks)) blocks)" for blocks in ([3], [3, 2])
-    spec = ArchSpec(6, 4, 2, 3, 3, blocks)
+@testset "training convolutions: patches and add_patches adjoint, one gemm = Flux's Conv" begin
+    rng = M.MersenneTwister(3)
+    for k in (1, 3, 5), (w, h) in ((5, 4), (1, 3))  # also images narrower than the kernel
+        x = randn(rng, w, h, 2, 3)  # (W, H, N, C)
+        cols = M.patches(x, k)
+        @test size(cols) == (w * h * 2, k * k * 3)
+        d = randn(rng, size(cols))
+        @test sum(cols .* d) ≈ sum(x .* M.add_patches(d, size(x), k))
+        conv = M.Conv(randn(rng, k, k, 3, 4), randn(rng, 4), M.relu; pad=k ÷ 2)
+        y, _ = M.forward(conv, x)
+        @test permutedims(y, (1, 2, 4, 3)) ≈ conv(permutedims(x, (1, 2, 4, 3)))
+    end
+    @test_throws ErrorException M.forward(M.Conv(ones(3, 3, 1, 1), zeros(1), M.relu; pad=0), ones(4, 4, 1, 1))
+end
+
+@testset "explicit gradient against finite differences and Zygote ($(length(blocks)) blocks, kernel $kernel)" for (blocks, kernel) in (([3], 3), ([3, 2], 3), ([2], 5))
+    spec = ArchSpec(6, 4, 2, 3, kernel, blocks)
     w = init_weights(spec; seed=4)
     f64 = Dict(k => Float64.(a) for (k, a) in w.arrays)
-    convs = [(M.Conv(f64["conv$(i)_weight"], f64["conv$(i)_bias"], M.relu; pad=1), M.pool2x2)
+    convs = [(M.Conv(f64["conv$(i)_weight"], f64["conv$(i)_bias"], M.relu; pad=kernel ÷ 2), M.pool2x2)
              for i in 1:length(blocks)]
     model64 = M.Chain(Iterators.flatten(convs)..., M.flatten_whcn,
                       M.Dense(f64["dense_weight"], f64["dense_bias"]))
@@ -519,7 +534,9 @@ end
     y = M.onehot_matrix(Float64, labels, 3)
     loss(m) = M.Flux.logitcrossentropy(m(x), y)
     logits, l, g = M.loss_and_gradient(model64, x, labels, 3)
-    @test l ≈ loss(model64) && logits == model64(x)
+    # The batched convolutions of the training pass (conv.jl) against the Chain's: the same
+    # logits up to float64 rounding.
+    @test l ≈ loss(model64) && isapprox(logits, model64(x); rtol=1e-12)
     ls, right = M.example_stats(logits, labels)
     @test ls / 5 ≈ l
     @test right == count(j -> argmax(logits[:, j]) == labels[j] + 1, 1:5)
@@ -548,6 +565,17 @@ end
         @test eltype(a) == Float32
         @test maximum(abs.(a .- b)) <= 1e-4 * max(maximum(abs.(b)), 1e-3)
     end
+    # Buffers reused by the next batch, and by a smaller one: the same results as fresh ones,
+    # and the first call's logits and gradient left as they were.
+    buffers = [M.Buffers() for _ in model32.layers]
+    first = M.loss_and_gradient(model32, Float32.(x), labels, 3; buffers=buffers)
+    kept = deepcopy(first)
+    other = randn(M.MersenneTwister(9), Float32, size(x)...)
+    @test M.loss_and_gradient(model32, other, labels, 3; buffers=buffers) ==
+          M.loss_and_gradient(model32, other, labels, 3)
+    @test first == kept && first == M.loss_and_gradient(model32, Float32.(x), labels, 3)
+    small = M.loss_and_gradient(model32, other[:, :, :, 1:2], labels[1:2], 3; buffers=buffers)
+    @test small == M.loss_and_gradient(model32, other[:, :, :, 1:2], labels[1:2], 3)
     @test M.grad_array(nothing, M.param_slots(spec)[1]) === nothing
     @test M.grad_array((layers=(nothing, nothing, nothing, nothing),), M.param_slots(spec)[1]) === nothing
 end
