@@ -79,21 +79,27 @@ images: ## build the Python (PY_IMAGE) and Julia (JULIA_IMAGE) images
 	docker build $(DOCKER_BUILD_FLAGS) -f docker/python.Dockerfile -t $(PY_IMAGE) .
 	docker build $(DOCKER_BUILD_FLAGS) -f docker/julia.Dockerfile -t $(JULIA_IMAGE) .
 
-# The local backend's answer to the image's sysimage: Flux and NPZ, with the warm-up's training
-# and classification compiled in, for a julia that starts training in seconds, not a minute
+# The local backend's answer to the image's sysimage: Flux, NPZ and SynthFluxModel, the warm-up's
+# training and classification compiled in, for a julia that starts training at once
 # (julia/README.md "Start-up"). Needs PackageCompiler where JULIA finds it (e.g. its default
-# environment: julia -e 'using Pkg; Pkg.add("PackageCompiler")'); rebuild after Julia or
-# Flux change. Then: [cnn] julia = "<this folder>/julia/build/bin/julia".
+# environment: julia -e 'using Pkg; Pkg.add("PackageCompiler")'); rebuild after Julia or Flux
+# change (after an edit of julia/src, flux_model.jl compiles the sources instead, and says so).
+# Then: [cnn] julia = "<this folder>/julia/build/bin/julia".
 JULIA ?= julia
 # The environment that holds Flux and NPZ (julia/, instantiated; or a stacked one, julia/README.md)
 JULIA_ENV ?= julia
 SYSIMAGE := julia/build/sysimage.so
+# The warm-up runs once with --trace-compile; docker/julia-sysimage.jl, the build's `script`,
+# includes SynthFluxModel and compiles the traced methods into the sysimage.
+SYSIMAGE_ENV := SYNTHFLUX_JULIA_DIR="$(CURDIR)/julia" SYNTHFLUX_TRACE="$(CURDIR)/julia/build/warmup-trace.jl"
 SYSIMAGE_JL := using PackageCompiler; create_sysimage([:Flux, :NPZ]; \
-	sysimage_path="$(SYSIMAGE)", precompile_execution_file="docker/julia-warmup.jl")
+	sysimage_path="$(SYSIMAGE)", script="docker/julia-sysimage.jl")
 .PHONY: julia-sysimage
 julia-sysimage: ## build julia/build/sysimage.so and julia/build/bin/julia, a julia that uses it
 	mkdir -p julia/build/bin
-	SYNTHFLUX_JULIA_DIR="$(CURDIR)/julia" $(JULIA) --project=$(JULIA_ENV) -e '$(SYSIMAGE_JL)'
+	$(SYSIMAGE_ENV) $(JULIA) --project=$(JULIA_ENV) --trace-compile=julia/build/warmup-trace.jl \
+		docker/julia-warmup.jl
+	$(SYSIMAGE_ENV) $(JULIA) --project=$(JULIA_ENV) -e '$(SYSIMAGE_JL)'
 	printf '#!/bin/sh\nexec %s -J%s "$$@"\n' "$$(command -v $(JULIA))" "$(CURDIR)/$(SYSIMAGE)" \
 		> julia/build/bin/julia
 	chmod 755 julia/build/bin/julia

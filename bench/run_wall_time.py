@@ -4,6 +4,9 @@ side in one run on an mnist5k-sized job (not a timed test).
     SYNTHFLUX_JULIA=/path/to/julia .venv/bin/python bench/run_wall_time.py [--images 5000]
         [--test-images 1000] [--epochs 15] [--size 28]
 
+(SYNTHFLUX_JULIA=julia/build/bin/julia after `make julia-sysimage`: the julia that the goals
+below are met with, julia/README.md "Start-up and training speed".)
+
 The images are scikit-learn's handwritten digits (8x8) drawn at --size with a random shift,
 scale and noise per image, 10 classes, imported as the training source "real" and a test set;
 each backend gets its own data root and runs the same config (`synthflux run`: preprocess,

@@ -9,9 +9,10 @@
 ARG BASE_IMAGE=julia:1.10
 FROM ${BASE_IMAGE}
 
-# 1 (the default): also build a PackageCompiler sysimage of Flux and NPZ, with the warm-up
-# (classify and one training epoch) compiled into it: a slower build (tens of minutes) and a
-# bigger image, for a julia that starts in seconds (julia/README.md "Start-up"). 0: no sysimage.
+# 1 (the default): also build a PackageCompiler sysimage of Flux, NPZ and SynthFluxModel, with
+# the code that the warm-up (classify and one training epoch) runs compiled into it: a slower
+# build (tens of minutes) and a bigger image, for a julia that starts training at once
+# (julia/README.md "Start-up"). 0: no sysimage.
 ARG SYSIMAGE=1
 # Precompile for several x86-64 CPU generations. Without it code is compiled for the build
 # machine's CPU and every container on another CPU recompiles at start (docker-library/julia#79).
@@ -49,15 +50,21 @@ RUN JULIA_DEPOT_PATH=$BUILD_DEPOT JULIA_PKG_PRECOMPILE_AUTO=0 julia --project=/o
 COPY julia/flux_model.jl /opt/synthflux/julia/
 COPY julia/src/ /opt/synthflux/julia/src/
 COPY docker/julia-warmup.jl /opt/synthflux/warmup.jl
+COPY docker/julia-sysimage.jl /opt/synthflux/sysimage.jl
 # The sysimage is reached through the `julia` wrapper on PATH, so the ENTRYPOINT (the driver's
-# contract) is the same with and without it. The warm-up then classifies a random shard.
-RUN export JULIA_DEPOT_PATH=$BUILD_DEPOT \
+# contract) is the same with and without it: the warm-up traced, then the methods it ran compiled
+# into the sysimage with SynthFluxModel (sysimage.jl). The warm-up then classifies a random shard.
+RUN export JULIA_DEPOT_PATH=$BUILD_DEPOT SYNTHFLUX_JULIA_DIR=/opt/synthflux/julia \
+        SYNTHFLUX_TRACE=/tmp/warmup-trace.jl \
     && if [ "$SYSIMAGE" = 1 ]; then \
-        julia -e 'using Pkg; Pkg.activate(temp=true); Pkg.add("PackageCompiler"); \
+        julia --project=/opt/synthflux/julia --trace-compile="$SYNTHFLUX_TRACE" \
+            /opt/synthflux/warmup.jl \
+        && julia -e 'using Pkg; Pkg.activate(temp=true); Pkg.add("PackageCompiler"); \
                   using PackageCompiler; Pkg.activate("/opt/synthflux/julia"); \
                   create_sysimage([:Flux, :NPZ]; sysimage_path="/opt/synthflux/sysimage.so", \
-                                  precompile_execution_file="/opt/synthflux/warmup.jl", \
+                                  script="/opt/synthflux/sysimage.jl", \
                                   cpu_target=ENV["JULIA_CPU_TARGET"])' \
+        && rm "$SYNTHFLUX_TRACE" \
         && real="$(command -v julia)" \
         && printf '#!/bin/sh\nexec %s -J/opt/synthflux/sysimage.so "$@"\n' "$real" \
             > /opt/synthflux/bin/julia \

@@ -52,6 +52,18 @@ dtype_name(T::Type) = T === Float32 ? "float32" : T === Float64 ? "float64" :
 describe(x::AbstractArray) = string(dtype_name(eltype(x)), " ", size(x))
 describe(x) = string(dtype_name(typeof(x)), " scalar")
 
+"""
+    source_digest(dir) -> String
+
+SHA-256 over the names and contents of the `.jl` files in `dir`. `SOURCE_DIGEST` is this
+module's own, taken when it was compiled: flux_model.jl uses a sysimage's copy of the module
+only while julia/src still has it.
+"""
+source_digest(dir::AbstractString) = bytes2hex(sha256(join(
+    (f * "\0" * read(joinpath(dir, f), String) * "\0"
+     for f in sort(readdir(dir)) if endswith(f, ".jl")))))
+const SOURCE_DIGEST = source_digest(@__DIR__)
+
 include("arch.jl")
 include("weights.jl")
 include("model.jl")

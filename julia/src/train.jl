@@ -216,11 +216,6 @@ function pool2x2_gradient!(dx::AbstractArray{T,4}, dy, which::Array{UInt8,4}) wh
     return dx
 end
 
-Flux.Zygote.@adjoint function pool2x2(x::AbstractArray{T,4}) where {T}
-    y, which = pool2x2_argmax(x)
-    return y, dy -> (pool2x2_gradient(dy, which, x),)
-end
-
 """
     train_model(w::Weights) -> Chain
 

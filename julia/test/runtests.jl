@@ -10,6 +10,14 @@ include(joinpath(@__DIR__, "..", "src", "SynthFluxModel.jl"))
 using .SynthFluxModel
 const M = SynthFluxModel
 
+# pool2x2's gradient for Zygote, so that Zygote through the training Chain can be checked
+# against the written-out pass. Here, not in src: training never uses Zygote, and the macro
+# (MacroTools) run while the sysimage is written left it unloadable on Julia 1.5.
+M.Flux.Zygote.@adjoint function M.pool2x2(x::AbstractArray{T,4}) where {T}
+    y, which = M.pool2x2_argmax(x)
+    return y, dy -> (M.pool2x2_gradient(dy, which, x),)
+end
+
 const GOLDEN = normpath(joinpath(@__DIR__, "..", "..", "tests", "fixtures", "golden"))
 const CASES = sort!(filter(c -> isfile(joinpath(GOLDEN, c, "weights.npz")), readdir(GOLDEN)))
 
@@ -841,6 +849,31 @@ end
             @test maximum(abs.(got["probs"] .- expected["probs"])) <= expected["atol"][1]
         end
         @test M.job_words("a\tb c\r") == ["a", "b c"] && M.job_words(" \r") === nothing
+    end
+end
+
+@testset "flux_model.jl: a sysimage's SynthFluxModel only while julia/src is unchanged" begin
+    julia_dir = normpath(joinpath(@__DIR__, ".."))
+    @test M.source_digest(joinpath(julia_dir, "src")) == M.SOURCE_DIGEST
+    # This process holds Main.SynthFluxModel, as a julia started with the sysimage does.
+    unchanged = Module()
+    Base.include(unchanged, joinpath(julia_dir, "flux_model.jl"))
+    @test unchanged.SynthFlux === M
+    mktempdir() do dir
+        cp(joinpath(julia_dir, "src"), joinpath(dir, "src"))
+        cp(joinpath(julia_dir, "flux_model.jl"), joinpath(dir, "flux_model.jl"))
+        write(joinpath(dir, "src", "notes.txt"), "not a source")
+        @test M.source_digest(joinpath(dir, "src")) == M.SOURCE_DIGEST
+        open(joinpath(dir, "src", "arch.jl"), "a") do io
+            println(io, "# an edit")
+        end
+        @test M.source_digest(joinpath(dir, "src")) != M.SOURCE_DIGEST
+        edited, log = Module(), joinpath(dir, "stderr.txt")
+        open(log, "w") do io
+            redirect_stderr(() -> Base.include(edited, joinpath(dir, "flux_model.jl")), io)
+        end
+        @test edited.SynthFlux !== M && edited.SynthFlux.SOURCE_DIGEST != M.SOURCE_DIGEST
+        @test occursin("julia/src changed since the sysimage was built", read(log, String))
     end
 end
 
