@@ -13,12 +13,18 @@
 """Arrays a layer reuses from one training step to the next, by name."""
 const Buffers = Dict{Symbol,Array}
 
+"""One empty `Buffers` per layer of `model`: what `loss_and_gradient` fills and reuses."""
+layer_buffers(model) = [Buffers() for _ in model.layers]
+
 # buf[name] if it has the type and size asked for, else a new array there (uninitialised).
 function buffer(buf::Buffers, name::Symbol, ::Type{T}, dims::Dims{N}) where {T,N}
     a = get(buf, name, nothing)
     fits = a isa Array{T,N} && size(a) == dims
     return (fits ? a : (buf[name] = Array{T,N}(undef, dims)))::Array{T,N}  # inferred
 end
+
+# The patch matrix's size for an input of size (W, H, N, C): (W·H·N) × (k·k·C).
+patch_size((W, H, N, C)::NTuple{4,Int}, k::Integer) = (W * H * N, k * k * C)
 
 """
     patches(x, k) -> Matrix
@@ -28,11 +34,11 @@ The k×k patches of `x` (W, H, N, C), padded by k÷2 with zeros, stride 1: the e
 (w, h, n) and column (i, j, c) (first index fastest in both) is `x[w+i-1-k÷2, h+j-1-k÷2, n, c]`.
 """
 patches(x::Array{T,4}, k::Integer) where {T} =
-    patches!(Matrix{T}(undef, length(x) ÷ size(x, 4), k * k * size(x, 4)), x, k)
+    patches!(Matrix{T}(undef, patch_size(size(x), k)), x, k)
 
 function patches!(cols::Matrix{T}, x::Array{T,4}, k::Integer) where {T}
     W = size(x, 1)
-    size(cols) == (length(x) ÷ size(x, 4), k * k * size(x, 4)) || error("patches!: wrong size")
+    size(cols) == patch_size(size(x), k) || error("patches!: wrong size")
     each_run(size(x), k) do dst, src, w1, w2
         @inbounds begin
             for w in 1:w1-1
@@ -60,7 +66,7 @@ add_patches(dcols::Matrix{T}, dims::NTuple{4,Int}, k::Integer) where {T} =
     add_patches!(Array{T,4}(undef, dims), dcols, k)
 
 function add_patches!(dx::Array{T,4}, dcols::Matrix{T}, k::Integer) where {T}
-    size(dcols) == (length(dx) ÷ size(dx, 4), k * k * size(dx, 4)) || error("add_patches!: wrong size")
+    size(dcols) == patch_size(size(dx), k) || error("add_patches!: wrong size")
     fill!(dx, zero(T))
     each_run(size(dx), k) do dst, src, w1, w2
         @inbounds @simd for w in w1:w2
@@ -108,9 +114,8 @@ end
 # forward(c, x, buf) -> (y, what backward needs): y = relu(conv(x) + bias), x and y (W, H, N, C).
 function forward(c::Conv, x::Array{T,4}, buf::Buffers=Buffers()) where {T}
     k = check_conv(c)
-    rows = length(x) ÷ size(x, 4)
-    cols = patches!(buffer(buf, :cols, T, (rows, k * k * size(x, 4))), x, k)
-    y = mul!(buffer(buf, :y, T, (rows, size(c.weight, 4))), cols, kernel_matrix(c.weight))
+    cols = patches!(buffer(buf, :cols, T, patch_size(size(x), k)), x, k)
+    y = mul!(buffer(buf, :y, T, (size(cols, 1), size(c.weight, 4))), cols, kernel_matrix(c.weight))
     b = c.bias
     @inbounds for o in axes(y, 2)
         bo = b[o]

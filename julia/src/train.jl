@@ -276,7 +276,7 @@ a minute on Julia 1.5) and without the gradient with respect to the images, whic
 activations and gradients in them are overwritten then; logits and grad never are.
 """
 function loss_and_gradient(model, x::AbstractArray{T,4}, labels, k::Integer;
-                           buffers=[Buffers() for _ in model.layers]) where {T}
+                           buffers=layer_buffers(model)) where {T}
     layers = model.layers
     inputs, saved = Vector{Any}(undef, length(layers)), Vector{Any}(undef, length(layers))
     a = permutedims(x, (1, 2, 4, 3))  # WHCN -> (W, H, N, C)
@@ -507,7 +507,7 @@ One AdamW step on a batch; returns (sum of the per-example losses, right predict
 batch's mean loss), all from the forward pass before the update. `buffers`: loss_and_gradient's.
 """
 function train_step!(model, slots, state::TrainState, job::TrainJob, x, labels;
-                     buffers=[Buffers() for _ in model.layers])
+                     buffers=layer_buffers(model))
     logits, loss, grad = loss_and_gradient(model, x, labels, job.spec.n_classes; buffers=buffers)
     loss_sum, right = example_stats(logits, labels)
     state.step += 1
@@ -533,7 +533,7 @@ function train_epoch!(model, slots, state::TrainState, job::TrainJob, out::IO; h
     x = Array{Float32}(undef, spec.width, spec.height, spec.channels, st.batch_size)
     labels = Vector{Int64}(undef, st.batch_size)
     filled, done, loss_sum, right, n = 0, 0, 0.0, 0, 0
-    buffers = [Buffers() for _ in model.layers]
+    buffers = layer_buffers(model)
     t0 = time()
     function step!(xb, lb)
         l, r, batch_loss = train_step!(model, slots, state, job, xb, lb; buffers=buffers)

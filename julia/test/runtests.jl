@@ -575,7 +575,7 @@ end
     end
     # Buffers reused by the next batch, and by a smaller one: the same results as fresh ones,
     # and the first call's logits and gradient left as they were.
-    buffers = [M.Buffers() for _ in model32.layers]
+    buffers = M.layer_buffers(model32)
     first = M.loss_and_gradient(model32, Float32.(x), labels, 3; buffers=buffers)
     kept = deepcopy(first)
     other = randn(M.MersenneTwister(9), Float32, size(x)...)
