@@ -6,27 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
+# The writer is the package's (`synthflux digits`); the configs below are the tests'.
+from synthflux.digits import CLASSES, write_digits
 
-CLASSES = [str(d) for d in range(10)]
-
-
-def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
-    """root/train/<digit>/<n>.png and root/test/<digit>/<n>.png: a shuffled split, each image
-    8x8 PNG in 8 bits (the dataset's 0..16 scaled to 0..255)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    n_test = round(len(order) * test_fraction)
-    for part, rows in (("test", order[:n_test]), ("train", order[n_test:])):
-        for i in rows:
-            folder = root / part / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
-    return root / "train", root / "test"
+__all__ = ["CLASSES", "digits_config", "keep_classes", "write_digits"]
 
 
 def digits_config(data: Path, **train: Any) -> dict[str, Any]:

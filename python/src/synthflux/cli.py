@@ -1,9 +1,9 @@
 """The `synthflux` command: a thin argparse layer over the stage functions.
 
 Every stage's command is built from its declaration in `pipeline.STAGES` (help, options,
---backend/--image for the CNN's stages); `import`, `run`, `submit`, `status` and `tiny-model`
-are written out below. Errors a user can fix (SynthfluxError, bad arguments, OS errors) print
-as one line and exit 2; Ctrl-C and SIGTERM exit 130; nothing else is caught.
+--backend/--image for the CNN's stages); `import`, `run`, `submit`, `status`, `tiny-model` and
+`digits` are written out below. Errors a user can fix (SynthfluxError, bad arguments, OS
+errors) print as one line and exit 2; Ctrl-C and SIGTERM exit 130; nothing else is caught.
 """
 
 from __future__ import annotations
@@ -301,6 +301,31 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return _print([f"tiny Stable Diffusion pipeline (random weights) saved to {folder}"])
 
 
+def _digits(sub: Any) -> None:
+    p = _command(
+        sub,
+        "digits",
+        cmd_digits,
+        "write scikit-learn's handwritten digits as ImageFolders DIR/train and DIR/test",
+        "Write the 1,797 real 8x8 digits that scikit-learn ships (nothing is downloaded) as "
+        "DIR/train/<digit>/*.png and DIR/test/<digit>/*.png, split at random by --seed: real "
+        "images to import, fit the generator to and test on (`make demo` uses them).",
+        config=False,
+    )
+    p.add_argument("dir", type=Path, help="folder to write train/ and test/ into")
+    p.add_argument("--test-fraction", type=float, default=0.5, metavar="F",
+                   help="share of the images that go to test/ (default 0.5: ~90 per class each)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the split's seed (default 0)")
+
+
+def cmd_digits(args: argparse.Namespace) -> int:
+    from synthflux.digits import write_digits
+
+    train, test = write_digits(args.dir, test_fraction=args.test_fraction, seed=args.seed)
+    counts = [sum(1 for _ in folder.glob("*/*.png")) for folder in (train, test)]
+    return _print([f"digits: {counts[0]} images in {train}, {counts[1]} in {test}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from synthflux.pipeline import STAGES
 
@@ -315,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for st in STAGES:
         _stage_command(sub, st)
-    for add in (_import, _run, _sweep, _submit, _status, _tiny_model):
+    for add in (_import, _run, _sweep, _submit, _status, _tiny_model, _digits):
         add(sub)
     return parser
 

@@ -273,6 +273,47 @@ class FilterConfig(_Strict):
         return self.min_real_confidence > 0 or self.keep_top > 0
 
 
+class FinetuneConfig(_Strict):
+    """Fit the generator to the real training images before generating (the finetune stage).
+
+    pixel: a class-conditional pixel-space diffusion model trained from scratch at generate's
+    width x height (small images: digits, CIFAR-sized; any machine, no download). lora: a
+    LoRA per class on generate.model, fitted on that class's real images with its prompt
+    (DataDream, Kim et al. 2024; wants a GPU)."""
+
+    method: Literal["pixel", "lora"] = "pixel"
+    source: str = "train"  # the imported training source (`import --as train --name`)
+    steps: int = Field(1000, gt=0, le=10_000_000)  # optimizer steps (lora: per class)
+    batch_size: PositiveInt = 64
+    lr: FiniteFloat | None = Field(None, gt=0)  # None: 2e-3 for pixel, 1e-4 for lora
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up, then constant
+    checkpoint_every: PositiveInt = 100  # steps between checkpoints (a killed fit resumes)
+    seed: int = Field(0, ge=0, lt=2**63)  # initial weights and every step's draws
+    # pixel: the UNet (diffusers UNet2DModel, no attention) and its training
+    channels: Literal[1, 3] = 3  # 1: grayscale images (written as RGB PNGs)
+    # (at most 4 blocks: 3 halvings, which generate's multiples of 8 always allow)
+    block_out_channels: list[PositiveInt] = Field(default=[32, 64], min_length=1, max_length=4)
+    layers_per_block: PositiveInt = 1
+    null_fraction: float = Field(0.1, ge=0, lt=1)  # labels dropped for classifier-free guidance
+    ema_decay: float = Field(0.995, ge=0, lt=1)  # the sampled weights' moving average; 0: off
+    # lora
+    rank: PositiveInt = 4
+    text_encoder: bool = False  # also fit a LoRA on the text encoder
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-3 if self.method == "pixel" else 1e-4)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _groups(cls, channels: list[int]) -> list[int]:
+        if any(c % 8 for c in channels):
+            raise ValueError(
+                f"each must be a multiple of 8 (the UNet's norm groups), got {channels}"
+            )
+        return channels
+
+
 class ClassifyConfig(_Strict):
     # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
     weights: str = ""
@@ -292,6 +333,8 @@ class PipelineConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     # Present: the filter stage runs between generate and preprocess.
     filter: FilterConfig | None = None
+    # Present: the finetune stage fits the generator to real images, and generate uses it.
+    finetune: FinetuneConfig | None = None
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -329,7 +372,7 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _prompts_to_generate(self) -> PipelineConfig:
-        if self.generates:
+        if self.generates and not self.pixel_model:  # the pixel model draws by class label
             for i, c in enumerate(self.classes):
                 if not c.all_prompts:
                     raise ValueError(
@@ -364,6 +407,29 @@ class PipelineConfig(_Strict):
                 f"most {side.bit_length() - 1} blocks or images of at least {2**n} pixels a side"
             )
         return self
+
+    @model_validator(mode="after")
+    def _fits(self) -> PipelineConfig:
+        fit, gen = self.finetune, self.generate
+        if fit is None:
+            return self
+        clash = [k for k in ("init_source", "lora", "textual_inversion") if getattr(gen, k)]
+        if clash:
+            raise ValueError(
+                f"finetune: generate.{clash[0]} = {getattr(gen, clash[0])!r} cannot be combined "
+                f"with [finetune] (the fitted model is what generate uses): remove one"
+            )
+        return self
+
+    @property
+    def pixel_model(self) -> bool:
+        """Whether generate samples the pixel model fitted by the finetune stage."""
+        return self.finetune is not None and self.finetune.method == "pixel"
+
+    @property
+    def fits(self) -> bool:
+        """Whether the finetune stage runs: the config makes images and has a [finetune]."""
+        return self.generates and self.finetune is not None
 
     @property
     def filters(self) -> bool:

@@ -6,9 +6,7 @@ Resolving never loads weights; loading happens only when there are images to mak
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -16,11 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any, overload
 
+from synthflux import fitted
 from synthflux.config import PipelineConfig
-from synthflux.errors import ModelError
+from synthflux.errors import DataError, ModelError
 from synthflux.progress import quiet_library_progress
 from synthflux.records import ModelRef
-from synthflux.storage import file_lock, sha256_file, write_json_atomic
+from synthflux.storage import hash_folder, sha256_file
 
 log = logging.getLogger("synthflux")
 
@@ -33,38 +32,6 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-
-
-def _hash_folder(folder: Path, cache: Path) -> str:
-    """A local model's revision: the sha256 of its files' hashes.
-
-    Hashing a multi-GB model costs seconds, so the result is cached (in `cache`, under the
-    data root, never in the model folder) keyed by every file's size and mtime.
-    """
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    key = hashlib.sha256(
-        "\n".join(
-            f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}"
-            for f in files
-        ).encode()
-    ).hexdigest()
-    try:
-        cached = json.loads(cache.read_text()).get(str(folder.resolve()), {})
-    except (OSError, ValueError):
-        cached = {}
-    if cached.get("key") == key:
-        return str(cached["revision"])
-    log.info("generate: hashing the model files in %s (cached for later runs)", folder)
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(f).encode())
-    revision = "sha256:" + h.hexdigest()
-    # A cache that cannot be written costs time only.
-    with contextlib.suppress(OSError, ValueError), file_lock(cache.with_suffix(".lock")):
-        entries = json.loads(cache.read_text()) if cache.is_file() else {}
-        entries[str(folder.resolve())] = {"key": key, "revision": revision}
-        write_json_atomic(cache, entries)
-    return revision
 
 
 def _model_scheduler(folder: Path, wanted: str) -> str:
@@ -86,13 +53,27 @@ def resolve_model(cfg: PipelineConfig, *, offline: bool) -> ModelRef | None: ...
 def resolve_model(cfg: PipelineConfig, *, offline: bool = False) -> ModelRef | None:
     """Find the model (building the tiny one, or using the Hugging Face cache) and its
     adapters without loading them. With `offline` (status, on any mount): nothing is built or
-    downloaded, and None means the model or an adapter is not available here."""
-    ref = _base_model(cfg, offline)
+    downloaded, and None means the model or an adapter is not available here. With
+    [finetune], the fitted model (None before the fit): its revision is in every record."""
+    fit_revision = fitted.revision(cfg) if cfg.finetune is not None else None
+    if cfg.finetune is not None and fit_revision is None:
+        if offline:
+            return None
+        raise DataError("the fitted model is not there: run `synthflux finetune` first")
+    if cfg.pixel_model:
+        path = str(cfg.layout.fitted_model)
+        return ModelRef(path, "finetuned-pixel", str(fit_revision), "DDIMScheduler")
+    ref = base_model(cfg, offline)
     found = adapters(cfg, offline) if ref is not None else None
+    if fit_revision is not None and found is not None:  # a LoRA per class
+        found = (
+            *found,
+            f"finetuned-lora:{cfg.layout.relative(cfg.layout.fitted_model)}@{fit_revision}",
+        )
     return None if ref is None or found is None else dataclasses.replace(ref, adapters=found)
 
 
-def _base_model(cfg: PipelineConfig, offline: bool) -> ModelRef | None:
+def base_model(cfg: PipelineConfig, offline: bool) -> ModelRef | None:
     gen = cfg.generate
     layout = cfg.layout
     if gen.model == "tiny":
@@ -124,7 +105,7 @@ def _base_model(cfg: PipelineConfig, offline: bool) -> ModelRef | None:
 
 
 def _local_ref(folder: Path, name: str, cfg: PipelineConfig) -> ModelRef:
-    revision = _hash_folder(folder, cfg.layout.revisions)
+    revision = hash_folder(folder, cfg.layout.revisions)
     return ModelRef(str(folder), name, revision, _model_scheduler(folder, cfg.generate.scheduler))
 
 
@@ -148,7 +129,7 @@ def digest_of(name: str, field: str, cfg: PipelineConfig, offline: bool) -> str 
     if local.is_file():
         return "sha256:" + sha256_file(local)
     if local.is_dir():
-        return _hash_folder(local, cfg.layout.revisions)
+        return hash_folder(local, cfg.layout.revisions)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(f"{field} = {name!r}: no such file or folder (nor a Hub id, owner/name)")
     from huggingface_hub import snapshot_download
@@ -232,6 +213,10 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
     from diffusers import AutoPipelineForText2Image
 
     device, dtype = pick_device(cfg)
+    if cfg.pixel_model:
+        from synthflux import pixel_diffusion
+
+        return pixel_diffusion.load(Path(model.path), cfg.layout.fitted_classes, device, dtype)
     gen = cfg.generate
     quiet_library_progress()
     # Its warnings (a cut prompt dumped token by token, deprecations) are said once in our
@@ -252,6 +237,10 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
 
         pipe = AutoPipelineForImage2Image.from_pipe(pipe)
     _load_adapters(pipe, cfg)
+    if cfg.finetune is not None:  # a LoRA per class, each named after its label
+        from synthflux.lora_fit import load_class_adapters
+
+        load_class_adapters(pipe, cfg)
     if gen.attention_slicing:
         pipe.enable_attention_slicing()
     if gen.cpu_offload and device == "cuda":

@@ -31,6 +31,8 @@ from synthflux import lineage
 from synthflux.config import PipelineConfig
 from synthflux.diffusion import guidance_argument, load_pipeline, model_prompts, resolve_model
 from synthflux.layout import DataLayout
+from synthflux.lora_fit import class_adapter
+from synthflux.pixel_diffusion import sample
 from synthflux.progress import Progress
 from synthflux.realguide import init_image
 from synthflux.records import (
@@ -109,6 +111,7 @@ def run(
     """Make this shard's missing images, then refresh the manifest. Safe to re-run."""
     shard = shard or ShardSpec()
     layout = cfg.layout
+    lineage.require(cfg, "finetune")  # with [finetune]: the fitted model, current
     # 1. plan: this shard's batches, and the exact model they are made with
     batches = owned_batches(cfg, shard)
     summary = GenerateSummary(shard=str(shard), planned=sum(len(b.jobs) for b in batches))
@@ -266,10 +269,16 @@ def _denoise(
     gen = cfg.generate
     # Pad to a fixed batch shape: kernels then compute each image identically.
     pad = gen.batch_size - len(batch)
-    prompts = [p.job.prompt for p in batch] + [batch[-1].job.prompt] * pad
-    negatives = [p.job.negative_prompt or "" for p in batch] + [""] * pad
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
     scales = [p.job.guidance_scale for p in batch] + [batch[-1].job.guidance_scale] * pad
+    if cfg.pixel_model:  # sampled by class label: no prompts, no safety checker
+        labels = [p.job.label for p in batch] + [batch[-1].job.label] * pad
+        pixels = sample(pipe, labels, generators, scales, gen.steps, (gen.width, gen.height))
+        return pixels[: len(batch)], [False] * len(batch)
+    if cfg.finetune is not None:  # a canonical batch is one class: its LoRA alone
+        pipe.set_adapters([class_adapter(batch[0].job.label)])
+    prompts = [p.job.prompt for p in batch] + [batch[-1].job.prompt] * pad
+    negatives = [p.job.negative_prompt or "" for p in batch] + [""] * pad
     starts = [p.job.parent for p in batch if p.job.parent is not None]
     if starts:  # img2img: the real images to start from, and how far to noise them
         images = [init_image(cfg, parent) for parent in starts + starts[-1:] * pad]
@@ -363,9 +372,12 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
                 task.done += len(recs)
                 made.update((r["id"], r["sha256"]) for r in recs if r and r["status"] == "ok")
     if model is None:
-        return StageState(
-            "generate", shards, False, f"model {cfg.generate.model!r} not found locally"
+        missing = (
+            "the fitted model is not there yet (finetune)"
+            if cfg.finetune is not None
+            else f"model {cfg.generate.model!r} not found locally"
         )
+        return StageState("generate", shards, False, missing)
     if not all(s.complete for s in shards):
         return StageState("generate", shards, False)
     # A task killed between writing its part and merging leaves the manifest behind.
@@ -382,7 +394,8 @@ def state(cfg: PipelineConfig, n: int) -> StageState:
 
 STAGE = Stage(
     "generate", run, key=plan_key, folder=lambda layout: layout.generated,
-    results=lambda cfg: [cfg.layout.manifest], state=state, sharded=True, resumes=True,
+    results=lambda cfg: [cfg.layout.manifest], needs=("finetune",), state=state, sharded=True,
+    resumes=True,
     uses_gpu=True, unit="images", product="images", applies=lambda cfg: cfg.generates,
     help="prompts -> PNG images + manifest (the synthetic source)",
     description="Generate every class's images with the configured diffusion model into "

@@ -4,6 +4,7 @@ No other module builds a data path by hand: a stage asks `DataLayout(root)` for 
 outputs, so the layout below is the whole truth about what lives where (docs/architecture.md).
 
     DATA/models/tiny/                      the tiny test pipeline; revisions.json: hash cache
+    DATA/finetuned/                        finetune: model/ (the fitted generator), checkpoints/
     DATA/generated/<class>/<name>.png      generate (the source "synthetic"): images, parts/,
                                            manifest.jsonl, dropped.jsonl
     DATA/imported/<name>/<class>/...       import: a folder's images, manifest.jsonl, source.json
@@ -77,6 +78,26 @@ class DataLayout:
     def revisions(self) -> Path:
         """Local models' revision hashes, cached by file size and mtime."""
         return self.models / "revisions.json"
+
+    # --- finetune -----------------------------------------------------------------------------
+    @property
+    def finetuned(self) -> Path:
+        return self.root / "finetuned"
+
+    @property
+    def fitted_model(self) -> Path:
+        """The fitted generator (diffusers' format): unet/ + scheduler/ (pixel), or one
+        <class>/ LoRA folder per class (lora)."""
+        return self.finetuned / "model"
+
+    @property
+    def fitted_classes(self) -> Path:
+        """The fitted model's classes.json (its labels; written last for a LoRA fit)."""
+        return self.fitted_model / "classes.json"
+
+    def fit_checkpoint(self, name: str) -> Path:
+        """A fit's last checkpoint ("pixel", or a class's name for its LoRA)."""
+        return self.finetuned / "checkpoints" / f"{name}.pt"
 
     # --- generate -----------------------------------------------------------------------------
     @property

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from synthflux import classify, evaluate, generate, lineage, preprocess, report, train
+from synthflux import classify, evaluate, finetune, generate, lineage, preprocess, report, train
 from synthflux import filter as filtering  # (the module's name is the stage's)
 from synthflux.backends import backend_for, choose
 from synthflux.backends.serve import session
@@ -28,6 +28,7 @@ from synthflux.stages import Skipped, Stage, Summary
 log = logging.getLogger("synthflux")
 
 STAGES: tuple[Stage, ...] = (
+    finetune.STAGE,
     generate.STAGE,
     filtering.STAGE,
     preprocess.STAGE,

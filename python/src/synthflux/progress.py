@@ -21,6 +21,7 @@ class Progress:
     def __init__(self, desc: str, total: int, unit: str = "img", every_s: float = 10.0):
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.done = 0
+        self.postfix = ""  # e.g. a fit's loss, shown after the count
         self.start = self.last_log = time.monotonic()
         self.bar = (
             tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
@@ -38,6 +39,12 @@ class Progress:
             self.last_log = now
             log.info("%s: %s", self.desc, self.status())
 
+    def note(self, text: str) -> None:
+        """Show `text` after the count (on the bar now; in the next log line otherwise)."""
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
     def counting(self, items: Iterable[T]) -> Iterator[T]:
         """The items, one update each as it is taken."""
         for item in items:
@@ -48,7 +55,10 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        return f"{self.done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, ETA {eta:.0f}s)"
+        note = f", {self.postfix}" if self.postfix else ""
+        return (
+            f"{self.done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, ETA {eta:.0f}s{note})"
+        )
 
     @property
     def rate(self) -> float:

@@ -19,6 +19,7 @@ from typing import Any, TypedDict, cast
 import numpy as np
 from PIL import Image
 
+from synthflux import fitted
 from synthflux.config import PipelineConfig
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
@@ -128,6 +129,8 @@ def plan_batches(cfg: PipelineConfig) -> list[Batch]:
     batches: list[Batch] = []
     for label, spec in enumerate(cfg.classes):
         styled = [f"{p}, {cfg.style}" if cfg.style else p for p in spec.expanded_prompts()]
+        if cfg.pixel_model:  # drawn by class label: the record names the class
+            styled = [spec.name]
         mine = guides[spec.name] if guides else []
         count = len(mine) * per_real if mine and per_real else cfg.images_for(spec)
         for start in range(0, count, size):
@@ -190,6 +193,8 @@ def plan_key(cfg: PipelineConfig) -> str:
         settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later)
     if gen.init_source:  # the real images' manifest: their records hold their sha256
         settings["init_manifest"] = sha256_file(cfg.layout.source(gen.init_source).manifest)
+    if cfg.finetune is not None:  # the fit's inputs and the fitted files: a refit is new images
+        settings["finetune"] = {"key": fitted.key(cfg), "revision": fitted.revision(cfg)}
     if cfg.pools or any(c.prompts_file for c in cfg.classes):
         settings["pools"] = cfg.pools
         settings["prompts"] = [c.all_prompts for c in cfg.classes]  # a prompt file's lines

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from synthflux.errors import ConfigError, DataError
+
+log = logging.getLogger("synthflux")
 
 # What np.load raises for a missing, truncated or non-npz file.
 UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
@@ -228,3 +231,35 @@ class ShardSpec:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+def hash_folder(folder: Path, cache: Path) -> str:
+    """A local model's revision: the sha256 of its files' hashes.
+
+    Hashing a multi-GB model costs seconds, so the result is cached (in `cache`, under the
+    data root, never in the model folder) keyed by every file's size and mtime.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256(
+        "\n".join(
+            f"{f.relative_to(folder).as_posix()} {f.stat().st_size} {f.stat().st_mtime_ns}"
+            for f in files
+        ).encode()
+    ).hexdigest()
+    try:
+        cached = json.loads(cache.read_text()).get(str(folder.resolve()), {})
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("key") == key:
+        return str(cached["revision"])
+    log.info("hashing the model files in %s (cached for later runs)", folder)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(f).encode())
+    revision = "sha256:" + h.hexdigest()
+    # A cache that cannot be written costs time only.
+    with contextlib.suppress(OSError, ValueError), file_lock(cache.with_suffix(".lock")):
+        entries = json.loads(cache.read_text()) if cache.is_file() else {}
+        entries[str(folder.resolve())] = {"key": key, "revision": revision}
+        write_json_atomic(cache, entries)
+    return revision

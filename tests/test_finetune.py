@@ -1,0 +1,259 @@
+"""The finetune stage: the generator fitted to real images (scikit-learn's digits), a killed
+fit resumed bit for bit, generate sampling the fitted model, a refit making everything after
+it stale, the per-class LoRA on the tiny Stable Diffusion, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from digits import keep_classes, write_digits
+from PIL import Image
+
+from conftest import deep_update, run_cli, run_until_held, save_config
+from synthflux import finetune, fitted, generate, ingest, lineage, preprocess
+from synthflux.config import PipelineConfig
+from synthflux.errors import ConfigError, DataError
+from synthflux.records import read_manifest
+from synthflux.storage import ShardSpec
+
+CLASSES = ["0", "1", "2"]
+
+PIXEL: dict[str, Any] = {
+    "seed": 3,
+    "images_per_class": 4,
+    "classes": [{"name": c} for c in CLASSES],
+    "finetune": {
+        "method": "pixel",
+        "steps": 6,
+        "batch_size": 8,
+        "checkpoint_every": 2,
+        "channels": 1,
+        "block_out_channels": [8, 16],
+    },
+    "generate": {"steps": 3, "guidance_scale": 2.0, "width": 8, "height": 8, "batch_size": 3},
+    "preprocess": {
+        "width": 8,
+        "height": 8,
+        "channels": 1,
+        "shard_size": 8,
+        "resample": "bilinear",
+        "aspect": "stretch",
+    },
+    "train": {"epochs": 1},
+    "cnn": {"backend": "reference"},
+}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    train, test = write_digits(tmp_path_factory.mktemp("digits"), test_fraction=0.9)
+    keep_classes((train, test), CLASSES)
+    return train, test
+
+
+def pixel_config(
+    folder: Path, data: Path, train: Path | None, **over: Any
+) -> tuple[Path, PipelineConfig]:
+    """PIXEL with `over`, data root `data`; `train` imported as the real training source."""
+    path, cfg = save_config(
+        folder / "pipeline.toml", deep_update({**PIXEL, "data_root": str(data)}, over)
+    )
+    if train is not None:
+        ingest.run(cfg, train, split="train")
+    return path, cfg
+
+
+def fitted_bytes(cfg: PipelineConfig) -> dict[str, bytes]:
+    model = cfg.layout.fitted_model
+    return {p.relative_to(model).as_posix(): p.read_bytes() for p in sorted(model.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_a_killed_fit_resumes_to_the_same_weights(tmp_path, digits) -> None:
+    _, whole = pixel_config(tmp_path / "a", tmp_path / "a" / "data", digits[0])
+    summary = finetune.run(whole)
+    assert summary.complete and summary.fitted == ["pixel"] and summary.steps == 6
+    assert lineage.is_current(whole, "finetune")
+    path, cfg = pixel_config(tmp_path / "b", tmp_path / "b" / "data", digits[0])
+    # Killed right after the checkpoint of step 4 (the second), then run again.
+    proc = run_until_held(["finetune", str(path)], "fit-checkpoint:2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cfg.layout.fit_checkpoint("pixel").is_file()
+    assert not lineage.is_current(cfg, "finetune")
+    again = finetune.run(cfg)
+    assert again.resumed_at == {"pixel": 4} and again.steps == 2
+    assert fitted_bytes(cfg) == fitted_bytes(whole)  # bit for bit, on this CPU
+    assert not cfg.layout.fit_checkpoint("pixel").exists()
+    assert finetune.run(cfg).reused == ["pixel"]  # current: nothing fitted again
+
+
+def test_a_damaged_checkpoint_is_said_and_the_fit_starts_afresh(tmp_path, digits, caplog) -> None:
+    _, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0])
+    checkpoint = cfg.layout.fit_checkpoint("pixel")
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+    summary = finetune.run(cfg)
+    assert summary.complete and summary.resumed_at == {} and summary.steps == 6
+    assert "is damaged" in caplog.text
+    assert checkpoint.with_name("pixel.pt.damaged").read_bytes() == b"not a checkpoint"
+
+
+def test_generate_samples_the_fitted_model_by_class(tmp_path, digits) -> None:
+    _, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0])
+    finetune.run(cfg)
+    summary = generate.run(cfg)
+    assert summary.complete and summary.generated == 12
+    records = read_manifest(cfg.layout)
+    assert {r["model"] for r in records} == {"finetuned-pixel"}
+    assert {r["model_revision"] for r in records} == {fitted.revision(cfg)}
+    assert [r["prompt"] for r in records[:1]] == ["0"]  # no prompts: the class names it
+    with Image.open(cfg.layout.image(records[0]["file"])) as im:
+        assert (im.mode, im.size) == ("RGB", (8, 8))
+        rgb = np.asarray(im)
+    assert (rgb[..., 0] == rgb[..., 1]).all()  # a grayscale model: grey RGB
+    # Sharded: the two halves are the same bytes as the whole.
+    _, split = pixel_config(tmp_path / "split", tmp_path / "split" / "data", digits[0])
+    finetune.run(split)
+    for i in range(2):
+        generate.run(split, shard=ShardSpec(i, 2))
+    whole = {r["file"]: cfg.layout.image(r["file"]).read_bytes() for r in records}
+    assert {f: split.layout.image(f).read_bytes() for f in whole} == whole
+
+
+def test_a_refit_makes_generate_and_everything_after_it_stale(tmp_path, digits) -> None:
+    _, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0])
+    finetune.run(cfg)
+    generate.run(cfg)
+    preprocess.run(cfg)
+    assert lineage.is_current(cfg, "generate") and lineage.is_current(cfg, "preprocess")
+    _, refit = pixel_config(tmp_path, tmp_path / "data", None, finetune={"steps": 4})
+    # A changed fit setting: generate is stale at once, before any refit.
+    assert "generate" in (lineage.problem(refit, "generate") or "")
+    with pytest.raises(DataError, match="generate"):
+        preprocess.run(refit)
+    with pytest.raises(DataError, match="finetune"):
+        generate.run(refit)  # it will not sample a model fitted for other settings
+    finetune.run(refit)
+    again = generate.run(refit)
+    assert again.reused == 0 and again.generated == 12  # every image made by the new model
+    assert preprocess.run(refit).complete
+
+
+@pytest.mark.parametrize(
+    ("over", "train", "message"),
+    [
+        ({}, None, "no source of that name was imported: run `synthflux import"),
+        ({"finetune": {"source": "held"}}, "test-as-held", "is a test set"),
+        ({}, "one-class", "has no images of class '1'"),
+    ],
+)
+def test_what_a_fit_cannot_use_is_one_line(tmp_path, digits, over, train, message) -> None:
+    path, cfg = pixel_config(tmp_path, tmp_path / "data", None, **over)
+    if train == "test-as-held":
+        ingest.run(cfg, digits[1], split="test", name="held")
+    elif train == "one-class":
+        only = tmp_path / "only"
+        (only / "0").mkdir(parents=True)
+        for png in sorted((digits[0] / "0").glob("*.png"))[:3]:
+            (only / "0" / png.name).write_bytes(png.read_bytes())
+        ingest.run(cfg, only, split="train", classes_subset=True)
+    result = run_cli("finetune", str(path))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in result.stderr
+    assert not cfg.layout.fitted_model.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"finetune": {"block_out_channels": [8, 16, 24, 32, 40]}}, "at most 4"),
+        ({"generate": {"init_source": "train"}}, "cannot be combined with [finetune]"),
+        ({"finetune": {"block_out_channels": [12, 16]}}, "multiple of 8"),
+        ({"finetune": {"method": "gan"}}, "finetune.method"),
+    ],
+)
+def test_bad_finetune_settings_name_the_field(tmp_path, over, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        pixel_config(tmp_path, tmp_path / "data", None, **over)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_status_and_run_know_the_stage_from_the_contract(tmp_path, digits) -> None:
+    path, _ = pixel_config(tmp_path, tmp_path / "data", digits[0])
+    status = run_cli("status", str(path))
+    assert status.returncode == 0, status.stderr
+    lines = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line[:1] != " "}
+    assert list(lines)[:2] == ["finetune", "generate"], status.stdout  # generate samples the fit
+    assert "incomplete 0/1 tasks done" in lines["finetune"]
+    assert "waiting for the stage before it" in lines["generate"]
+    ran = run_cli("run", str(path))
+    assert ran.returncode == 0, ran.stderr
+    assert "finetune: pixel: fitted" in ran.stdout
+    assert "finetune: the fitted generator are complete" not in ran.stdout
+    again = run_cli("run", str(path))
+    assert "finetune: already fitted and current: pixel" in again.stdout
+    dry = run_cli("submit", str(path), "--shards", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "finetune" in dry.stdout
+
+
+def test_interrupted_lora_fit_per_class_shards(tmp_path, tiny_model, digits) -> None:
+    """LoRA on the tiny Stable Diffusion: each --shard fits its classes; generate loads every
+    class's adapter and makes each class's batches with its own (the images equal a plain run
+    with that class's adapter as generate.lora)."""
+    raw = {
+        "data_root": str(tmp_path / "data"), "seed": 5, "images_per_class": 2,
+        "classes": [{"name": c, "prompts": [f"a handwritten digit {c}"]} for c in CLASSES[:2]],
+        "finetune": {"method": "lora", "steps": 3, "batch_size": 2, "lr": 0.05, "rank": 2,
+                     "checkpoint_every": 1},
+        "generate": {"model": str(tiny_model), "steps": 2, "width": 32, "height": 32,
+                     "batch_size": 2, "guidance_scale": 2.0},
+    }  # fmt: skip
+    path, cfg = save_config(tmp_path / "lora.toml", raw)
+    keep = tmp_path / "two"
+    for c in CLASSES[:2]:
+        (keep / c).mkdir(parents=True)
+        for png in sorted((digits[0] / c).glob("*.png"))[:4]:
+            (keep / c / png.name).write_bytes(png.read_bytes())
+    ingest.run(cfg, keep, split="train")
+    first = finetune.run(cfg, shard=ShardSpec(0, 2))
+    assert first.fitted == ["0"] and not first.complete
+    assert not cfg.layout.fitted_classes.exists()
+    with pytest.raises(DataError, match="finetune is incomplete|not found"):
+        generate.run(cfg)
+    proc = run_until_held(["finetune", str(path), "--shard", "1/2"], "fit-checkpoint:2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    second = finetune.run(cfg, shard=ShardSpec(1, 2))
+    assert second.fitted == ["1"] and second.resumed_at == {"1": 2} and second.complete
+    for c in CLASSES[:2]:
+        assert (cfg.layout.fitted_model / c / "pytorch_lora_weights.safetensors").is_file()
+    made = generate.run(cfg)
+    assert made.complete
+    records = read_manifest(cfg.layout)
+    assert all(any(a.startswith("finetuned-lora:") for a in r["adapters"]) for r in records)
+    for c in CLASSES[:2]:  # class c's images are those of its adapter alone
+        plain = deep_update(raw, {"data_root": str(tmp_path / f"plain{c}"),
+                                  "generate": {"lora": [str(cfg.layout.fitted_model / c)]}})  # fmt: skip
+        del plain["finetune"]
+        _, alone = save_config(tmp_path / f"plain{c}.toml", plain)
+        generate.run(alone)
+        for r in records:
+            if r["class"] == c:
+                assert alone.layout.image(r["file"]).read_bytes() != b""
+                mine = np.asarray(Image.open(cfg.layout.image(r["file"])))
+                theirs = np.asarray(Image.open(alone.layout.image(r["file"])))
+                assert np.array_equal(mine, theirs), r["file"]
+    base = deep_update(raw, {"data_root": str(tmp_path / "base")})
+    del base["finetune"]
+    _, untouched = save_config(tmp_path / "base.toml", base)
+    generate.run(untouched)
+    r = records[0]
+    assert not np.array_equal(np.asarray(Image.open(cfg.layout.image(r["file"]))),
+                              np.asarray(Image.open(untouched.layout.image(r["file"]))))  # fmt: skip
