@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 .PHONY: help
 help: ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) DATA=$(DATA) PYTHON=$(PYTHON) TORCH=$(TORCH)"
 
 # The virtualenv is a stamp target: it is rebuilt when the package's requirements change.
@@ -30,9 +30,19 @@ $(BIN)/.stamp: python/pyproject.toml
 .PHONY: venv
 venv: $(BIN)/.stamp ## create or update the virtualenv (.venv)
 
+# The demo: scikit-learn's real digits (shipped in the package), half to fit the generator to,
+# half to test on; the CNN learns from the synthetic digits alone (examples/digits.toml).
+DEMO_CONFIG ?= examples/digits.toml
 .PHONY: demo
-demo: $(BIN)/.stamp ## the tiny example end to end on a CPU: generate .. train .. report (DATA/demo)
-	$(BIN)/synthflux run $(CONFIG) --data $(DATA)/demo --backend $(DEMO_BACKEND)
+demo: $(BIN)/.stamp ## do synthetic digits teach? fit, generate, train on them, test on real ones (DATA/demo, ~5 min)
+	$(BIN)/synthflux digits $(DATA)/demo/digits
+	$(BIN)/synthflux import $(DEMO_CONFIG) $(DATA)/demo/digits/train --as train --data $(DATA)/demo
+	$(BIN)/synthflux import $(DEMO_CONFIG) $(DATA)/demo/digits/test --as test --data $(DATA)/demo
+	$(BIN)/synthflux run $(DEMO_CONFIG) --data $(DATA)/demo --backend $(DEMO_BACKEND)
+
+.PHONY: tiny
+tiny: $(BIN)/.stamp ## the tiny random Stable Diffusion through every stage: plumbing, not learning (DATA/tiny)
+	$(BIN)/synthflux run $(CONFIG) --data $(DATA)/tiny --backend $(DEMO_BACKEND)
 
 .PHONY: lint
 lint: $(BIN)/.stamp ## ruff (lint + format) and mypy
@@ -57,8 +67,8 @@ bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by 
 	$(BIN)/python bench/train_throughput.py
 
 .PHONY: clean
-clean: ## remove the demo data and caches (not the virtualenv)
-	rm -rf $(DATA)/demo .pytest_cache tests/.pytest_cache
+clean: ## remove the demo's and tiny's data and caches (not the virtualenv)
+	rm -rf $(DATA)/demo $(DATA)/tiny .pytest_cache tests/.pytest_cache
 
 # --- containers: the images, and every stage in them through compose.yaml (README "Containers")
 PY_IMAGE ?= synthflux-python:latest

@@ -193,8 +193,8 @@ def test_python_may_be_a_command_line(
     python = "apptainer exec --nv '/images/synthflux python.sif' python"
     assert main(["submit", str(config), "--shards", "2", "--dry-run", "--python", python]) == 0
     execs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("exec ")]
-    needed = [st for st in STAGES if st.applies(cfg)]  # (no [filter]: no filter job)
-    assert len(execs) == len(needed) == len(STAGES) - 1  # a job per stage, each through python
+    needed = [st for st in STAGES if st.applies(cfg)]  # (no [filter] or [finetune]: no such job)
+    assert len(execs) == len(needed) == len(STAGES) - 2  # a job per stage, each through python
     for line in execs:
         assert line.startswith(f"exec {python} -m synthflux ")
 

@@ -6,15 +6,12 @@ Every field is documented in README.md ("Config reference"); examples live in ex
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     FiniteFloat,
     PrivateAttr,
@@ -25,6 +22,16 @@ from pydantic import (
 )
 
 from synthflux.errors import ConfigError, describe
+from synthflux.generation_config import (  # re-exported: every stage imports from here
+    MAX_IMAGES as MAX_IMAGES,
+)
+from synthflux.generation_config import (
+    FinetuneConfig as FinetuneConfig,
+)
+from synthflux.generation_config import (
+    GenerateConfig as GenerateConfig,
+)
+from synthflux.generation_config import PositiveInt, Strict
 from synthflux.layout import DataLayout
 from synthflux.prompts import fill, placeholders, read_prompts_file
 from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_KERNEL
@@ -37,7 +44,6 @@ else:  # pragma: no cover
 # A class name becomes a folder name: letters, digits, '-', '_', '.', no leading dot.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-PositiveInt = Annotated[int, Field(gt=0)]
 # docker/local run julia/flux_model.jl; "reference" runs its PyTorch twin in-process (no Julia
 # needed: demos, laptops, clusters without containers); "none" runs nothing and collects the
 # probabilities another process wrote into DATA/predictions (compose's julia service).
@@ -45,20 +51,11 @@ Backend = Literal["auto", "docker", "local", "reference", "none"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
-# Limits of one config: ids are label * 1,000,000 + index (records.py), and a plan of every
-# image is held in memory; beyond this, split the classes over several configs.
-MAX_IMAGES = 1_000_000
 MAX_SIDE = 4096  # preprocess width/height: a classifier's input, not a photo's
 MIN_STD = 1e-6  # preprocess std: pixels are divided by it
 
 
-class _Strict(BaseModel):
-    # strict: TOML has real types, so `images_per_class = true` or `seed = "1234"` is a
-    # mistake to report, not to coerce.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ClassSpec(_Strict):
+class ClassSpec(Strict):
     """One class: its name (also its folder) and the prompts that describe it."""
 
     name: str
@@ -107,70 +104,7 @@ class ClassSpec(_Strict):
         return out
 
 
-class GenerateConfig(_Strict):
-    # A Hugging Face model id, a local folder, or "tiny" (a random test model built offline).
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    revision: str | None = None
-    # "default" keeps the model's own scheduler (the names map to diffusers classes in generate.py).
-    scheduler: Literal["default", "ddim", "pndm", "lms", "euler", "euler_a", "dpm++", "unipc"] = (
-        "default"
-    )
-    steps: PositiveInt = 25
-    # Classifier-free guidance: one value, or a range [low, high] each image draws from by its
-    # seed. Training data wants low guidance (about 1.5-3: Sariyildiz et al. 2023, Fan et al.
-    # 2024): 7.5 (diffusers' default, kept so existing data stays valid) makes prettier images
-    # of less variety. 0 or 1 turns guidance off.
-    guidance_scale: float | list[float] = 7.5
-    width: PositiveInt = 512
-    height: PositiveInt = 512
-    batch_size: PositiveInt = 4
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    compile: bool = False  # torch.compile the UNet: slower start, faster steps on big runs
-    attention_slicing: bool = False  # less GPU memory, a little slower
-    cpu_offload: bool = False  # model CPU offload for small GPUs (needs CUDA)
-    # What to do with an image the model's safety checker flags.
-    on_flagged: Literal["regenerate", "drop"] = "regenerate"
-    max_attempts: PositiveInt = 3
-    # Real-guided generation (img2img; DA-Fusion, He et al. 2023): each image starts from a real
-    # image of its class in this imported training source (image i from the class's real
-    # image i mod R), noised by `strength` (1: the real image is ignored). "": text only.
-    init_source: str = ""
-    strength: float = Field(0.5, gt=0, le=1)
-    images_per_real: int = Field(0, ge=0, le=MAX_IMAGES)  # with init_source (0: images_per_class)
-    # Adapters loaded into the model, each a local file/folder or a Hub id; their hashes are
-    # in every image's record.
-    lora: list[str] = Field(default_factory=list)
-    textual_inversion: list[str] = Field(default_factory=list)
-
-    @field_validator("guidance_scale", mode="before")
-    @classmethod
-    def _scale_or_range(cls, v: object) -> object:
-        # Checked here, whole, so that an error names the field rather than a union member.
-        def number(x: object) -> bool:
-            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-        if number(v):
-            if v < 0:  # type: ignore[operator]
-                raise ValueError("must be >= 0 (0 or 1 turns guidance off)")
-            return float(v)  # type: ignore[arg-type]
-        if not (isinstance(v, list) and len(v) == 2 and all(number(x) for x in v)):
-            raise ValueError("must be a number or a range [low, high] of two numbers")
-        if not 1 <= v[0] <= v[1]:
-            raise ValueError(
-                f"a range [low, high] needs 1 <= low <= high (at 1 or below guidance is off), got {v}"
-            )
-        return [float(x) for x in v]
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be divisible by 8 (the VAE downsamples by 8), got {v}")
-        return v
-
-
-class PreprocessConfig(_Strict):
+class PreprocessConfig(Strict):
     # At most MAX_SIDE: a shard row is width x height x channels float32s.
     width: PositiveInt = Field(64, le=MAX_SIDE)
     height: PositiveInt = Field(64, le=MAX_SIDE)
@@ -197,7 +131,7 @@ class PreprocessConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Training the CNN (docs/training.md has the exact rules, the same in both languages)."""
 
     # "synthetic": the generated images; "real": every source imported with --as train.
@@ -216,6 +150,9 @@ class TrainConfig(_Strict):
     kernel: int = Field(DEFAULT_KERNEL, ge=1)  # the CNN: odd kernel size ...
     blocks: list[PositiveInt] = Field(default=list(DEFAULT_BLOCKS), min_length=1)  # ... channels
     timeout_s: PositiveInt = 86_400
+    # Without "real" in sources: evaluate also trains this network on the real training
+    # images alone (the PyTorch twin) and shows its test accuracy beside (synthflux.baseline).
+    baseline: bool = True
 
     @field_validator("betas")
     @classmethod
@@ -232,7 +169,7 @@ class TrainConfig(_Strict):
         return kernel
 
 
-class CnnConfig(_Strict):
+class CnnConfig(Strict):
     """Where the CNN runs -- train, classify and evaluate alike -- and with what resources."""
 
     # auto: docker if the Julia image is there and the engine answers, else local if a julia
@@ -248,7 +185,7 @@ class CnnConfig(_Strict):
     volume: str = ""
 
 
-class FilterConfig(_Strict):
+class FilterConfig(Strict):
     """Which generated images reach training: the filter stage scores every image, drops the
     ones below a bar and keeps each class's best. Nothing set: every image is kept."""
 
@@ -273,53 +210,12 @@ class FilterConfig(_Strict):
         return self.min_real_confidence > 0 or self.keep_top > 0
 
 
-class FinetuneConfig(_Strict):
-    """Fit the generator to the real training images before generating (the finetune stage).
-
-    pixel: a class-conditional pixel-space diffusion model trained from scratch at generate's
-    width x height (small images: digits, CIFAR-sized; any machine, no download). lora: a
-    LoRA per class on generate.model, fitted on that class's real images with its prompt
-    (DataDream, Kim et al. 2024; wants a GPU)."""
-
-    method: Literal["pixel", "lora"] = "pixel"
-    source: str = "train"  # the imported training source (`import --as train --name`)
-    steps: int = Field(1000, gt=0, le=10_000_000)  # optimizer steps (lora: per class)
-    batch_size: PositiveInt = 64
-    lr: FiniteFloat | None = Field(None, gt=0)  # None: 2e-3 for pixel, 1e-4 for lora
-    warmup_steps: int = Field(0, ge=0)  # linear warm-up, then constant
-    checkpoint_every: PositiveInt = 100  # steps between checkpoints (a killed fit resumes)
-    seed: int = Field(0, ge=0, lt=2**63)  # initial weights and every step's draws
-    # pixel: the UNet (diffusers UNet2DModel, no attention) and its training
-    channels: Literal[1, 3] = 3  # 1: grayscale images (written as RGB PNGs)
-    # (at most 4 blocks: 3 halvings, which generate's multiples of 8 always allow)
-    block_out_channels: list[PositiveInt] = Field(default=[32, 64], min_length=1, max_length=4)
-    layers_per_block: PositiveInt = 1
-    null_fraction: float = Field(0.1, ge=0, lt=1)  # labels dropped for classifier-free guidance
-    ema_decay: float = Field(0.995, ge=0, lt=1)  # the sampled weights' moving average; 0: off
-    # lora
-    rank: PositiveInt = 4
-    text_encoder: bool = False  # also fit a LoRA on the text encoder
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-3 if self.method == "pixel" else 1e-4)
-
-    @field_validator("block_out_channels")
-    @classmethod
-    def _groups(cls, channels: list[int]) -> list[int]:
-        if any(c % 8 for c in channels):
-            raise ValueError(
-                f"each must be a multiple of 8 (the UNet's norm groups), got {channels}"
-            )
-        return channels
-
-
-class ClassifyConfig(_Strict):
+class ClassifyConfig(Strict):
     # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
     weights: str = ""
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     data_root: Annotated[Path, Field(strict=False)] = Path("data")  # a TOML string
     seed: int = Field(0, ge=0, lt=2**63)
     images_per_class: int = Field(8, gt=0, le=MAX_IMAGES)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from synthflux import distribution, lineage, reference
+from synthflux import baseline, distribution, lineage, reference
 from synthflux.config import PipelineConfig
 from synthflux.contracts import (
     check_probs,
@@ -54,6 +54,7 @@ class EvaluateSummary:
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     distribution: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] | None = None
     complete: bool = True
 
     def lines(self) -> list[str]:
@@ -67,6 +68,7 @@ class EvaluateSummary:
             if s["kind"] == "test":
                 out += confusion_lines(self.classes, s["confusion_matrix"]["matrix"],
                                                 "true class")  # fmt: skip
+        out += baseline.lines(self.baseline)
         out += _distribution_lines(self.distribution)
         return out + self.notes + ["wrote evaluation/summary.json and evaluation/predictions.csv"]
 
@@ -109,10 +111,11 @@ def run(
         raise DataError("nothing to evaluate: no image was classified")
     # 4. each training source against each test set, on the CNN's features
     summary.distribution = _distribution(cfg, weights, taken)
+    summary.baseline = baseline.run(cfg)  # the real-only CNN, where there is one
     # 5. summary.json, predictions.csv, then stage.json
     write_json_atomic(layout.evaluation_summary, {
         "classes": cfg.class_names, "splits": summary.splits, "notes": summary.notes,
-        "distribution": summary.distribution, "weights": str(weights),
+        "distribution": summary.distribution, "weights": str(weights), "baseline": summary.baseline,
         "trained_on": [s.name for s in training_sources(cfg)]})  # fmt: skip
     _write_csv(layout, cfg.class_names, rows)
     lineage.record(cfg, "evaluate", key=taken, seconds=time.monotonic() - started,
@@ -271,6 +274,8 @@ def key(cfg: PipelineConfig) -> str:
     inputs = {"classify": marker.get("key"), "outputs": marker.get("outputs"), "seed": t.seed,
               "val_fraction": t.val_fraction, "sources": t.sources,
               "weights": sha256_file(weights_path(cfg)), "distribution": distribution.VERSION}  # fmt: skip
+    if found := baseline.inputs(cfg):  # (keys without a baseline stay as they were)
+        inputs["baseline"] = {"datasets": found, "train": t.model_dump(exclude={"timeout_s"})}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 

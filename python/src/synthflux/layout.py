@@ -269,6 +269,11 @@ class DataLayout:
     def evaluation_csv(self) -> Path:
         return self.evaluation / "predictions.csv"
 
+    @property
+    def baseline(self) -> Path:
+        """The real-only baseline's training (evaluate's; synthflux.baseline)."""
+        return self.evaluation / "baseline"
+
     STAGING_PREFIX = ".classify-"  # predictions/.classify-XXXX: one run's raw outputs
 
     @property

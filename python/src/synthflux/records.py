@@ -179,9 +179,10 @@ def _drawn_guidance(cfg: PipelineConfig, class_name: str, index: int) -> float:
     return round(low + (high - low) * _draw(cfg.seed, class_name, index, "guidance"), 4)
 
 
-def plan_key(cfg: PipelineConfig) -> str:
+def plan_key(cfg: PipelineConfig, *, fitted_files: bool = True) -> str:
     """A hash of every setting the images depend on (the model's revision aside: records
-    carry it). generate's stage.json keeps it, so later stages see a stale manifest."""
+    carry it). generate's stage.json keeps it, so later stages see a stale manifest. With
+    [finetune], the fit's key and (`fitted_files`) its files' hash: a refit is new images."""
     later = {"init_source", "strength", "images_per_real", "lora", "textual_inversion"}
     settings = cfg.model_dump(
         mode="json",
@@ -193,8 +194,10 @@ def plan_key(cfg: PipelineConfig) -> str:
         settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later)
     if gen.init_source:  # the real images' manifest: their records hold their sha256
         settings["init_manifest"] = sha256_file(cfg.layout.source(gen.init_source).manifest)
-    if cfg.finetune is not None:  # the fit's inputs and the fitted files: a refit is new images
-        settings["finetune"] = {"key": fitted.key(cfg), "revision": fitted.revision(cfg)}
+    if cfg.finetune is not None:
+        settings["finetune"] = {"key": fitted.key(cfg)}
+        if fitted_files:
+            settings["finetune"]["revision"] = fitted.revision(cfg)
     if cfg.pools or any(c.prompts_file for c in cfg.classes):
         settings["pools"] = cfg.pools
         settings["prompts"] = [c.all_prompts for c in cfg.classes]  # a prompt file's lines

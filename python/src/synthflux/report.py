@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageOps
 
-from synthflux import lineage, plots
+from synthflux import headline, lineage, plots
 from synthflux.config import PipelineConfig
 from synthflux.distribution import shown
 from synthflux.drawing import Writer
@@ -369,9 +369,10 @@ figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-re
 img.plot {{ max-width: 100%; }}
 </style></head><body>
 <h1>synthflux report</h1>
-<p>{plural(summary["images"], "image")} in {plural(summary["shards"], "shard")} classified with
-backend {e(str(summary.get("backend")))}: accuracy against their labels <b>{accuracy}</b>
-({summary["correct"]}/{summary["images"]}); timings: {e(timings)}.</p>
+<p id="headline">{" ".join(headline.sentences(evaluation, classes))}</p>
+<p><small>All {plural(summary["images"], "image")} classified (training and test sources
+together, backend {e(str(summary.get("backend")))}): {accuracy} against their labels
+({summary["correct"]}/{summary["images"]}); timings: {e(timings)}.</small></p>
 {_filter_html(filtered)}<h2>Training</h2>{curves}
 <h2>Evaluation</h2>{_evaluation_html(evaluation, pictures)}
 <h2>Test images it got wrong <small>({len(wrong)} shown)</small></h2>

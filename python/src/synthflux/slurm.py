@@ -148,8 +148,11 @@ def _command(st: Stage, paths: Paths, opts: SubmitOptions) -> str:
     return cmd + (f" --backend {q(backend)}" if backend and st.runs_cnn else "")
 
 
-def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int] | None) -> str:
-    """The batch script of one stage; `tasks` are the array indices (None: a single job)."""
+def render_script(
+    stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int] | None, after: bool = True
+) -> str:
+    """The batch script of one stage; `tasks` are the array indices (None: a single job);
+    `after`: it waits for the job before it in the submission."""
     st = pipeline.stage(stage)
     log_name = f"{stage}-%A_%a.log" if tasks is not None else f"{stage}-%j.log"
     directives = [
@@ -163,7 +166,7 @@ def render_script(stage: str, paths: Paths, opts: SubmitOptions, tasks: list[int
     if tasks is not None:
         throttle = f"%{opts.max_parallel}" if opts.max_parallel else ""
         directives.append(f"--array={array_spec(tasks)}{throttle}")
-    if st.needs:
+    if after:
         directives.append("--kill-on-invalid-dep=yes")  # a failed dependency cancels, never hangs
     if opts.partition:
         directives.append(f"--partition={opts.partition}")
@@ -268,8 +271,13 @@ def _write_scripts(
     plan: Plan, paths: Paths, opts: SubmitOptions
 ) -> list[tuple[str, Path, str, list[int] | None]]:
     return [
-        (stage, paths.slurm / f"{stage}.sbatch", render_script(stage, paths, opts, tasks), tasks)
-        for stage, tasks in plan.tasks.items()
+        (
+            stage,
+            paths.slurm / f"{stage}.sbatch",
+            render_script(stage, paths, opts, tasks, i > 0),
+            tasks,
+        )
+        for i, (stage, tasks) in enumerate(plan.tasks.items())
     ]
 
 

@@ -126,6 +126,7 @@ def _point_config(
                 raise ConfigError(f"{path}: sweep.vary: {dotted!r} is not a setting")
         table[name] = value
     raw.setdefault("train", {})["sources"] = TRAINS_ON[point.sources]
+    raw["train"]["baseline"] = False  # the sweep's own real-only points are the baseline
     if point.images:
         raw["images_per_class"] = point.images
         for spec in raw.get("classes", []):
@@ -140,9 +141,8 @@ def _point_config(
 def _generation_key(cfg: PipelineConfig, base: PipelineConfig) -> str:
     """What the images depend on, whatever the number per class (real images to start from
     are read where they were imported: the base data root)."""
-    return plan_key(cfg.model_copy(update={"images_per_class": 1, "data_root": base.data_root}))[
-        :12
-    ]
+    one = cfg.model_copy(update={"images_per_class": 1, "data_root": base.data_root})
+    return plan_key(one, fitted_files=False)[:12]  # (the fit is made in the images' root)
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -163,6 +163,10 @@ def run(
         _share_models(grid.base.layout, images_cfg.layout)
         if images_cfg.generate.init_source:  # real-guided: the real images it starts from
             _link_source(grid.base.layout, images_cfg.layout, images_cfg.generate.init_source)
+        if images_cfg.finetune is not None and not _fit(
+            grid, images_cfg, shard, only_generate, say
+        ):
+            continue
         if only_generate or shard is None:
             for line in generate.run(images_cfg, shard=shard if only_generate else None).lines():
                 say(f"sweep images {images_cfg.layout.root.name}: {line}")
@@ -189,6 +193,31 @@ def run(
         return None
     rows = [_row(grid, point, cfg) for point, cfg in grid.points]
     return _publish(grid, rows, say)
+
+
+def _fit(
+    grid: Plan, images_cfg: PipelineConfig, shard: ShardSpec | None, only_generate: bool,
+    say: Callable[[str], None],
+) -> bool:  # fmt: skip
+    """The generator fitted once per generation setting, in its images' root (the real images
+    linked in): whether it is complete, so that the images can be made."""
+    from synthflux import finetune
+
+    assert images_cfg.finetune is not None
+    _link_source(grid.base.layout, images_cfg.layout, images_cfg.finetune.source)
+    if only_generate or shard is None:
+        summary = finetune.run(images_cfg, shard=shard)
+        for line in summary.lines():
+            say(f"sweep fit {images_cfg.layout.root.name}: {line}")
+        if not summary.complete:
+            say("sweep: the fit is not complete yet (other --shard tasks); run again after them")
+            return False
+    elif not lineage.is_current(images_cfg, "finetune"):
+        raise DataError(
+            f"the sweep's generator in {images_cfg.layout.root} is not fitted: run `synthflux "
+            "sweep CONFIG --only-generate` first"
+        )
+    return True
 
 
 def _logger(name: str) -> Callable[[str], None]:
@@ -234,6 +263,9 @@ def _link_inputs(grid: Plan, point: Point, cfg: PipelineConfig) -> None:
             _symlink(layout.imported / source.name, source.paths.folder)
     if cfg.generates:
         images = grid.images[_generation_key(cfg, grid.base)].layout
+        if cfg.finetune is not None:  # the generator fitted in the images' root, and its inputs
+            _link_source(grid.base.layout, layout, cfg.finetune.source)
+            _symlink(layout.finetuned, images.finetuned)
         for job in plan_images(cfg):
             src, dest = images.image(job.file), layout.image(job.file)
             if src.is_file() and not dest.exists():
