@@ -284,7 +284,7 @@ def _summarise(
         np.concatenate(all_labels), np.concatenate(all_probs), classes, "true class"
     )
     timings: dict[str, Any] = {}
-    for stage in ("generate", "preprocess", "train"):  # the stages before it, when they ran
+    for stage in ("finetune", "generate", "filter", "preprocess", "train"):  # those that ran
         if (timing := lineage.marker(cfg, stage)) is not None:
             timings[stage] = timing
     seconds = time.monotonic() - started

@@ -92,3 +92,23 @@ def sweep_curves(rows: list[dict[str, Any]], tests: list[str], varied: list[str]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _png(fig)
+
+
+def real_and_generated(real: dict[str, list[Any]], made: dict[str, list[Any]]) -> bytes:
+    """A row per class: real training images on the left, generated ones on the right (PIL
+    images, as they are on disk)."""
+    classes = list(real)
+    n = max(len(v) for v in [*real.values(), *made.values()])
+    fig = _figure(0.55 * (2 * n + 2), 0.55 * len(classes) + 0.5)
+    axes = fig.subplots(len(classes), 2 * n + 2, squeeze=False, gridspec_kw={"wspace": 0.05})
+    for r, c in enumerate(classes):
+        for ax in axes[r]:
+            ax.set_axis_off()
+        axes[r, 0].text(0.5, 0.5, c, ha="center", va="center", fontsize=11)
+        for j, im in enumerate(real[c]):
+            axes[r, 1 + j].imshow(im, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        for j, im in enumerate(made.get(c, [])):
+            axes[r, 2 + n + j].imshow(im, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axes[0, 1 + n // 2].set_title("real (training)", fontsize=11)
+    axes[0, 2 + n + n // 2].set_title("generated", fontsize=11)
+    return _png(fig)

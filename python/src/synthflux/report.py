@@ -9,30 +9,29 @@ DATA/training/run/metrics.jsonl (each when there); writes DATA/report/ (or --out
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import html
 import io
 import json
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 from synthflux import headline, lineage, plots
 from synthflux.config import PipelineConfig
+from synthflux.contact_sheet import THUMB, contact_sheet, probabilities
 from synthflux.distribution import shown
-from synthflux.drawing import Writer
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout
 from synthflux.progress import plural
+from synthflux.sources import imported
 from synthflux.stages import Option, Stage, at_least
 from synthflux.storage import atomic_write, write_bytes_atomic
 
-THUMB = 128  # thumbnail side in pixels
-CAPTION_LINES = 6
 MISTAKES = 48  # at most this many wrongly classified test images are shown
 
 
@@ -60,9 +59,12 @@ def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = No
     picked = {c: [r for r in in_order if r["class"] == c][:per_class] for c in classes}
     thumbs = {(r["source"], r["id"]): _thumbnail(layout, r) for g in picked.values() for r in g}
     sheet_path = out / "contact-sheet.png"
-    write_bytes_atomic(sheet_path, _png(_contact_sheet(picked, thumbs, classes, summary)))
+    write_bytes_atomic(sheet_path, _png(contact_sheet(picked, thumbs, classes, summary)))
     # 2. the plots; 3. the test images the model got wrong
     pictures = _plots(out, classes, evaluation, epochs)
+    if side_by_side := _real_and_generated(cfg, rows, classes):
+        pictures["real and generated"] = out / "real-and-generated.png"
+        write_bytes_atomic(pictures["real and generated"], side_by_side)
     wrong = [r for r in eval_rows if r["kind"] == "test" and r["correct"] == "0"][:MISTAKES]
     thumbs |= {(r["source"], r["id"]): _thumbnail(layout, r) for r in wrong}
     # 4. the page, everything in it
@@ -144,8 +146,23 @@ def _thumbnail(layout: DataLayout, row: dict[str, str]) -> Image.Image:
         return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
 
 
-def _probabilities(row: dict[str, str], classes: list[str]) -> str:
-    return " ".join(f"{c}={float(row[f'p_{c}']):.2f}" for c in classes)
+def _real_and_generated(
+    cfg: PipelineConfig, rows: list[dict[str, str]], classes: list[str], n: int = 8
+) -> bytes | None:
+    """The first n real training and generated images of each class, side by side (when the
+    run has both)."""
+    real = next((s.name for s in imported(cfg.layout) if s.split == "train"), None)
+    if real is None or not any(r["source"] == SYNTHETIC for r in rows):
+        return None
+    picked: dict[str, dict[str, list[Image.Image]]] = {real: {}, SYNTHETIC: {}}
+    for r in sorted(rows, key=lambda r: int(r["id"])):
+        group = picked.get(r["source"], {}).setdefault(r["class"], [])
+        if r["source"] in picked and len(group) < n:
+            path = cfg.layout.source(r["source"]).inside(r["file"])
+            with contextlib.suppress(OSError), Image.open(path or "") as im:
+                group.append(im.convert("L") if im.mode in ("L", "P") else im.convert("RGB"))
+    return plots.real_and_generated({c: picked[real].get(c, []) for c in classes},
+                                    {c: picked[SYNTHETIC].get(c, []) for c in classes})  # fmt: skip
 
 
 # --- pictures ---------------------------------------------------------------------------------
@@ -186,58 +203,6 @@ def _kept_epoch(epochs: list[dict[str, Any]]) -> int:
     return int(min(scored, key=lambda e: (e["val_loss"], e["epoch"]))["epoch"])
 
 
-def _contact_sheet(
-    picked: dict[str, list[dict[str, str]]],
-    thumbs: dict[tuple[str, str], Image.Image],
-    classes: list[str],
-    summary: dict[str, Any],
-) -> Image.Image:
-    cols = max(1, min(8, max((len(g) for g in picked.values()), default=1)))
-    cell_w, line_h = THUMB + 16, 13
-    cell_h = THUMB + CAPTION_LINES * line_h + 12
-    header_h = 24
-    matrix_h = (len(classes) + 3) * 16
-    blocks = [header_h + max(1, -(-len(picked[c]) // cols)) * cell_h for c in classes]
-    sheet = Image.new("RGB", (cols * cell_w + 16, sum(blocks) + matrix_h + 16), "white")
-    write = Writer(ImageDraw.Draw(sheet))
-    y = 8
-    for c, block in zip(classes, blocks, strict=True):
-        write.text((8, y + 4), f"class {c} ({plural(summary['counts'].get(c, 0), 'image')})")
-        for i, row in enumerate(picked[c]):
-            x0, y0 = 8 + (i % cols) * cell_w, y + header_h + (i // cols) * cell_h
-            right = row["predicted"] == row["class"]
-            sheet.paste(thumbs[row["source"], row["id"]], (x0, y0))
-            write.draw.rectangle(
-                (x0 - 2, y0 - 2, x0 + THUMB + 1, y0 + THUMB + 1),
-                outline="green" if right else "red",
-            )
-            caption = [f"#{row['id']} {row['name']}", f"seed {row['seed']}"]
-            caption += [_probabilities(row, classes)]
-            caption += textwrap.wrap(row["prompt"], 22)[: CAPTION_LINES - 3]
-            for j, text in enumerate(caption):
-                write.text((x0, y0 + THUMB + 4 + j * line_h), text)
-        y += block
-    _draw_matrix(write, (8, y + 4), classes, summary["confusion_matrix"]["matrix"])
-    return sheet
-
-
-def _draw_matrix(
-    write: Writer, at: tuple[int, int], classes: list[str], matrix: list[list[int]]
-) -> None:
-    """The confusion matrix as a table: every cell right-aligned in its column."""
-    x, y = at
-    write.text((x, y), "confusion matrix (rows: true class, columns: predicted)")
-    names = [c[:12] for c in classes]
-    first = max(write.length(n) for n in names) + 12
-    width = max(max(write.length(n) for n in names), write.length("0000")) + 12
-    for j, name in enumerate(names):
-        write.right(x + first + (j + 1) * width, y + 16, name)
-    for i, name in enumerate(names):
-        write.text((x, y + 32 + i * 16), name)
-        for j, value in enumerate(matrix[i]):
-            write.right(x + first + (j + 1) * width, y + 32 + i * 16, str(value))
-
-
 # --- the page ---------------------------------------------------------------------------------
 
 
@@ -257,10 +222,18 @@ def _card(r: dict[str, str], thumb: Image.Image, classes: list[str], wrong_only:
     ok = "ok" if r["predicted"] == r["class"] else "wrong"
     detail = (f"true <b>{e(r['class'])}</b>, predicted <b>{e(r['predicted'])}</b><br>{e(r['file'])}"
               if wrong_only else
-              f"seed {e(r['seed'])}<br>{e(_probabilities(r, classes))}<br>predicted "
+              f"seed {e(r['seed'])}<br>{e(probabilities(r, classes))}<br>predicted "
               f"<b>{e(r['predicted'])}</b><br><i>{e(r['prompt'])}</i>")  # fmt: skip
     return (f'<figure class="{ok}"><img src="{_data_uri(_png(thumb))}" alt="{e(r["name"])}">'
             f"<figcaption><b>#{e(r['id'])}</b> {detail}</figcaption></figure>")  # fmt: skip
+
+
+def _side_by_side_html(pictures: dict[str, Path]) -> str:
+    if "real and generated" not in pictures:
+        return ""
+    uri = _data_uri(pictures["real and generated"].read_bytes())
+    return (f'<h2>Real and generated</h2><img class="plot" src="{uri}" alt="real training '
+            'images and generated ones, a row per class">')  # fmt: skip
 
 
 def _filter_html(marker: dict[str, Any] | None) -> str:
@@ -373,7 +346,7 @@ img.plot {{ max-width: 100%; }}
 <p><small>All {plural(summary["images"], "image")} classified (training and test sources
 together, backend {e(str(summary.get("backend")))}): {accuracy} against their labels
 ({summary["correct"]}/{summary["images"]}); timings: {e(timings)}.</small></p>
-{_filter_html(filtered)}<h2>Training</h2>{curves}
+{_filter_html(filtered)}{_side_by_side_html(pictures)}<h2>Training</h2>{curves}
 <h2>Evaluation</h2>{_evaluation_html(evaluation, pictures)}
 <h2>Test images it got wrong <small>({len(wrong)} shown)</small></h2>
 <div class="grid" id="mistakes">{mistakes or "<p>None (or no test set).</p>"}</div>
