@@ -4,7 +4,10 @@ it stale, the per-class LoRA on the tiny Stable Diffusion, and the errors a user
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,8 @@ import pytest
 from digits import keep_classes, write_digits
 from PIL import Image
 
-from conftest import deep_update, run_cli, run_until_held, save_config
-from synthflux import finetune, fitted, generate, ingest, lineage, preprocess
+from conftest import REPO, deep_update, run_cli, run_until_held, save_config
+from synthflux import finetune, fitted, generate, ingest, lineage, preprocess, sweep
 from synthflux.config import PipelineConfig
 from synthflux.errors import ConfigError, DataError
 from synthflux.records import read_manifest
@@ -257,3 +260,115 @@ def test_interrupted_lora_fit_per_class_shards(tmp_path, tiny_model, digits) -> 
     r = records[0]
     assert not np.array_equal(np.asarray(Image.open(cfg.layout.image(r["file"]))),
                               np.asarray(Image.open(untouched.layout.image(r["file"]))))  # fmt: skip
+
+
+# --- the demo, the sweep and the report over a fitted generator ----------------------------------
+
+
+def demo_config(tmp_path: Path, **over: Any) -> Path:
+    """examples/digits.toml (the demo's) at toy size: a short fit, few images, few epochs."""
+    from synthflux.config import read_toml
+
+    raw = read_toml(REPO / "examples" / "digits.toml")
+    raw = deep_update(raw, {"data_root": str(tmp_path / "demo"), "images_per_class": 6,
+                            "finetune": {"steps": 8, "block_out_channels": [8, 16]},
+                            "generate": {"steps": 3}, "train": {"epochs": 2}})  # fmt: skip
+    raw = deep_update(raw, over)
+    path, _ = save_config(tmp_path / "digits.toml", raw)
+    return path
+
+
+def test_the_demo_at_toy_size_reports_the_test_accuracy_by_name_beside_the_baseline(
+    tmp_path,
+) -> None:
+    path = demo_config(tmp_path)
+    steps = [["digits", str(tmp_path / "digits")],
+             ["import", str(path), str(tmp_path / "digits" / "train"), "--as", "train"],
+             ["import", str(path), str(tmp_path / "digits" / "test"), "--as", "test"],
+             ["run", str(path)]]  # fmt: skip
+    for args in steps:  # what `make demo` runs
+        done = run_cli(*args)
+        assert done.returncode == 0, done.stderr
+    assert "finetune: pixel: fitted" in done.stdout
+    assert "evaluate: real-only baseline (train; 899 images): test accuracy" in done.stdout
+    root = tmp_path / "demo"
+    summary = json.loads((root / "evaluation" / "summary.json").read_text())
+    assert summary["trained_on"] == ["synthetic"]
+    base = summary["baseline"]["tests"]["test"]
+    assert base["images"] == 898 and base["accuracy"] > 0.5  # real digits teach, even in 2 epochs
+    page = (root / "report" / "index.html").read_text()
+    headline = page[page.index('<p id="headline">') :].split("</p>")[0]
+    test_acc = summary["splits"]["test"]["accuracy"]
+    assert "real test set <b>test</b> (898 images)" in headline
+    assert f"{test_acc:.3f}" in headline and f"{base['accuracy']:.3f}" in headline
+    with Image.open(root / "report" / "real-and-generated.png") as im:
+        assert im.width > 400 and im.height > 300  # a row per class, real and generated
+
+
+def test_a_sweep_fits_the_generator_once_and_its_points_share_it(tmp_path, digits) -> None:
+    path, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0],
+                             sweep={"images": [3, 6], "sources": ["synthetic", "real"]})  # fmt: skip
+    ingest.run(cfg, digits[1], split="test")
+    said: list[str] = []
+    rows = sweep.run(path, say=said.append)
+    assert rows is not None and [r["point"] for r in rows] == [
+        "synthetic-n3",
+        "synthetic-n6",
+        "real",
+    ]
+    fits = [line for line in said if "finetune" in line or "sweep fit" in line]
+    assert sum("pixel: fitted" in line for line in fits) == 1, said  # once, not per point
+    points = sorted((tmp_path / "data" / "sweep" / "points").iterdir())
+    for point in points:
+        if point.name.startswith("synthetic"):
+            assert (point / "finetuned").is_symlink()
+            assert (
+                json.loads((point / "evaluation" / "summary.json").read_text())["baseline"] is None
+            )
+    again: list[str] = []
+    assert sweep.run(path, say=again.append) == rows  # resumed: nothing refitted or redone
+    assert not any("fitted," in line for line in again)
+
+
+@pytest.mark.parametrize(
+    ("test_acc", "base", "chance"),
+    [(0.934, 0.957, False), (0.11, 0.9, True), (None, None, False)],
+)
+def test_the_headline_names_the_test_set_the_baseline_and_chance(test_acc, base, chance) -> None:
+    from synthflux.headline import sentences
+
+    classes = [str(d) for d in range(10)]
+    split = {"kind": "test", "images": 898, "accuracy": test_acc, "sources": ["test"]}
+    evaluation = {"splits": {"held-out": split, "validation": {**split, "kind": "validation",
+                  "images": 87, "accuracy": 0.95, "sources": ["synthetic"]}},
+                  "trained_on": ["synthetic"]}  # fmt: skip
+    if base is not None:
+        evaluation["baseline"] = {"images": 899, "tests": {"held-out": {**split, "accuracy": base}}}
+    text = " ".join(sentences(evaluation, classes))
+    assert "real test set <b>held-out</b> (898 images)" in text
+    assert ("n/a" if test_acc is None else f"{test_acc:.3f}") in text
+    assert base is None or f"against <b>{base:.3f}</b>" in text
+    assert ("trained on the real training images alone" in text) == (base is not None)
+    assert ("no better than chance" in text) == chance
+    assert "Validation accuracy (held-out synthetic images, 87): 0.950" in text
+    assert "No real test set" in " ".join(sentences({"splits": {}}, classes))
+
+
+def test_the_gpu_bench_runs_at_toy_size_on_a_cpu() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--toy"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "device: CPU; model: tiny, 32x32" in done.stdout
+    ratio = float(done.stdout.split("overhead ratio (synthflux / bare): ")[1].split()[0])
+    assert ratio > 0
+    assert "LoRA fit (2 classes, batch 2, rank 4): 8 steps in" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_cas_bench_runs_quick() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "digits_cas.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["89.9", "20.0"]
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[2:5])

@@ -59,6 +59,12 @@ def fit_classes(cfg: PipelineConfig, shard: ShardSpec, summary: FinetuneSummary)
     """Fit this task's classes that are not current; write classes.json once all are."""
     from synthflux.diffusion import base_model
 
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "finetune.method = 'lora' needs the peft package: pip install 'synthflux[lora]'"
+        ) from None
     base = base_model(cfg, offline=False)
     assert base is not None
     mine = [c for i, c in enumerate(cfg.class_names) if shard.owns(i)]

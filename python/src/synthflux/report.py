@@ -65,8 +65,8 @@ def build_report(cfg: PipelineConfig, per_class: int = 24, out: Path | None = No
     if side_by_side := _real_and_generated(cfg, rows, classes):
         pictures["real and generated"] = out / "real-and-generated.png"
         write_bytes_atomic(pictures["real and generated"], side_by_side)
-    wrong = [r for r in eval_rows if r["kind"] == "test" and r["correct"] == "0"][:MISTAKES]
-    thumbs |= {(r["source"], r["id"]): _thumbnail(layout, r) for r in wrong}
+    wrong = [r for r in eval_rows if r["kind"] == "test" and r["correct"] == "0"]
+    thumbs |= {(r["source"], r["id"]): _thumbnail(layout, r) for r in wrong[:MISTAKES]}
     # 4. the page, everything in it
     filtered = lineage.marker(cfg, "filter") if cfg.filters else None
     page = _html(picked, thumbs, classes, summary, evaluation, epochs, pictures, wrong, filtered)
@@ -206,6 +206,10 @@ def _kept_epoch(epochs: list[dict[str, Any]]) -> int:
 # --- the page ---------------------------------------------------------------------------------
 
 
+def _shown(shown: int, total: int) -> str:
+    return f"all {total}" if shown == total else f"{shown} of {total} shown"
+
+
 def _timing(stage: str, t: dict[str, Any]) -> str:
     """The result's cost, and this run's when it differs (a resumed or skipped run)."""
     result = t.get("result_seconds", t.get("seconds", t.get("classifier_seconds", 0.0)))
@@ -218,14 +222,18 @@ def _data_uri(data: bytes) -> str:
 
 
 def _card(r: dict[str, str], thumb: Image.Image, classes: list[str], wrong_only: bool) -> str:
+    """One image: its id on a line of its own (cut, never wrapped into the labels), what it
+    is and what the CNN said, then where it comes from (source, and seed or file)."""
     e = html.escape
     ok = "ok" if r["predicted"] == r["class"] else "wrong"
-    detail = (f"true <b>{e(r['class'])}</b>, predicted <b>{e(r['predicted'])}</b><br>{e(r['file'])}"
-              if wrong_only else
-              f"seed {e(r['seed'])}<br>{e(probabilities(r, classes))}<br>predicted "
-              f"<b>{e(r['predicted'])}</b><br><i>{e(r['prompt'])}</i>")  # fmt: skip
+    said = f"true <b>{e(r['class'])}</b> · predicted <b>{e(r['predicted'])}</b>"
+    origin = f"{e(r['source'])} · " + (e(r["file"]) if wrong_only or not r.get("seed")
+                                         else f"seed {e(r['seed'])}")  # fmt: skip
+    more = "" if wrong_only else (f"<div class='probs'>{e(probabilities(r, classes))}</div>"
+                                  + (f"<i>{e(r['prompt'])}</i>" if r.get("prompt") not in (None, "", r["class"]) else ""))  # fmt: skip
     return (f'<figure class="{ok}"><img src="{_data_uri(_png(thumb))}" alt="{e(r["name"])}">'
-            f"<figcaption><b>#{e(r['id'])}</b> {detail}</figcaption></figure>")  # fmt: skip
+            f"<figcaption><div class='id' title='{e(r['id'])}'>#{e(r['id'])}</div>"
+            f"<div>{said}</div><div class='origin'>{origin}</div>{more}</figcaption></figure>")  # fmt: skip
 
 
 def _side_by_side_html(pictures: dict[str, Path]) -> str:
@@ -321,6 +329,7 @@ def _html(
     curves = (f'<img class="plot" src="{_data_uri(pictures["learning curves"].read_bytes())}" '
               f'alt="learning curves"><p>{len(epochs)} epochs; the kept weights are epoch '
               f"{_kept_epoch(epochs)}'s.</p>" if epochs else "<p>No training metrics.</p>")  # fmt: skip
+    wrong_total, wrong = len(wrong), wrong[:MISTAKES]  # every mistake counted, the first shown
     mistakes = "".join(_card(r, thumbs[r["source"], r["id"]], classes, True) for r in wrong)
     sections = []
     for c in classes:
@@ -337,6 +346,9 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #aaa; padding: .3em .8em; text-align: right; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }} .pair {{ display: flex; gap: 2em; align-items: flex-start; }}
 figure {{ width: {THUMB + 40}px; margin: 0; font-size: 12px; border: 3px solid #ccc; padding: 4px; overflow-wrap: anywhere; }}
+figure .id {{ white-space: nowrap; overflow: hidden; text-overflow: ellipsis; color: #555; }}
+figure .origin, figure .probs {{ color: #555; font-size: 11px; }}
+.legend span {{ display: inline-block; width: 1em; height: 1em; vertical-align: middle; border: 3px solid; }}
 figure.ok {{ border-color: #3a3; }} figure.wrong {{ border-color: #c33; }}
 figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; image-rendering: pixelated; }}
 img.plot {{ max-width: 100%; }}
@@ -348,9 +360,11 @@ together, backend {e(str(summary.get("backend")))}): {accuracy} against their la
 ({summary["correct"]}/{summary["images"]}); timings: {e(timings)}.</small></p>
 {_filter_html(filtered)}{_side_by_side_html(pictures)}<h2>Training</h2>{curves}
 <h2>Evaluation</h2>{_evaluation_html(evaluation, pictures)}
-<h2>Test images it got wrong <small>({len(wrong)} shown)</small></h2>
+<h2>Test images it got wrong <small>({_shown(len(wrong), wrong_total)})</small></h2>
 <div class="grid" id="mistakes">{mistakes or "<p>None (or no test set).</p>"}</div>
 <h2>Predictions by class</h2>
+<p class="legend"><span style="border-color:#3a3"></span> predicted its class &nbsp;
+<span style="border-color:#c33"></span> predicted another class</p>
 {"".join(sections)}
 </body></html>
 """
