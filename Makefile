@@ -65,6 +65,8 @@ bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by 
 	$(BIN)/python bench/generate_overhead.py
 	$(BIN)/python bench/preprocess_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/digits_cas.py
+	$(BIN)/python bench/gpu.py
 
 .PHONY: clean
 clean: ## remove the demo's and tiny's data and caches (not the virtualenv)

@@ -330,6 +330,19 @@ def test_a_sweep_fits_the_generator_once_and_its_points_share_it(tmp_path, digit
     assert not any("fitted," in line for line in again)
 
 
+def test_a_sweep_takes_the_fit_run_made_in_its_data_root(tmp_path, digits) -> None:
+    path, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0],
+                             sweep={"images": [3], "sources": ["synthetic"]})  # fmt: skip
+    ingest.run(cfg, digits[1], split="test")
+    finetune.run(cfg)  # as `synthflux run` (make demo) fits it
+    said: list[str] = []
+    assert sweep.run(path, say=said.append) is not None
+    assert not any("fitted," in line for line in said), said  # hard-linked, not fitted again
+    weights = "finetuned/model/unet/diffusion_pytorch_model.safetensors"
+    shared = next((tmp_path / "data" / "sweep").glob("images-*")) / weights
+    assert shared.stat().st_ino == (tmp_path / "data" / weights).stat().st_ino
+
+
 @pytest.mark.parametrize(
     ("test_acc", "base", "chance"),
     [(0.934, 0.957, False), (0.11, 0.9, True), (None, None, False)],

@@ -111,3 +111,32 @@ def test_a_single_guidance_value_is_recorded_as_is(write_config, setting):
     _, cfg = write_config(**setting)
     want = setting.get("generate", {}).get("guidance_scale", 7.5)
     assert {j.guidance_scale for j in plan_images(cfg)} == {want}
+
+
+@pytest.mark.parametrize(
+    ("where", "raw", "said"),
+    [
+        ("prompt", {"classes": [{"name": "a", "prompts": ["x", "a {cat"]},
+                                {"name": "b", "prompts": ["y"]}]},
+         "classes.0.prompts.1 = 'a {cat': expected '}' before end of string"),
+        ("prompt", {"classes": [{"name": "a", "prompts": ["x"]}, {"name": "b", "prompts": ["y}"]}]},
+         "classes.1.prompts.0 = 'y}': Single '}' encountered"),
+        ("style", {"style": "a } b"}, "style = 'a } b': Single '}' encountered"),
+        ("file", {"classes": [{"name": "a", "prompts_file": "p.txt"}, {"name": "b", "prompts": ["y"]}]},
+         "classes.0: prompts file {dir}/p.txt line 3 ('bad {x'): expected '}'"),
+    ],
+)  # fmt: skip
+def test_a_lone_brace_is_an_error_naming_the_prompt(tmp_path, where, raw, said) -> None:
+    from synthflux.errors import ConfigError
+
+    (tmp_path / "p.txt").write_text("ok\n# a comment\nbad {x\n")
+    base = {"classes": [{"name": "a", "prompts": ["x"]}, {"name": "b", "prompts": ["y"]}]}
+    path = tmp_path / "c.toml"
+    import tomli_w
+
+    path.write_text(tomli_w.dumps({**base, **raw}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert said.replace("{dir}", str(tmp_path)) in str(e.value), where
+    assert "(a literal brace is written {{ or }})" in str(e.value)
+    assert "(top level)" not in str(e.value)

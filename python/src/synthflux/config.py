@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     Field,
     FiniteFloat,
     PrivateAttr,
@@ -33,13 +34,16 @@ from synthflux.generation_config import (
 )
 from synthflux.generation_config import PositiveInt, Strict
 from synthflux.layout import DataLayout
-from synthflux.prompts import fill, placeholders, read_prompts_file
+from synthflux.prompts import checked, fill, placeholders, read_prompts_file
 from synthflux.weights import DEFAULT_BLOCKS, DEFAULT_KERNEL
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+# A prompt: `{name}` placeholders, braces well formed (checked where the field is named).
+Template = Annotated[str, AfterValidator(checked)]
 
 # A class name becomes a folder name: letters, digits, '-', '_', '.', no leading dot.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -60,7 +64,7 @@ class ClassSpec(Strict):
 
     name: str
     # Needed to generate the class's images; a class only imported (real photos) needs none.
-    prompts: list[str] = Field(default_factory=list)
+    prompts: list[Template] = Field(default_factory=list)
     # More prompts, one per line ('#' starts a comment), relative to the config file's folder.
     prompts_file: str = ""
     # Template variables: "a {color} cat" with color = ["black", "white"] gives two prompts.
@@ -219,7 +223,7 @@ class PipelineConfig(Strict):
     data_root: Annotated[Path, Field(strict=False)] = Path("data")  # a TOML string
     seed: int = Field(0, ge=0, lt=2**63)
     images_per_class: int = Field(8, gt=0, le=MAX_IMAGES)
-    style: str = ""  # appended to every prompt: "<prompt>, <style>"
+    style: Template = ""  # appended to every prompt: "<prompt>, <style>"
     negative_prompt: str = ""
     # Prompt pools: a prompt or the style using {context} gets, per image, one value of
     # pools.context drawn by the image's seed (varied scenes: He et al. 2023's diverse prompts).

@@ -237,10 +237,6 @@ def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:
 
         pipe = AutoPipelineForImage2Image.from_pipe(pipe)
     _load_adapters(pipe, cfg)
-    if cfg.finetune is not None:  # a LoRA per class, each named after its label
-        from synthflux.lora_fit import load_class_adapters
-
-        load_class_adapters(pipe, cfg)
     if gen.attention_slicing:
         pipe.enable_attention_slicing()
     if gen.cpu_offload and device == "cuda":

@@ -31,7 +31,7 @@ from synthflux import lineage
 from synthflux.config import PipelineConfig
 from synthflux.diffusion import guidance_argument, load_pipeline, model_prompts, resolve_model
 from synthflux.layout import DataLayout
-from synthflux.lora_fit import class_adapter
+from synthflux.lora_fit import class_adapter, load_class_adapters
 from synthflux.pixel_diffusion import sample
 from synthflux.progress import Progress
 from synthflux.realguide import init_image
@@ -130,7 +130,10 @@ def run(
             log.info(
                 "generate: %d images to make with %s (%s)", images, model.name, model.scheduler
             )
-            _make(load_pipeline(cfg, model), cfg, model, layout, todo, done, summary)
+            pipe = load_pipeline(cfg, model)
+            if cfg.finetune is not None and not cfg.pixel_model:  # a LoRA per class, by label
+                load_class_adapters(pipe, cfg)
+            _make(pipe, cfg, model, layout, todo, done, summary)
     finally:
         write_jsonl_atomic(layout.part(shard), [done[k] for k in sorted(done)])  # type: ignore[misc]
     summary.seconds = time.monotonic() - start

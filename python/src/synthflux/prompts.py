@@ -12,6 +12,16 @@ def placeholders(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
 
 
+def checked(template: str) -> str:
+    """A pydantic validator: `template` if its braces are well formed, else a ValueError
+    saying what is wrong (pydantic names the field: classes.1.prompts.0)."""
+    try:
+        placeholders(template)
+    except ValueError as e:
+        raise ValueError(f"{e} (a literal brace is written {{{{ or }}}})") from None
+    return template
+
+
 def fill(template: str, values: dict[str, str]) -> str:
     """`template` with the given placeholders filled and the others left as `{name}`."""
     return template.format_map(_Keep(values))
@@ -28,7 +38,13 @@ def read_prompts_file(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read prompts file {path}: {e}") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                prompts.append(checked(line.strip()))
+            except ValueError as e:
+                raise ValueError(f"prompts file {path} line {n} ({line.strip()!r}): {e}") from None
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts")
     return prompts

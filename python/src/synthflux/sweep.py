@@ -205,6 +205,12 @@ def _fit(
 
     assert images_cfg.finetune is not None
     _link_source(grid.base.layout, images_cfg.layout, images_cfg.finetune.source)
+    here = images_cfg.model_copy(update={"data_root": grid.base.data_root})
+    if not images_cfg.layout.finetuned.exists() and lineage.is_current(here, "finetune"):
+        # `synthflux run` fitted the same generator in the base root: its files, hard-linked
+        # (a fit replaces files, never writes into them)
+        shutil.copytree(grid.base.layout.finetuned, images_cfg.layout.finetuned,
+                        copy_function=_link_file, ignore=shutil.ignore_patterns("*.tmp"))  # fmt: skip
     if only_generate or shard is None:
         summary = finetune.run(images_cfg, shard=shard)
         for line in summary.lines():
@@ -270,10 +276,14 @@ def _link_inputs(grid: Plan, point: Point, cfg: PipelineConfig) -> None:
             src, dest = images.image(job.file), layout.image(job.file)
             if src.is_file() and not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(src, dest)
-                except OSError:  # another file system: a copy
-                    shutil.copy2(src, dest)
+                _link_file(src, dest)
+
+
+def _link_file(src: str | Path, dest: str | Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system: a copy
+        shutil.copy2(src, dest)
 
 
 # --- the table, the plot, the exchange rate --------------------------------------------------
