@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,20 @@ BASE_CONFIG: dict[str, Any] = {
     "generate": {"model": "tiny", "steps": 2, "width": 32, "height": 32, "batch_size": 3},
     "preprocess": {"width": 16, "height": 16, "shard_size": 3},
 }
+
+
+@pytest.fixture(autouse=True)
+def signals_as_they_were():
+    """A test must leave Ctrl-C as it found it: a child inherits an ignored or blocked SIGINT
+    (Python then never raises KeyboardInterrupt there), so a later test's Ctrl-C of a child
+    would do nothing. Checked after every test, so the one that leaks it is the one that fails."""
+    yield
+    handler = signal.getsignal(signal.SIGINT)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+    assert handler is signal.default_int_handler, f"the test left SIGINT's handler {handler!r}"
+    assert not {signal.SIGINT, signal.SIGTERM} & blocked, f"the test left {blocked} blocked"
 
 
 def unavailable(reason: str) -> None:

@@ -12,7 +12,7 @@ from digits import keep_classes, write_digits
 from PIL import Image
 
 from conftest import BASE_CONFIG, deep_update, run_cli, save_config
-from synthflux import generate, ingest, lineage
+from synthflux import generate, ingest, lineage, preprocess
 from synthflux.errors import ConfigError, DataError
 from synthflux.records import plan_images
 
@@ -133,9 +133,16 @@ def test_adapters_change_the_images_and_are_recorded(tmp_path, tiny_model):
     for x, y in ((p, t), (t, b)):
         assert all(np.abs(pixels(plain if x is p else ti, r) - pixels(ti if x is p else both, s)).max() > 5
                    for r, s in zip(x, y, strict=True))  # fmt: skip
-    # A changed embedding file: every image made with it is made again.
+    # A changed embedding file: generate and every stage after it are stale at once (before
+    # generate runs again), and every image made with it is made again.
+    preprocess.run(ti)
+    assert lineage.is_current(ti, "preprocess")
     save_file({"<zero>": torch.randn(1, 32, generator=torch.Generator().manual_seed(1))}, embedding)
+    assert "generate" in (lineage.problem(ti, "generate") or "")
+    with pytest.raises(DataError, match="generate"):
+        preprocess.run(ti)
     assert generate.run(ti).generated == 4
+    assert preprocess.run(ti).complete
 
 
 def _sha(path: Path) -> str:

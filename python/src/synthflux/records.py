@@ -192,6 +192,10 @@ def plan_key(cfg: PipelineConfig, *, fitted_files: bool = True) -> str:
     gen = cfg.generate
     if gen.init_source or gen.lora or gen.textual_inversion:
         settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later)
+    if gen.lora or gen.textual_inversion:  # their bytes: a changed adapter is new images
+        from synthflux.diffusion import adapters  # (diffusion reads this module)
+
+        settings["adapter_digests"] = adapters(cfg, offline=True)
     if gen.init_source:  # the real images' manifest: their records hold their sha256
         settings["init_manifest"] = sha256_file(cfg.layout.source(gen.init_source).manifest)
     if cfg.finetune is not None:
