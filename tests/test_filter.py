@@ -189,3 +189,45 @@ def test_clip_scores_are_clipscore_and_zero_shot_confidence(write_config):
     filtering.run(strict)
     dropped = [(r["dropped"] or "").startswith("low CLIP confidence") for r in scores(strict)]
     assert dropped == [r["scores"]["clip_confidence"] < bar for r in rows] and 0 < sum(dropped) < 8
+
+
+def test_a_filter_that_keeps_nothing_says_which_setting(write_config, tmp_path):
+    """Every image dropped: one line naming the settings, not preprocess's "no shards"."""
+    path, cfg = write_config(filter={"keep_top": 1, "max_hash_distance": 64})
+    generate.run(cfg)
+    # keep_top without real images ranks by index (README), never refuses for want of them
+    result = run_cli("filter", str(path))
+    assert result.returncode == 0, result.stderr
+    assert filtering.run(cfg).kept == {"cat": 1, "dog": 1}
+    _, none = write_config(data=tmp_path / "none", name="none.toml",
+                           filter={"max_hash_distance": 64, "clip_model": "tiny", "min_clip_score": 100})  # fmt: skip
+    generate.run(none)
+    with pytest.raises(DataError) as e:
+        filtering.run(none)
+    said = str(e.value)
+    assert "the filter did not keep any generated image" in said
+    assert "(filter.min_clip_score = 100.0)" in said and "\n" not in said
+    assert not none.layout.filtered_manifest.exists() and none.layout.filter_scores.is_file()
+    assert not lineage.is_current(none, "filter")
+
+
+def test_a_filter_that_empties_a_class_is_an_error_before_training(write_config):
+    """CLIP's zero-shot bar set between the two classes' best scores: one class keeps some
+    images, the other none -- an error naming that class, not a CNN that learns one class."""
+    _, cfg = write_config(filter={"clip_model": "tiny"})
+    generate.run(cfg)
+    scored = filtering.run(cfg)
+    assert sum(scored.kept.values()) == 8
+    confidences = {r["class"]: [] for r in scores(cfg)}
+    for r in scores(cfg):
+        confidences[r["class"]].append(r["scores"]["clip_confidence"])
+    # a bar between the classes: one class keeps some, the other none
+    low, high = sorted(confidences, key=lambda c: max(confidences[c]))
+    bar = (max(confidences[low]) + min(max(confidences[high]), 1.0)) / 2
+    assert max(confidences[low]) < bar <= max(confidences[high])
+    _, one = write_config(
+        name="one.toml", filter={"clip_model": "tiny", "min_clip_confidence": bar}
+    )
+    with pytest.raises(DataError, match=f"did not keep any image of class '{low}'"):
+        filtering.run(one)
+    assert not lineage.is_current(one, "filter")  # nothing published: training cannot start

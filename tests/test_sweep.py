@@ -163,3 +163,67 @@ def test_a_sweep_of_real_guided_images(tmp_path, tiny_model, two_digits):
         json.loads(line) for line in (point / "generated/manifest.jsonl").read_text().splitlines()
     ]
     assert len(records) == 6 and all(r["parent"]["source"] == "train" for r in records)
+
+
+def test_a_point_is_current_only_while_its_whole_chain_is(tmp_path, tiny_model, two_digits):
+    """A changed generation setting makes new images: every point that used the old ones is
+    run again, not called current from evaluate's key."""
+    _, test = two_digits
+    sweep_section = {"images": [2], "sources": ["synthetic"]}
+    path, cfg = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data", sweep=sweep_section)
+    ingest.run(cfg, test, split="test")
+    assert sweep.run(path, say=lambda line: None) is not None
+    path, cfg = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data",
+                             sweep=sweep_section, generate={"steps": 3})  # fmt: skip
+    said: list[str] = []
+    assert sweep.run(path, say=said.append) is not None
+    assert not any("skipped" in line for line in said), said
+    point = cfg.layout.sweep_point("synthetic-n2")
+    records = [json.loads(line) for line in (point / "generated/manifest.jsonl").open()]
+    assert {r["steps"] for r in records} == {3}
+    again: list[str] = []
+    sweep.run(path, say=again.append)
+    assert sum("evaluated and current; skipped" in line for line in again) == 1
+
+
+def test_two_points_never_share_a_data_root(tmp_path, tiny_model):
+    """Values that differ only where the folder name's sanitiser replaces characters, or past
+    its length, name two folders."""
+    long = "x" * 130
+    path, _ = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data", sweep={
+        "images": [2], "sources": ["synthetic"],
+        "vary": {"style": ["a b", "a_b", "a/b", long + "1", long + "2"]}})  # fmt: skip
+    grid = sweep.plan(path)
+    names = [p.name for p, _ in grid.points]
+    assert len(set(names)) == len(names) == 5
+    assert len({cfg.data_root for _, cfg in grid.points}) == 5
+    assert names[1] == "synthetic-n2-style=a_b"  # readable where nothing was replaced
+    assert all(len(n) <= 113 for n in names)
+
+
+@pytest.mark.parametrize(
+    ("over", "said"),
+    [
+        ({"vary": {"train.sources": [["real"]]}}, "sweep.vary.train.sources: the sweep sets it"),
+        ({"vary": {"images_per_class": [5]}}, "sweep.vary.images_per_class: the sweep sets it"),
+        ({"vary": {"data_root": ["x"]}}, "sweep.vary.data_root: the sweep sets it"),
+        ({"vary": {"classes": [[]]}}, "sweep.vary.classes: the sweep sets it"),
+    ],
+)
+def test_a_vary_of_what_the_sweep_sets_is_refused(tmp_path, tiny_model, over, said):
+    path, _ = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data",
+                           sweep={"images": [2, 4], **over})  # fmt: skip
+    done = run_cli("sweep", str(path))
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_images_per_real_with_a_sweep_of_n_is_refused(tmp_path, tiny_model, two_digits):
+    train, _ = two_digits
+    path, cfg = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data",
+                             generate={"init_source": "train", "images_per_real": 2},
+                             sweep={"images": [2, 4], "sources": ["synthetic"]})  # fmt: skip
+    ingest.run(cfg, train, split="train")
+    done = run_cli("sweep", str(path))
+    assert done.returncode == 2, done.stderr
+    assert "generate.images_per_real = 2 makes that many images per real image" in done.stderr

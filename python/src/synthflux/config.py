@@ -199,8 +199,8 @@ class FilterConfig(Strict):
     # A CNN trained on the real training images (`import --as train`; [train]'s settings and
     # network) gives each synthetic image a probability of its class: drop those below.
     min_real_confidence: float = Field(0.0, ge=0, le=1)
-    # Per class, keep only the best this many (by the real CNN's probability when it scores,
-    # else CLIP's, else by index). 0: no cap.
+    # Per class, keep only the best this many: by the real CNN's probability when real images
+    # were imported for training, else by CLIP's, else by index. 0: no cap.
     keep_top: int = Field(0, ge=0, le=MAX_IMAGES)
     # CLIP (a local folder, a Hub id, or "tiny": a random test model built offline) scores
     # each image against its own prompt (CLIPScore: 100 x cosine, Hessel et al. 2021) and
@@ -210,8 +210,14 @@ class FilterConfig(Strict):
     min_clip_confidence: float = Field(0.0, ge=0, le=1)
 
     @property
-    def scores_real(self) -> bool:
-        return self.min_real_confidence > 0 or self.keep_top > 0
+    def needs_real(self) -> bool:
+        """Whether it must train a CNN on real images (a real import is required)."""
+        return self.min_real_confidence > 0
+
+    @property
+    def may_use_real(self) -> bool:
+        """Whether it uses real images when some were imported (keep_top ranks by them)."""
+        return self.needs_real or self.keep_top > 0
 
 
 class ClassifyConfig(Strict):

@@ -85,12 +85,13 @@ def run(cfg: PipelineConfig) -> FilterSummary:
         _drop_duplicates(items, layout, settings.max_hash_distance)
     if clip is not None:
         _score_clip(cfg, items, clip)
-    if settings.scores_real:
+    if _scores_real(cfg):
         _score_real(cfg, items)
     if settings.keep_top:
         _keep_top(items, cfg.class_names, settings.keep_top)
     kept = [i.record | {"filter": i.scores} for i in items if i.dropped is None]
     write_jsonl_atomic(layout.filter_scores, [_row(i) for i in items])
+    _check_kept(cfg, items)  # (before the manifest: a result that cannot train is not published)
     write_jsonl_atomic(layout.filtered_manifest, kept)
     summary = FilterSummary(
         kept={name: sum(r["class"] == name for r in kept) for name in cfg.class_names},
@@ -237,6 +238,43 @@ def _clip_digest(cfg: PipelineConfig) -> str | None:
     return digest_of(name, "filter.clip_model", cfg, offline=True)
 
 
+# The setting behind each reason an image is dropped, for a person who must loosen it.
+SETTING = {DUPLICATE: "max_hash_distance", LOW_CONFIDENCE: "min_real_confidence",
+           NOT_TOP: "keep_top", LOW_CLIP_SCORE: "min_clip_score",
+           LOW_CLIP_CONFIDENCE: "min_clip_confidence"}  # fmt: skip
+
+
+def _check_kept(cfg: PipelineConfig, items: list[Scored]) -> None:
+    """An error when the filter kept no image, or none of a class the CNN learns from the
+    synthetic images alone: naming the class and the settings that dropped them."""
+    assert cfg.filter is not None
+    for name in [None, *cfg.class_names]:
+        mine = [i for i in items if name is None or i.record["class"] == name]
+        if not mine or any(i.dropped is None for i in mine):
+            continue
+        if name is not None and "real" in cfg.train.sources:
+            log.warning("filter: class %r kept none of its %d images: the CNN learns it from "
+                        "the real images alone", name, len(mine))  # fmt: skip
+            continue
+        reasons = Counter(i.dropped.split(":")[0] for i in mine if i.dropped)
+        why = ", ".join(f"{n} {r} (filter.{SETTING.get(r, r)} = "
+                        f"{getattr(cfg.filter, SETTING[r]) if r in SETTING else '?'})"
+                        for r, n in reasons.items())  # fmt: skip
+        what = "any generated image" if name is None else f"any image of class {name!r}"
+        raise DataError(f"the filter did not keep {what} ({len(mine)} dropped: {why}): loosen "
+                        f"those settings ({cfg.layout.filter_scores} has every score)")  # fmt: skip
+
+
+def _scores_real(cfg: PipelineConfig) -> bool:
+    """min_real_confidence needs the real CNN; keep_top ranks by it when real images were
+    imported for training, else by CLIP's or by index."""
+    settings = cfg.filter
+    assert settings is not None
+    return settings.needs_real or (
+        settings.keep_top > 0 and any(s.split == "train" for s in imported(cfg.layout))
+    )
+
+
 def _keep_top(items: list[Scored], classes: list[str], top: int) -> None:
     """Per class, keep the `top` best of what is left: by real confidence, else by index."""
     for name in classes:
@@ -254,9 +292,9 @@ def _real_sources(cfg: PipelineConfig) -> list[Source]:
     found = [s for s in imported(cfg.layout) if s.split == "train"]
     if not found:
         raise DataError(
-            "filter.min_real_confidence and filter.keep_top score images with a CNN trained on "
-            "real images, and none were imported for training: run `synthflux import CONFIG "
-            "FOLDER --as train` (or remove those settings)"
+            "filter.min_real_confidence scores images with a CNN trained on real images, and "
+            "none were imported for training: run `synthflux import CONFIG FOLDER --as train` "
+            "(or remove that setting)"
         )
     for source in found:
         lineage.require_imported(source.paths)
@@ -312,7 +350,7 @@ def key(cfg: PipelineConfig) -> str:
     }
     if settings.clip_model:
         inputs["clip"] = _clip_digest(cfg)
-    if settings.scores_real:
+    if _scores_real(cfg):
         inputs["real"] = {s.name: sha256_file(s.paths.manifest) for s in _real_sources(cfg)}
         inputs["preprocess"] = cfg.preprocess.model_dump(exclude={"workers"})
         inputs["train"] = cfg.train.model_dump(exclude={"timeout_s", "sources"})

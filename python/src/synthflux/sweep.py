@@ -73,9 +73,26 @@ class Point:
 
     @property
     def name(self) -> str:
+        """Its folder's name: readable, and unique for its exact settings (a name the
+        sanitiser changed or cut gets a hash of the exact values)."""
         parts = [self.sources] + ([f"n{self.images}"] if self.images else [])
-        parts += [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in self.settings]
-        return re.sub(r"[^A-Za-z0-9._=,-]", "_", "-".join(parts))[:120]
+        shown = "-".join(parts + [f"{k}={_shown(v)}" for k, v in self.settings])
+        safe = re.sub(r"[^A-Za-z0-9._=,-]", "_", shown)
+        if safe == shown and len(shown) <= 120:
+            return shown
+        exact = json.dumps([parts, self.settings])
+        return f"{safe[:100]}-{hashlib.sha256(exact.encode()).hexdigest()[:12]}"
+
+
+def _shown(value: Any) -> str:
+    """A value in a point's name: a string as it is, unless it reads as another JSON value
+    ("", "1", "true"), whose quotes the sanitiser then replaces (and a hash keeps apart)."""
+    if isinstance(value, str) and value:
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,7 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
     if data_root is not None:
         raw["data_root"] = str(data_root)
     base = validate(copy.deepcopy(raw), path)
+    _check_vary(grid, path)
     combos = itertools.product(*grid.vary.values())
     points = [
         Point(src, 0 if src == "real" else n, tuple(zip(grid.vary, combo, strict=True)))
@@ -103,6 +121,13 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
         for n in ([0] if src == "real" else sorted(set(grid.images)))
     ]
     configs = [(p, _point_config(raw, path, p, base.layout)) for p in points]
+    for p, cfg in configs:
+        if p.images and cfg.generate.init_source and cfg.generate.images_per_real:
+            raise ConfigError(
+                f"{path}: sweep point {p.name}: generate.images_per_real = "
+                f"{cfg.generate.images_per_real} makes that many images per real image whatever "
+                "sweep.images says: set it to 0 (each point then makes sweep.images per class)"
+            )
     images: dict[str, PipelineConfig] = {}
     for point, cfg in configs:
         if cfg.generates:
@@ -111,6 +136,26 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
                 root = base.layout.sweep_images(key)
                 images[key] = cfg.model_copy(update={"data_root": root})
     return Plan(base, configs, images)
+
+
+# What the sweep sets for each point itself: a `vary` of it would be overwritten, and the
+# table would claim a setting the point did not train with.
+SET_BY_THE_SWEEP = {
+    "data_root": "each point has its own data root",
+    "images_per_class": "sweep.images sets it",
+    "train.sources": "sweep.sources sets it",
+    "train.baseline": "the sweep's real-only points are its baseline",
+}
+
+
+def _check_vary(grid: SweepConfig, path: Path) -> None:
+    for key in grid.vary:
+        why = SET_BY_THE_SWEEP.get(key) or (
+            "sweep.images sets every class's count" if key.split(".")[0] == "classes" else None
+        )
+        if why:
+            raise ConfigError(f"{path}: sweep.vary.{key}: the sweep sets it for each point "
+                              f"itself ({why}); vary something else")  # fmt: skip
 
 
 def _point_config(
@@ -231,7 +276,13 @@ def _logger(name: str) -> Callable[[str], None]:
 
 
 def _done(cfg: PipelineConfig) -> bool:
-    return cfg.layout.evaluation_summary.is_file() and lineage.is_current(cfg, "evaluate")
+    """A point is done when its whole chain is current: its images, its preprocess,
+    training, classify, evaluate and report (not evaluate's key alone)."""
+    from synthflux.pipeline import STAGES
+
+    return cfg.layout.evaluation_summary.is_file() and all(
+        lineage.is_current(cfg, st.name) for st in STAGES if st.applies(cfg)
+    )
 
 
 def _share_models(base: DataLayout, layout: DataLayout) -> None:
@@ -263,7 +314,7 @@ def _link_inputs(grid: Plan, point: Point, cfg: PipelineConfig) -> None:
     images of each class."""
     layout = cfg.layout
     _share_models(grid.base.layout, layout)
-    reads_real = (cfg.filter is not None and cfg.filter.scores_real) or cfg.generate.init_source
+    reads_real = (cfg.filter is not None and cfg.filter.may_use_real) or cfg.generate.init_source
     for source in imported(grid.base.layout):
         if source.split == "test" or point.sources != "synthetic" or reads_real:
             _symlink(layout.imported / source.name, source.paths.folder)
@@ -274,8 +325,9 @@ def _link_inputs(grid: Plan, point: Point, cfg: PipelineConfig) -> None:
             _symlink(layout.finetuned, images.finetuned)
         for job in plan_images(cfg):
             src, dest = images.image(job.file), layout.image(job.file)
-            if src.is_file() and not dest.exists():
+            if src.is_file() and not (dest.exists() and os.path.samefile(src, dest)):
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.unlink(missing_ok=True)  # an image of an earlier generation setting
                 _link_file(src, dest)
 
 
