@@ -389,7 +389,7 @@ def _rates(rows: list[dict[str, Any]], tests: list[str], varied: list[str]) -> l
                 continue
             points = [(r["synthetic_per_class"], r[test]) for r in curve if r[test] is not None]
             rate = exchange_rate(base[test], base["real_per_class"], points)
-            out.append(f"{test}{f' ({where})' if where else ''}: {rate}")
+            out.append(f"on {test.removeprefix('test:')}{f' ({where})' if where else ''}: {rate}")
     return out
 
 
@@ -421,11 +421,22 @@ def _publish(
 
 
 def _table_lines(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
-    def cell(v: Any) -> str:
+    """The table as printed: every column, with headers a person can read (the CSV keeps its
+    names: "test:NAME" is the accuracy on test set NAME)."""
+    heads = {"val_accuracy": "validation acc.", "real_per_class": "real/class",
+             "synthetic_per_class": "synthetic/class", "train_images": "train images"}  # fmt: skip
+
+    def head(c: str) -> str:
+        return f"acc. on {c.removeprefix('test:')}" if c.startswith("test:") else heads.get(c, c)
+
+    def cell(c: str, v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if c == "real_per_class":
+            return f"{v:g}"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    shown = [c for c in columns if c != "point"]
-    widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in shown}
-    lines = ["  ".join(c.ljust(widths[c]) for c in shown)]
-    lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in shown) for r in rows]
+    widths = {c: max(len(head(c)), *(len(cell(c, r.get(c))) for r in rows)) for c in columns}
+    lines = ["  ".join(head(c).ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(c, r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
     return lines
