@@ -94,18 +94,20 @@ class PreprocessSummary:
         return self.images / self.seconds if self.seconds else 0.0
 
     def lines(self) -> list[str]:
+        made = (f"{self.images} images in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)"
+                if self.images else "nothing new to make")  # fmt: skip
         out = [
             f"shard {self.shard}: {self.shards_done} of {plural(self.shards_total, 'output shard')} "
-            f"done here ({self.shards_reused} already done), {self.images} images in "
-            f"{self.seconds:.1f}s ({self.images_per_s:.1f} img/s)",
+            f"done here ({self.shards_reused} already done), {made}",
         ]
         for source, processed in self.processed.items():
             out.append(
                 f"{source}: processed per class {processed}; rejected per class "
                 f"{self.rejected[source]}"
             )
+        verb = "written" if self.shards_done else "verified"  # (nothing new: it was there)
         for source in self.finished:
-            out.append(f"dataset complete: preprocessed/{source}/dataset.json written")
+            out.append(f"dataset complete: preprocessed/{source}/dataset.json {verb}")
         return out
 
 
