@@ -40,8 +40,9 @@ def learning_curves(epochs: list[dict[str, Any]], best_epoch: int | None) -> byt
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    acc_ax.set_ylim(0, 1.02)
+    acc_ax.set_ylim(-0.03, 1.03)  # a curve at 0 or 1 stays above or below the axis, visible
     loss_ax.legend(fontsize=8)
+    acc_ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -49,19 +50,20 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], title: str) ->
     """Counts in every cell, shaded by each true class's share."""
     m = np.asarray(matrix, dtype=float)
     share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    side = max(3.0, 0.45 * len(classes) + 1.8)
+    side = max(3.5, 0.5 * len(classes) + 2.0)
+    size = 11 if len(classes) <= 12 else 8  # numbers a person reads at the page's width
     fig = _figure(side + 0.6, side)
     ax = fig.subplots()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=size,
                     color="white" if share[i, j] > 0.6 else "black")  # fmt: skip
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=10)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=size)
+    ax.set_yticks(range(len(classes)), classes, fontsize=size)
+    ax.set_xlabel("predicted class", fontsize=size)
+    ax.set_ylabel("true class", fontsize=size)
+    ax.set_title(title, fontsize=12)
     return _png(fig)
 
 
