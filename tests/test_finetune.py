@@ -294,12 +294,19 @@ def test_the_demo_at_toy_size_reports_the_test_accuracy_by_name_beside_the_basel
     root = tmp_path / "demo"
     summary = json.loads((root / "evaluation" / "summary.json").read_text())
     assert summary["trained_on"] == ["synthetic"]
+    d = summary["distribution"]  # the real training images, though not trained on: the reference
+    assert [(c["train"], c["test"]) for c in d["comparisons"]] == [
+        ("synthetic", "test"),
+        ("train", "test"),
+    ]
+    assert d["reference"] == "train" and "x the real training images' (train vs test" in done.stdout
     base = summary["baseline"]["tests"]["test"]
     assert base["images"] == 898 and base["accuracy"] > 0.5  # real digits teach, even in 2 epochs
     page = (root / "report" / "index.html").read_text()
     headline = page[page.index('<p id="headline">') :].split("</p>")[0]
     test_acc = summary["splits"]["test"]["accuracy"]
     assert "real test set <b>test</b> (898 images)" in headline
+    assert "1x is as close as real" in page
     assert f"{test_acc:.3f}" in headline and f"{base['accuracy']:.3f}" in headline
     with Image.open(root / "report" / "real-and-generated.png") as im:
         assert im.width > 400 and im.height > 300  # a row per class, real and generated

@@ -232,3 +232,17 @@ def section(
             for b in test
         ],
     }
+
+
+def relative_to_real(d: dict[str, Any]) -> list[str]:
+    """Each source's FD on a test set as a multiple of the real training images' on it: real
+    against real is the best a source can be (1.0x), so the numbers read as a distance."""
+    ref = d.get("reference")
+    base = {c["test"]: c["overall"]["fd"] for c in d["comparisons"] if c["train"] == ref}
+    out = []
+    for c in d["comparisons"]:
+        fd, real_fd = c["overall"]["fd"], base.get(c["test"])
+        if c["train"] != ref and fd is not None and real_fd:
+            out.append(f"{c['train']} vs {c['test']}: FD {fd / real_fd:.1f}x the real training "
+                       f"images' ({ref} vs {c['test']}: {real_fd:.3g}; 1x is as close as real)")  # fmt: skip
+    return out

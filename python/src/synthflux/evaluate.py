@@ -34,12 +34,12 @@ from synthflux.contracts import (
     read_shard,
     weights_path,
 )
-from synthflux.distribution import shown
+from synthflux.distribution import relative_to_real, shown
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.metrics import confusion_lines, per_class, summarize
 from synthflux.progress import Progress, plural
-from synthflux.sources import Source, all_sources, test_sources, training_sources
+from synthflux.sources import Source, all_sources, imported, test_sources, training_sources
 from synthflux.stages import Stage
 from synthflux.storage import atomic_write, sha256_file, write_json_atomic
 from synthflux.trainplan import validation_mask
@@ -63,14 +63,26 @@ class EvaluateSummary:
             acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
             f1 = s["macro"]["f1"]
             f1_text = "n/a" if f1 is None else f"{f1:.3f}"
-            out.append(f"{name} ({', '.join(s['sources'])}; {plural(s['images'], 'image')}): "
-                       f"accuracy {acc} ({s['correct']}/{s['images']}), macro F1 {f1_text}")  # fmt: skip
+            out.append(f"{_split_title(name, s)}: accuracy {acc} ({s['correct']}/{s['images']}), "
+                       f"macro F1 {f1_text}")  # fmt: skip
             if s["kind"] == "test":
                 out += confusion_lines(self.classes, s["confusion_matrix"]["matrix"],
                                                 "true class")  # fmt: skip
         out += baseline.lines(self.baseline)
         out += _distribution_lines(self.distribution)
         return out + self.notes + ["wrote evaluation/summary.json and evaluation/predictions.csv"]
+
+
+def _split_title(name: str, s: dict[str, Any]) -> str:
+    """A split named so that it never reads as a source: "validation split (held out of
+    source train; 92 images)", "test set test (898 images)"."""
+    sources = ", ".join(s["sources"])
+    count = plural(s["images"], "image")
+    if s["kind"] == "validation":
+        return f"validation split (held out of source {sources}; {count})"
+    if s["kind"] == "train":
+        return f"training split (learned from, of source {sources}; {count})"
+    return f"test set {name} ({count})"
 
 
 def run(
@@ -201,6 +213,8 @@ def _distribution(cfg: PipelineConfig, weights_file: Path, taken: str) -> dict[s
     """distribution.section over every training and test source's features, from the weights
     whose bytes the key `taken` holds (changed since: an error, nothing published)."""
     train = [s.name for s in training_sources(cfg)]
+    # Real training images, trained on or not: real against real is the best to expect.
+    train += [s.name for s in imported(cfg.layout) if s.split == "train" and s.name not in train]
     test = [s.name for s in test_sources(cfg)]
     if not test:
         return {}
@@ -226,7 +240,10 @@ def _distribution(cfg: PipelineConfig, weights_file: Path, taken: str) -> dict[s
                 labels.append(shard_labels)
                 progress.update(len(shard_labels))
             features[name] = (np.concatenate(parts), np.concatenate(labels))
-    return distribution.section(features, train, test, cfg.class_names)
+    section = distribution.section(features, train, test, cfg.class_names)
+    real = [s.name for s in imported(cfg.layout) if s.split == "train"]
+    section["reference"] = real[0] if real else None
+    return section
 
 
 def _distribution_lines(d: dict[str, Any]) -> list[str]:
@@ -244,7 +261,7 @@ def _distribution_lines(d: dict[str, Any]) -> list[str]:
                    f"duplicates {shown(dup, '.1%')}")  # fmt: skip
     if any(v is None for c in d["comparisons"] for v in c["overall"].values()):
         out.append(f"  ({d['n/a']})")
-    return out
+    return out + [f"  {line}" for line in relative_to_real(d)]
 
 
 def _write_csv(layout: DataLayout, classes: list[str], rows: list[dict[str, Any]]) -> None:

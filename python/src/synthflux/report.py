@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from synthflux import headline, lineage, plots
 from synthflux.config import PipelineConfig
 from synthflux.contact_sheet import THUMB, contact_sheet, probabilities
-from synthflux.distribution import shown
+from synthflux.distribution import relative_to_real, shown
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout
 from synthflux.progress import plural
@@ -262,12 +262,14 @@ def _evaluation_html(evaluation: dict[str, Any] | None, pictures: dict[str, Path
         return "<p>Not evaluated yet (<code>synthflux evaluate</code>).</p>"
     e = html.escape
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    titles = {"validation": "validation split", "train": "training split"}
+    title = {n: titles.get(s["kind"], f"test set {n}") for n, s in evaluation["splits"].items()}
     rows = "".join(
-        f"<tr><th>{e(name)}</th><td>{e(', '.join(s['sources']))}</td><td>{s['images']}</td>"
+        f"<tr><th>{e(title[name])}</th><td>{e(', '.join(s['sources']))}</td><td>{s['images']}</td>"
         f"<td>{fmt(s['accuracy'])}</td><td>{fmt(s['macro']['f1'])}</td></tr>"
         for name, s in evaluation["splits"].items()
     )
-    parts = [f"<table><tr><th>split</th><th>sources</th><th>images</th><th>accuracy</th>"
+    parts = [f"<table><tr><th>split</th><th>of source</th><th>images</th><th>accuracy</th>"
              f"<th>macro F1</th></tr>{rows}</table>"]  # fmt: skip
     for name, s in evaluation["splits"].items():
         cells = "".join(
@@ -276,7 +278,7 @@ def _evaluation_html(evaluation: dict[str, Any] | None, pictures: dict[str, Path
             for c, v in s["per_class"].items()
         )
         image = f'<img class="plot" src="{_data_uri(pictures[name].read_bytes())}" alt="{e(name)}">'
-        parts.append(f"<h3>{e(name)}</h3><div class='pair'>{image}<table><tr><th>class</th>"
+        parts.append(f"<h3>{e(title[name])}</h3><div class='pair'>{image}<table><tr><th>class</th>"
                      f"<th>precision</th><th>recall</th><th>F1</th><th>images</th></tr>{cells}"
                      "</table></div>")  # fmt: skip
     parts += [f"<p><i>{e(note)}</i></p>" for note in evaluation.get("notes", [])]
@@ -310,7 +312,8 @@ def _distribution_html(d: dict[str, Any] | None) -> str:
             "set is the real one); diversity: the RMS pairwise feature distance within a class "
             "relative to the test set's (the mean over classes for all); duplicates: the share "
             f"of the training source's images with a twin ({e(d['duplicate_rule'])}). "
-            f'{e(d["n/a"])}.</p><table id="distribution"><tr>{head}</tr>{"".join(rows)}</table>')  # fmt: skip
+            f'{e(d["n/a"])}.</p><table id="distribution"><tr>{head}</tr>{"".join(rows)}</table>'
+            + "".join(f"<p><b>{e(line)}</b></p>" for line in relative_to_real(d)))  # fmt: skip
 
 
 def _html(
