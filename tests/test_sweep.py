@@ -175,6 +175,9 @@ def test_a_point_is_current_only_while_its_whole_chain_is(tmp_path, tiny_model, 
     assert sweep.run(path, say=lambda line: None) is not None
     path, cfg = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data",
                              sweep=sweep_section, generate={"steps": 3})  # fmt: skip
+    status = run_cli("status", str(path))  # the sweep's points, after the stages
+    assert "sweep: 0 of 1 points done" in status.stdout, status.stderr
+    assert "  synthetic-n2  to run" in status.stdout
     said: list[str] = []
     assert sweep.run(path, say=said.append) is not None
     assert not any("skipped" in line for line in said), said
@@ -184,6 +187,7 @@ def test_a_point_is_current_only_while_its_whole_chain_is(tmp_path, tiny_model, 
     again: list[str] = []
     sweep.run(path, say=again.append)
     assert sum("evaluated and current; skipped" in line for line in again) == 1
+    assert "sweep: 1 of 1 points done; " in run_cli("status", str(path)).stdout
 
 
 def test_two_points_never_share_a_data_root(tmp_path, tiny_model):

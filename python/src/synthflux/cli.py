@@ -277,7 +277,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = pipeline_status(cfg, status_shards(cfg, args.shards))
     if args.json:
         return _print([json.dumps(status.to_json(), indent=2)])
-    return _print([f"data: {cfg.data_root}", *status.lines()])
+    from synthflux.config import read_toml
+    from synthflux.sweep import status_lines
+
+    swept = "sweep" in read_toml(Path(args.config))  # its points are runs of their own
+    sweep_lines = status_lines(Path(args.config), args.data) if swept else []
+    return _print([f"data: {cfg.data_root}", *status.lines(), *sweep_lines])
 
 
 def _tiny_model(sub: Any) -> None:

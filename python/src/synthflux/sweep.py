@@ -271,6 +271,19 @@ def _fit(
     return True
 
 
+def status_lines(path: Path, data_root: str | Path | None = None) -> list[str]:
+    """`synthflux status` of a config with [sweep]: each point, done or to run."""
+    grid = plan(Path(path), data_root)
+    done = [(point.name, _done(cfg)) for point, cfg in grid.points]
+    width = max(len(name) for name, _ in done)
+    table = grid.base.layout.sweep_table
+    out = [f"sweep: {sum(d for _, d in done)} of {len(done)} points done"
+           + (f"; {table}" if table.is_file() and all(d for _, d in done) else
+              "; run `synthflux sweep CONFIG` for the rest and the table")]  # fmt: skip
+    out += [f"  {name:<{width}}  {'done' if d else 'to run'}" for name, d in done]
+    return out
+
+
 def _logger(name: str) -> Callable[[str], None]:
     return lambda line: log.info("%s: %s", name, line)
 
