@@ -42,8 +42,12 @@ def sentences(evaluation: dict[str, Any] | None, classes: list[str]) -> list[str
         out.append(line + ".")
     if "validation" in splits:
         v = splits["validation"]
+        chance = v["accuracy"] is not None and v["accuracy"] <= chance_margin(
+            len(classes), v["images"]
+        )
         out.append(f"Validation accuracy (held-out {e(', '.join(v['sources']))} images, "
-                   f"{v['images']}): {_accuracy(v)}.")  # fmt: skip
+                   f"{v['images']}): {_accuracy(v)}"
+                   + (" &mdash; no better than chance" if chance else "") + ".")  # fmt: skip
     if not tests:
         out.append("No real test set: import one with <code>synthflux import CONFIG FOLDER "
                    "--as test</code> to measure the CNN on real images.")  # fmt: skip
