@@ -95,6 +95,15 @@ def test_a_killed_fit_resumes_to_the_same_weights(tmp_path, digits) -> None:
     assert finetune.run(cfg).reused == ["pixel"]  # current: nothing fitted again
 
 
+def test_a_task_that_fits_nothing_never_calls_an_old_fit_current(tmp_path, digits) -> None:
+    _, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0])
+    finetune.run(cfg)
+    _, changed = pixel_config(tmp_path, tmp_path / "data", None, finetune={"steps": 4})
+    other_task = finetune.run(changed, shard=ShardSpec(1, 2))  # the pixel fit is task 0's
+    assert other_task.fitted == [] and not other_task.complete
+    assert not lineage.is_current(changed, "finetune")
+
+
 def test_a_damaged_checkpoint_is_said_and_the_fit_starts_afresh(tmp_path, digits, caplog) -> None:
     _, cfg = pixel_config(tmp_path, tmp_path / "data", digits[0])
     checkpoint = cfg.layout.fit_checkpoint("pixel")

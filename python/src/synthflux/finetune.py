@@ -96,10 +96,10 @@ def _publish(cfg: PipelineConfig, key: str, summary: FinetuneSummary) -> bool:
     if cfg.finetune is not None and cfg.finetune.method == "lora":
         from synthflux import lora_fit
 
-        if lora_fit.classes_left(cfg):
+        if lora_fit.classes_left(cfg):  # (each class's fit.json holds its current key)
             return False
-    elif not layout.fitted_model.is_dir():
-        return False
+    elif not summary.fitted:  # a model this run did not fit is current, or it is not ours
+        return lineage.is_current(cfg, "finetune")
     if summary.fitted or not lineage.is_current(cfg, "finetune"):
         files = sorted(p for p in layout.fitted_model.rglob("*") if p.is_file())
         lineage.record(cfg, "finetune", key=key, seconds=summary.seconds, outputs=files,
