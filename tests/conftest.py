@@ -36,6 +36,15 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal gives it, for this process and every child it starts: a runner
+    that starts the tests as a background job of a non-interactive shell (CI's, `make test &`)
+    passes SIGINT on ignored, a child inherits that across exec, and Python then never raises
+    KeyboardInterrupt there -- the SIGINT cases of the interrupt tests exited 0 (issue 27)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+
+
 @pytest.fixture(autouse=True)
 def signals_as_they_were():
     """A test must leave Ctrl-C as it found it: a child inherits an ignored or blocked SIGINT

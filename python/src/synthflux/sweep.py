@@ -6,8 +6,8 @@ Each point is a whole `synthflux run` in a data root of its own, DATA/sweep/poin
 sharing what it can: the images of one generation setting are generated once, at the grid's
 largest N, in DATA/sweep/images-<key>/; a point of N per class links the first N of each class
 (an image's seed depends on its class and index alone, so they are the images a run of N
-makes; generate verifies them and remakes only a last, partial batch, whose shape differs);
-imported folders are linked, not copied. Points already evaluated are skipped, so a sweep
+makes; generate remakes only a last, partial batch, whose shape differs); imported folders
+and a fitted generator are linked. Points whose whole chain is current are skipped, so a sweep
 resumes; `--shard I/N` runs every N-th point (a Slurm array), after `--only-generate`.
 Outputs: DATA/sweep/table.csv, accuracy.png (test accuracy against N, the real-only baseline
 as a line) and summary.json (the table and "one real image ≈ k synthetic").
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -145,15 +146,13 @@ SET_BY_THE_SWEEP = {
     "images_per_class": "sweep.images sets it",
     "train.sources": "sweep.sources sets it",
     "train.baseline": "the sweep's real-only points are its baseline",
+    "classes": "sweep.images sets every class's count",
 }
 
 
 def _check_vary(grid: SweepConfig, path: Path) -> None:
     for key in grid.vary:
-        why = SET_BY_THE_SWEEP.get(key) or (
-            "sweep.images sets every class's count" if key.split(".")[0] == "classes" else None
-        )
-        if why:
+        if why := SET_BY_THE_SWEEP.get("classes" if key.startswith("classes") else key):
             raise ConfigError(f"{path}: sweep.vary.{key}: the sweep sets it for each point "
                               f"itself ({why}); vary something else")  # fmt: skip
 
@@ -232,7 +231,7 @@ def run(
             continue
         _link_inputs(grid, point, cfg)
         say(f"sweep {point.name}: running ({i + 1} of {len(grid.points)})")
-        run_pipeline(cfg, say=_logger(point.name))
+        run_pipeline(cfg, say=functools.partial(log.info, f"{point.name}: %s"))
     if not all(_done(cfg) for _, cfg in grid.points):
         say("sweep: other points are not done yet; run the sweep again to write the table")
         return None
@@ -262,12 +261,10 @@ def _fit(
             say(f"sweep fit {images_cfg.layout.root.name}: {line}")
         if not summary.complete:
             say("sweep: the fit is not complete yet (other --shard tasks); run again after them")
-            return False
-    elif not lineage.is_current(images_cfg, "finetune"):
-        raise DataError(
-            f"the sweep's generator in {images_cfg.layout.root} is not fitted: run `synthflux "
-            "sweep CONFIG --only-generate` first"
-        )
+        return summary.complete
+    if not lineage.is_current(images_cfg, "finetune"):
+        raise DataError(f"the sweep's generator in {images_cfg.layout.root} is not fitted: run "
+                        "`synthflux sweep CONFIG --only-generate` first")  # fmt: skip
     return True
 
 
@@ -282,10 +279,6 @@ def status_lines(path: Path, data_root: str | Path | None = None) -> list[str]:
               "; run `synthflux sweep CONFIG` for the rest and the table")]  # fmt: skip
     out += [f"  {name:<{width}}  {'done' if d else 'to run'}" for name, d in done]
     return out
-
-
-def _logger(name: str) -> Callable[[str], None]:
-    return lambda line: log.info("%s: %s", name, line)
 
 
 def _done(cfg: PipelineConfig) -> bool:
