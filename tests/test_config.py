@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import tomli_w
 
@@ -169,3 +171,42 @@ def test_help_explains_every_command():
     assert result.returncode == 0 and "generate" in result.stdout
     result = run_cli("generate", "--help")
     assert "--shard" in result.stdout and "--limit" in result.stdout and "--data" in result.stdout
+
+
+def test_every_config_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    """One rule (issue 27 #7): run from anywhere, a config names the same files; a local
+    adapter that is missing says so rather than being taken for a Hub id."""
+    from synthflux.diffusion import adapters
+    from synthflux.errors import ModelError
+
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "cats.txt").write_text("a cat\n")
+    (folder / "emb.bin").write_bytes(b"x")
+    raw = deep_update(BASE_CONFIG, {
+        "data_root": "../data", "classify": {"weights": "w.npz"},
+        "filter": {"clip_model": "openai/clip-vit-base-patch32"},
+        "generate": {"model": "owner/model", "textual_inversion": ["emb.bin"],
+                     "lora": ["adapters/missing.safetensors"]},
+    })  # fmt: skip
+    raw["classes"][0]["prompts_file"] = "cats.txt"
+    path = folder / "pipeline.toml"
+    path.write_text(tomli_w.dumps(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(path)
+    assert cfg.data_root.resolve() == tmp_path / "project" / "data"
+    assert Path(cfg.classify.weights).resolve() == folder / "w.npz"
+    assert Path(cfg.generate.textual_inversion[0]).resolve() == folder / "emb.bin"
+    assert "a cat" in cfg.classes[0].all_prompts
+    assert cfg.generate.model == "owner/model"  # a Hub id: nothing of that name beside it
+    assert cfg.filter is not None and cfg.filter.clip_model == "openai/clip-vit-base-patch32"
+    with pytest.raises(ModelError, match=r"generate.lora\[0\] = .*missing.safetensors.*no such"):
+        adapters(cfg, offline=True)
+    # --data is a command-line path: relative to the working directory
+    assert load_config(path, data_root="here").data_root.resolve() == elsewhere / "here"
+    # the same config read from its own folder means the same files
+    monkeypatch.chdir(folder)
+    again = load_config("pipeline.toml")
+    assert again.data_root.resolve() == cfg.data_root.resolve()

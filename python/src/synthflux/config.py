@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from synthflux.config_paths import DataRoot, LocalOrHub, LocalPath
 from synthflux.errors import ConfigError, describe
 from synthflux.generation_config import (  # re-exported: every stage imports from here
     MAX_IMAGES as MAX_IMAGES,
@@ -66,7 +67,7 @@ class ClassSpec(Strict):
     # Needed to generate the class's images; a class only imported (real photos) needs none.
     prompts: list[Template] = Field(default_factory=list)
     # More prompts, one per line ('#' starts a comment), relative to the config file's folder.
-    prompts_file: str = ""
+    prompts_file: LocalPath = ""
     # Template variables: "a {color} cat" with color = ["black", "white"] gives two prompts.
     variables: dict[str, list[str]] = Field(default_factory=dict)
     images: Annotated[int, Field(gt=0, le=MAX_IMAGES)] | None = None  # overrides images_per_class
@@ -85,8 +86,7 @@ class ClassSpec(Strict):
     @model_validator(mode="after")
     def _read_prompts_file(self, info: ValidationInfo) -> ClassSpec:
         if self.prompts_file:
-            folder = (info.context or {}).get("config_dir", Path("."))
-            self._file_prompts = read_prompts_file(Path(folder) / self.prompts_file)
+            self._file_prompts = read_prompts_file(Path(self.prompts_file))
         for var, values in self.variables.items():
             if not values:
                 raise ValueError(f"variables.{var} is empty")
@@ -205,7 +205,7 @@ class FilterConfig(Strict):
     # CLIP (a local folder, a Hub id, or "tiny": a random test model built offline) scores
     # each image against its own prompt (CLIPScore: 100 x cosine, Hessel et al. 2021) and
     # gives its class's zero-shot probability among "a photo of a <class>". "": not scored.
-    clip_model: str = ""
+    clip_model: LocalOrHub = ""
     min_clip_score: float = Field(0.0, ge=0, le=100)
     min_clip_confidence: float = Field(0.0, ge=0, le=1)
 
@@ -222,11 +222,12 @@ class FilterConfig(Strict):
 
 class ClassifyConfig(Strict):
     # weights.npz for the CNN; empty = DATA/model/weights.npz, the trained model.
-    weights: str = ""
+    weights: LocalPath = ""
 
 
 class PipelineConfig(Strict):
-    data_root: Annotated[Path, Field(strict=False)] = Path("data")  # a TOML string
+    # A TOML string; relative to the config file's folder, like every path in a config.
+    data_root: Annotated[Path, Field(strict=False, validate_default=True), DataRoot] = Path("data")
     seed: int = Field(0, ge=0, lt=2**63)
     images_per_class: int = Field(8, gt=0, le=MAX_IMAGES)
     style: Template = ""  # appended to every prompt: "<prompt>, <style>"
@@ -376,11 +377,18 @@ def _moved(raw: dict[str, object], path: Path) -> None:
                 )
 
 
-def validate(raw: dict[str, Any], path: Path) -> PipelineConfig:
-    """A config from its TOML table; `path` names it in errors and anchors prompt files."""
+def validate(
+    raw: dict[str, Any], path: Path, data_root: str | Path | None = None
+) -> PipelineConfig:
+    """A config from its TOML table; `path` names it in errors and anchors its paths.
+    `data_root` (--data, a sweep point's) replaces the file's, relative to the working
+    directory."""
     _moved(raw, path)
+    context = {"config_dir": path.parent, "anchor_data_root": data_root is None}
+    if data_root is not None:
+        raw = {**raw, "data_root": str(data_root)}
     try:
-        return PipelineConfig.model_validate(raw, context={"config_dir": path.parent})
+        return PipelineConfig.model_validate(raw, context=context)
     except ValidationError as e:
         raise ConfigError(f"{path}: {describe(e, PipelineConfig)}") from None
 
@@ -402,9 +410,7 @@ def load_config(path: str | Path, data_root: str | Path | None = None) -> Pipeli
     path = Path(path)
     raw = read_toml(path)
     raw.pop("sweep", None)  # `synthflux sweep`'s own section: sweep.py reads it
-    if data_root is not None:
-        raw["data_root"] = str(data_root)
-    cfg = validate(raw, path)
+    cfg = validate(raw, path, data_root)
     if cfg.data_root.exists() and not cfg.data_root.is_dir():
         raise ConfigError(f"data root {cfg.data_root} exists and is not a folder")
     return cfg

@@ -16,6 +16,7 @@ from typing import Any, overload
 
 from synthflux import fitted
 from synthflux.config import PipelineConfig
+from synthflux.config_paths import looks_like_hub_id
 from synthflux.errors import DataError, ModelError
 from synthflux.progress import quiet_library_progress
 from synthflux.records import ModelRef
@@ -90,7 +91,7 @@ def base_model(cfg: PipelineConfig, offline: bool) -> ModelRef | None:
                 "point it at a diffusers pipeline saved with save_pretrained"
             )
         return _local_ref(local, gen.model, cfg)
-    if gen.model.startswith((".", "/", "~")) or gen.model.count("/") > 1:
+    if not looks_like_hub_id(gen.model):
         raise ModelError(f"generate.model = {gen.model!r}: no such folder")
     try:
         folder = Path(_download(gen.model, gen.revision, local_only=offline))
@@ -130,7 +131,7 @@ def digest_of(name: str, field: str, cfg: PipelineConfig, offline: bool) -> str 
         return "sha256:" + sha256_file(local)
     if local.is_dir():
         return hash_folder(local, cfg.layout.revisions)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not looks_like_hub_id(name) or "/" not in name:
         raise ModelError(f"{field} = {name!r}: no such file or folder (nor a Hub id, owner/name)")
     from huggingface_hub import snapshot_download
 

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
+from synthflux.config_paths import LocalOrHub
+
 PositiveInt = Annotated[int, Field(gt=0)]
 
 # Limits of one config: ids are label * 1,000,000 + index (records.py), and a plan of every
@@ -25,7 +27,7 @@ class Strict(BaseModel):
 
 class GenerateConfig(Strict):
     # A Hugging Face model id, a local folder, or "tiny" (a random test model built offline).
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    model: LocalOrHub = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
     # "default" keeps the model's own scheduler (the names map to diffusers classes in generate.py).
     scheduler: Literal["default", "ddim", "pndm", "lms", "euler", "euler_a", "dpm++", "unipc"] = (
@@ -56,8 +58,8 @@ class GenerateConfig(Strict):
     images_per_real: int = Field(0, ge=0, le=MAX_IMAGES)  # with init_source (0: images_per_class)
     # Adapters loaded into the model, each a local file/folder or a Hub id; their hashes are
     # in every image's record.
-    lora: list[str] = Field(default_factory=list)
-    textual_inversion: list[str] = Field(default_factory=list)
+    lora: list[LocalOrHub] = Field(default_factory=list)
+    textual_inversion: list[LocalOrHub] = Field(default_factory=list)
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
