@@ -104,16 +104,23 @@ def test_a_cnn_trained_on_real_digits_drops_mislabelled_synthetic_ones(tmp_path)
     assert kept_right / (len(records) - len(wrong)) >= 0.85, kept_right
     assert summary.dropped["low real confidence"] >= dropped_wrong
     assert all(0 <= r["scores"]["real_confidence"] <= 1 for r in rows.values())
-    # keep_top: the best k per class, by that confidence
-    shutil.rmtree(cfg.layout.filter_cnn)
+    # keep_top: the best k per class, by that confidence, of the same CNN (not trained again)
+    weights = cfg.layout.filter_cnn / "run" / "weights.npz"
+    trained = weights.stat().st_mtime_ns
     raw["filter"] = {"keep_top": 5}
     _, top = save_config(tmp_path / "top.toml", raw)
     assert filtering.run(top).kept == dict.fromkeys(CLASSES, 5)
+    assert weights.stat().st_mtime_ns == trained
     for name in CLASSES:
         ranked = sorted((r for r in scores(top) if r["class"] == name),
                         key=lambda r: -r["scores"]["real_confidence"])  # fmt: skip
         assert all(r["dropped"] is None for r in ranked[:5])
         assert all(r["dropped"].startswith("not in the top k") for r in ranked[5:])
+    # a changed training setting is a new CNN
+    raw["train"]["epochs"] = 1
+    _, fewer = save_config(tmp_path / "fewer.toml", raw)
+    filtering.run(fewer)
+    assert weights.stat().st_mtime_ns != trained
 
 
 def _fake_generated(cfg, folder: Path) -> tuple[list[dict], set[int]]:

@@ -34,7 +34,7 @@ from synthflux.progress import Progress, plural
 from synthflux.records import ManifestRecord, iter_records, read_manifest, relabelled
 from synthflux.sources import Source, imported
 from synthflux.stages import Stage
-from synthflux.storage import sha256_file, write_jsonl_atomic
+from synthflux.storage import sha256_file, write_bytes_atomic, write_jsonl_atomic
 from synthflux.trainplan import TrainSettings
 
 log = logging.getLogger("synthflux")
@@ -301,15 +301,39 @@ def _real_sources(cfg: PipelineConfig) -> list[Source]:
     return found
 
 
+def _real_cnn_key(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the real CNN is trained from: the real images, the classes, preprocess and train."""
+    return {
+        "real": {s.name: sha256_file(s.paths.manifest) for s in _real_sources(cfg)},
+        "classes": cfg.class_names,
+        "preprocess": cfg.preprocess.model_dump(exclude={"workers"}),
+        "train": cfg.train.model_dump(exclude={"timeout_s", "sources", "baseline"}),
+    }
+
+
 def _train_real_cnn(cfg: PipelineConfig) -> dict[str, np.ndarray]:
-    """Train [train]'s network with the PyTorch twin on the real training images (one shard,
-    made afresh: the set is small, and the filter runs only when its inputs change)."""
+    """Train [train]'s network with the PyTorch twin on the real training images (one shard),
+    or reuse the one trained from the same inputs (a changed keep_top needs no new CNN)."""
+    from synthflux.weights import load_weights
+
+    folder = cfg.layout.filter_cnn
+    wanted = json.dumps(_real_cnn_key(cfg), sort_keys=True)
+    made = folder / "key.json"  # written last: present only beside complete weights
+    if made.is_file() and made.read_text() == wanted:
+        log.info("filter: the CNN trained on the real images is current; reused")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        _fit_real_cnn(cfg, folder)
+        write_bytes_atomic(made, wanted.encode())
+    return dict(load_weights(folder / "run" / "weights.npz"))
+
+
+def _fit_real_cnn(cfg: PipelineConfig, folder: Path) -> None:
     from synthflux.reference_train import train
     from synthflux.shardwriter import ShardWriter
-    from synthflux.weights import init_weights, load_weights, save_weights
+    from synthflux.weights import init_weights, save_weights
 
-    folder, pre = cfg.layout.filter_cnn, cfg.preprocess
-    shutil.rmtree(folder, ignore_errors=True)
+    pre = cfg.preprocess
     folder.mkdir(parents=True)
     labels = {name: k for k, name in enumerate(cfg.class_names)}
     ids, classes = [], []
@@ -333,7 +357,6 @@ def _train_real_cnn(cfg: PipelineConfig) -> dict[str, np.ndarray]:
     )
     train([("real", folder)], folder / "init.npz", folder / "run", TrainSettings.of(t),
           lambda line: log.debug("filter: %s", line))  # fmt: skip
-    return dict(load_weights(folder / "run" / "weights.npz"))
 
 
 # --- done-ness -------------------------------------------------------------------------------
@@ -351,9 +374,7 @@ def key(cfg: PipelineConfig) -> str:
     if settings.clip_model:
         inputs["clip"] = _clip_digest(cfg)
     if _scores_real(cfg):
-        inputs["real"] = {s.name: sha256_file(s.paths.manifest) for s in _real_sources(cfg)}
-        inputs["preprocess"] = cfg.preprocess.model_dump(exclude={"workers"})
-        inputs["train"] = cfg.train.model_dump(exclude={"timeout_s", "sources"})
+        inputs["real_cnn"] = _real_cnn_key(cfg)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
