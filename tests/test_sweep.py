@@ -15,7 +15,7 @@ from conftest import BASE_CONFIG, deep_update, run_cli, save_config
 from synthflux import ingest, sweep
 from synthflux.layout import DataLayout
 from synthflux.pipeline import run_pipeline
-from synthflux.sweep import exchange_rate
+from synthflux.sweep_table import exchange_rate
 
 DIGITS = ["0", "1"]
 
@@ -192,7 +192,16 @@ def test_a_point_is_current_only_while_its_whole_chain_is(tmp_path, tiny_model, 
     again: list[str] = []
     sweep.run(path, say=again.append)
     assert sum("evaluated and current; skipped" in line for line in again) == 1
-    assert "sweep: 1 of 1 points done; " in run_cli("status", str(path)).stdout
+    status = run_cli("status", str(path)).stdout
+    assert "sweep: 1 of 1 points done; " in status
+    # the first setting's images are used by no point now: status sizes them, --prune frees them
+    current = {c.data_root for c in sweep.plan(path).images.values()}
+    (old,) = [f for f in cfg.layout.sweep.glob("images-*") if f not in current]
+    assert "sweep: 1 folders under " in status and "--prune` removes them" in status
+    pruned = run_cli("sweep", str(path), "--prune")
+    assert pruned.returncode == 0 and f"sweep: removed {old}" in pruned.stdout, pruned.stderr
+    assert not old.exists() and "--prune" not in run_cli("status", str(path)).stdout
+    assert all(sweep._done(c) for _, c in sweep.plan(path).points)  # what is used stays
 
 
 def test_two_points_never_share_a_data_root(tmp_path, tiny_model):
@@ -219,3 +228,29 @@ def test_images_per_real_with_a_sweep_of_n_is_refused(tmp_path, tiny_model, two_
     done = run_cli("sweep", str(path))
     assert done.returncode == 2, done.stderr
     assert "generate.images_per_real = 2 makes that many images per real image" in done.stderr
+
+
+def test_one_real_only_run_serves_every_generation_setting(tmp_path, tiny_model, two_digits):
+    """A real-only CNN never sees guidance or style: the sweep trains it once per distinct
+    training setup, and each row of the real baseline shows that run's numbers."""
+    train, test = two_digits
+    path, cfg = digit_config(tmp_path, tiny_model, "s.toml", tmp_path / "data", sweep={
+        "images": [2], "sources": ["real", "synthetic"],
+        "vary": {"generate.guidance_scale": [1.0, 2.0], "train.lr": [0.001, 0.01]}})  # fmt: skip
+    ingest.run(cfg, train, split="train")
+    ingest.run(cfg, test, split="test")
+    said: list[str] = []
+    rows = sweep.run(path, say=said.append)
+    assert rows is not None and len(rows) == 8
+    running = [line for line in said if line.endswith(" of 6)")]  # 2 real + 4 synthetic runs
+    assert len(running) == 6, said
+    real = [r for r in rows if r["sources"] == "real"]
+    for lr in ("0.001", "0.01"):  # the real rows of one lr share a run; two lrs, two runs
+        same = [r for r in real if r["train.lr"] == lr]
+        assert [r["generate.guidance_scale"] for r in same] == ["1.0", "2.0"]
+        assert same[0]["test:test"] == same[1]["test:test"]
+    points = sorted(p.name for p in (cfg.layout.sweep / "points").iterdir())
+    assert [p for p in points if p.startswith("real")] == [
+        "real-train.lr=0.001",
+        "real-train.lr=0.01",
+    ]

@@ -185,11 +185,17 @@ def _sweep(sub: Any) -> None:
                    help="run only every N-th point, from the I-th (a Slurm array task)")  # fmt: skip
     p.add_argument("--only-generate", action="store_true",
                    help="only generate the sweep's images (with --shard: part I of N)")  # fmt: skip
+    p.add_argument("--prune", action="store_true",
+                   help="remove the folders under DATA/sweep/ that no point of this grid uses "
+                   "(images of settings no longer swept, old points; `status` lists their "
+                   "size), and run nothing")  # fmt: skip
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from synthflux.sweep import run
+    from synthflux.sweep import prune, run
 
+    if args.prune:
+        return _print(prune(Path(args.config), args.data))
     run(Path(args.config), data_root=args.data, shard=args.shard, only_generate=args.only_generate)
     return 0
 

@@ -16,14 +16,12 @@ as a line) and summary.json (the table and "one real image ≈ k synthetic").
 from __future__ import annotations
 
 import copy
-import csv
+import dataclasses
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,7 +38,8 @@ from synthflux.errors import ConfigError, DataError, describe
 from synthflux.layout import DataLayout
 from synthflux.records import count_records, plan_images, plan_key
 from synthflux.sources import imported
-from synthflux.storage import ShardSpec, write_bytes_atomic, write_json_atomic
+from synthflux.storage import ShardSpec
+from synthflux.sweep_table import publish
 
 log = logging.getLogger("synthflux")
 
@@ -110,9 +109,7 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
         grid = SweepConfig.model_validate(raw.pop("sweep", {}))
     except ValidationError as e:
         raise ConfigError(f"{path}: sweep.{describe(e, SweepConfig)}") from None
-    if data_root is not None:
-        raw["data_root"] = str(data_root)
-    base = validate(copy.deepcopy(raw), path)
+    base = validate(copy.deepcopy(raw), path, data_root)
     _check_vary(grid, path)
     combos = itertools.product(*grid.vary.values())
     points = [
@@ -121,7 +118,7 @@ def plan(path: Path, data_root: str | Path | None = None) -> Plan:
         for src in grid.sources
         for n in ([0] if src == "real" else sorted(set(grid.images)))
     ]
-    configs = [(p, _point_config(raw, path, p, base.layout)) for p in points]
+    configs = [(p, _point_config(raw, path, _runs_as(p), base.layout)) for p in points]
     for p, cfg in configs:
         if p.images and cfg.generate.init_source and cfg.generate.images_per_real:
             raise ConfigError(
@@ -150,6 +147,19 @@ SET_BY_THE_SWEEP = {
 }
 
 
+# Settings that change only the synthetic images: a real-only CNN never sees them.
+GENERATION_ONLY = ("generate", "finetune", "filter", "style", "negative_prompt", "pools")
+
+
+def _runs_as(point: Point) -> Point:
+    """The point whose run stands for `point`: one real-only run serves every value of the
+    generation settings (same data root, same config), rather than one run per value."""
+    if point.sources != "real":
+        return point
+    kept = tuple((k, v) for k, v in point.settings if k.split(".")[0] not in GENERATION_ONLY)
+    return dataclasses.replace(point, settings=kept)
+
+
 def _check_vary(grid: SweepConfig, path: Path) -> None:
     for key in grid.vary:
         if why := SET_BY_THE_SWEEP.get("classes" if key.startswith("classes") else key):
@@ -175,9 +185,8 @@ def _point_config(
         raw["images_per_class"] = point.images
         for spec in raw.get("classes", []):
             spec.pop("images", None)  # one N for every class: the sweep's
-    raw["data_root"] = str(layout.sweep_point(point.name))
     try:
-        return validate(raw, path)
+        return validate(raw, path, layout.sweep_point(point.name))
     except ConfigError as e:
         raise ConfigError(f"sweep point {point.name}: {e}") from None
 
@@ -223,20 +232,25 @@ def run(
         return None
     from synthflux.pipeline import run_pipeline  # (pipeline imports every stage)
 
-    for i, (point, cfg) in enumerate(grid.points):
+    runs: dict[Path, tuple[Point, PipelineConfig]] = {}
+    for point, cfg in grid.points:
+        if runs.setdefault(cfg.data_root, (point, cfg))[0] != point and shard is None:
+            say(f"sweep {point.name}: the run of {runs[cfg.data_root][0].name} (a real-only "
+                "CNN does not see generation settings)")  # fmt: skip
+    for i, (point, cfg) in enumerate(runs.values()):
         if shard is not None and not shard.owns(i):
             continue
         if _done(cfg):
             say(f"sweep {point.name}: evaluated and current; skipped")
             continue
         _link_inputs(grid, point, cfg)
-        say(f"sweep {point.name}: running ({i + 1} of {len(grid.points)})")
+        say(f"sweep {point.name}: running ({i + 1} of {len(runs)})")
         run_pipeline(cfg, say=functools.partial(log.info, f"{point.name}: %s"))
     if not all(_done(cfg) for _, cfg in grid.points):
         say("sweep: other points are not done yet; run the sweep again to write the table")
         return None
     rows = [_row(grid, point, cfg) for point, cfg in grid.points]
-    return _publish(grid, rows, say)
+    return publish(grid.base.layout, rows, say)
 
 
 def _fit(
@@ -278,7 +292,45 @@ def status_lines(path: Path, data_root: str | Path | None = None) -> list[str]:
            + (f"; {table}" if table.is_file() and all(d for _, d in done) else
               "; run `synthflux sweep CONFIG` for the rest and the table")]  # fmt: skip
     out += [f"  {name:<{width}}  {'done' if d else 'to run'}" for name, d in done]
+    if stale := unused(grid):
+        out.append(f"sweep: {len(stale)} folders under {grid.base.layout.sweep} that no point "
+                   f"uses ({freed_bytes(stale) / 1e6:.1f} MB): `synthflux sweep CONFIG --prune` "
+                   "removes them")  # fmt: skip
     return out
+
+
+def unused(grid: Plan) -> list[Path]:
+    """Folders under DATA/sweep/ that no point of this grid uses: the images of generation
+    settings no longer swept, and points no longer in the grid (another config's sweep in
+    the same data root counts as no longer in the grid)."""
+    sweep = grid.base.layout.sweep
+    used = {c.data_root for c in grid.images.values()} | {c.data_root for _, c in grid.points}
+    found = [*sweep.glob("images-*"), *(sweep / "points").glob("*")]
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink() and p not in used)
+
+
+def freed_bytes(folders: list[Path]) -> int:
+    """What removing `folders` frees: a hard-linked file counts only when every link to it
+    is among them (a point's images are links to the shared ones)."""
+    files: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [links, size, seen]
+    for folder in folders:
+        for parent, _, names in os.walk(folder):  # (symbolic links are not followed)
+            for name in names:
+                st = os.lstat(os.path.join(parent, name))
+                files.setdefault((st.st_dev, st.st_ino), [st.st_nlink, st.st_size, 0])[2] += 1
+    return sum(size for links, size, seen in files.values() if seen >= links)
+
+
+def prune(path: Path, data_root: str | Path | None = None) -> list[str]:
+    """Remove what `unused` finds; the lines say what and how much."""
+    grid = plan(Path(path), data_root)
+    folders = unused(grid)
+    freed = freed_bytes(folders)
+    for folder in folders:
+        shutil.rmtree(folder)
+    return [f"sweep: removed {folder}" for folder in folders] + [
+        f"sweep: removed {len(folders)} unused folders, {freed / 1e6:.1f} MB freed"
+    ]
 
 
 def _done(cfg: PipelineConfig) -> bool:
@@ -344,7 +396,7 @@ def _link_file(src: str | Path, dest: str | Path) -> None:
         shutil.copy2(src, dest)
 
 
-# --- the table, the plot, the exchange rate --------------------------------------------------
+# --- a point's row in the table ---------------------------------------------------------------
 
 
 def _row(grid: Plan, point: Point, cfg: PipelineConfig) -> dict[str, Any]:
@@ -362,87 +414,3 @@ def _row(grid: Plan, point: Point, cfg: PipelineConfig) -> dict[str, Any]:
         if s["kind"] == "test":
             row[f"test:{name}"] = s["accuracy"]
     return row
-
-
-def exchange_rate(real: float, real_per_class: float, curve: list[tuple[int, float]]) -> str:
-    """ "one real image ≈ k synthetic": where the synthetic curve (N per class, accuracy)
-    reaches the real-only accuracy, interpolated in log N, over the real images per class."""
-    curve = sorted(curve)
-    if not curve or real_per_class <= 0:
-        return "n/a"
-    if curve[0][1] >= real:
-        return f"one real image ≈ at most {curve[0][0] / real_per_class:.2g} synthetic"
-    for (n0, a0), (n1, a1) in itertools.pairwise(curve):
-        if a1 >= real > a0:
-            t = (real - a0) / (a1 - a0)
-            n = math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
-            return f"one real image ≈ {n / real_per_class:.2g} synthetic (the real baseline at N ≈ {n:.0f} per class)"
-    best = max(curve, key=lambda c: c[1])
-    return (f"synthetic images did not reach the real baseline ({real:.3f}); the best was "
-            f"{best[1]:.3f} at N = {best[0]}")  # fmt: skip
-
-
-def _rates(rows: list[dict[str, Any]], tests: list[str], varied: list[str]) -> list[str]:
-    out = []
-    for combo, grouped in itertools.groupby(sorted(rows, key=lambda r: [r[k] for k in varied]),
-                                            key=lambda r: [r[k] for k in varied]):  # fmt: skip
-        group = list(grouped)
-        base = next((r for r in group if r["sources"] == "real"), None)
-        curve = [r for r in group if r["sources"] == "synthetic"]
-        where = ", ".join(f"{k}={v}" for k, v in zip(varied, combo, strict=True))
-        for test in tests:
-            if base is None or base[test] is None or not curve:
-                continue
-            points = [(r["synthetic_per_class"], r[test]) for r in curve if r[test] is not None]
-            rate = exchange_rate(base[test], base["real_per_class"], points)
-            out.append(f"on {test.removeprefix('test:')}{f' ({where})' if where else ''}: {rate}")
-    return out
-
-
-def _publish(
-    grid: Plan, rows: list[dict[str, Any]], say: Callable[[str], None]
-) -> list[dict[str, Any]]:
-    from synthflux.plots import sweep_curves
-
-    layout = grid.base.layout
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_bytes_atomic(layout.sweep_table, buf.getvalue().encode())
-    tests = [c for c in columns if c.startswith("test:")]
-    varied = [k for k in columns if k not in ("point", "sources", "synthetic_per_class",
-              "real_per_class", "train_images", "val_accuracy") and k not in tests]  # fmt: skip
-    rates = _rates(rows, tests, varied)
-    if tests:
-        write_bytes_atomic(layout.sweep_plot, sweep_curves(rows, tests, varied))
-    write_json_atomic(layout.sweep_summary, {"rows": rows, "exchange_rates": rates,
-                      "key": hashlib.sha256(json.dumps(rows).encode()).hexdigest()})  # fmt: skip
-    for line in _table_lines(rows, columns) + rates:
-        say(line)
-    say(f"wrote {layout.sweep_table}" + (f" and {layout.sweep_plot}" if tests else
-        " (no test set imported: no plot; `synthflux import CONFIG FOLDER --as test`)"))  # fmt: skip
-    return rows
-
-
-def _table_lines(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
-    """The table as printed: every column, with headers a person can read (the CSV keeps its
-    names: "test:NAME" is the accuracy on test set NAME)."""
-    heads = {"val_accuracy": "validation acc.", "real_per_class": "real/class",
-             "synthetic_per_class": "synthetic/class", "train_images": "train images"}  # fmt: skip
-
-    def head(c: str) -> str:
-        return f"acc. on {c.removeprefix('test:')}" if c.startswith("test:") else heads.get(c, c)
-
-    def cell(c: str, v: Any) -> str:
-        if v is None:
-            return "n/a"
-        if c == "real_per_class":
-            return f"{v:g}"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    widths = {c: max(len(head(c)), *(len(cell(c, r.get(c))) for r in rows)) for c in columns}
-    lines = ["  ".join(head(c).ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(cell(c, r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
-    return lines
