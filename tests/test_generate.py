@@ -46,6 +46,29 @@ def test_same_config_twice_gives_identical_bytes(write_config, tmp_path):
     assert len({p.tobytes() for p in pngs}) == len(pngs)
 
 
+def test_kept_pipelines_load_once_and_change_no_image(write_config, tmp_path, monkeypatch):
+    """A sweep's settings of one model share its pipeline, loaded once; every image equals
+    the one a fresh run makes (guidance is per call, not part of the loaded pipeline)."""
+    from synthflux import diffusion
+
+    loads: list[str] = []
+    load = diffusion.load_pipeline
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a: loads.append("x") or load(*a))
+    _, low = write_config(data=tmp_path / "low")
+    _, high = write_config(data=tmp_path / "high", name="h.toml", generate={"guidance_scale": 9.0})
+    with diffusion.pipelines_kept():
+        generate.run(low)
+        generate.run(high)
+    assert len(loads) == 1
+    _, alone = write_config(
+        data=tmp_path / "alone", name="a.toml", generate={"guidance_scale": 9.0}
+    )
+    generate.run(alone)
+    assert len(loads) == 2  # outside, nothing is kept
+    assert generated(tmp_path / "high") == generated(tmp_path / "alone")
+    assert generated(tmp_path / "high") != generated(tmp_path / "low")
+
+
 def test_a_different_seed_changes_the_images(write_config, tmp_path):
     _, cfg_a = write_config(data=tmp_path / "a")
     _, cfg_b = write_config(data=tmp_path / "b", name="b.toml", seed=8)
@@ -287,9 +310,12 @@ def test_png_bytes_are_deterministic_for_the_same_pixels():
 
 
 def test_example_configs_are_valid():
-    for name in ("tiny", "sd15", "sd-turbo", "sweep"):
+    for name, classes in [("tiny", 2), ("sd15", 2), ("sd-turbo", 2), ("sweep", 2),
+                          ("digits", 10), ("real", 10)]:  # fmt: skip
         cfg = load_config(REPO / "examples" / f"{name}.toml")
-        assert len(cfg.classes) == 2
+        assert len(cfg.classes) == classes
+        # paths are the config file's: its data root is the repository's data/, from anywhere
+        assert cfg.data_root.resolve().parent in (REPO / "data", REPO)
 
 
 def test_local_model_revision_is_cached_and_follows_file_changes(

@@ -6,11 +6,13 @@ Resolving never loads weights; loading happens only when there are images to mak
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, overload
 
@@ -206,6 +208,38 @@ def pick_device(cfg: PipelineConfig) -> tuple[str, Any]:
     if dtype == "auto":
         dtype = "float16" if device == "cuda" else "float32"
     return device, getattr(torch, dtype)
+
+
+# Within `pipelines_kept()` (a sweep making several settings' images with one model): the
+# last pipeline loaded, by what it was loaded with. Outside, none is kept: a run frees it.
+_kept: dict[tuple[Any, ...], Any] | None = None
+
+
+@contextlib.contextmanager
+def pipelines_kept() -> Iterator[None]:
+    """Generate calls inside reuse a pipeline loaded with the same model, adapters,
+    scheduler and device (guidance, steps, size are per call) instead of loading it again;
+    it is released on leaving."""
+    global _kept
+    _kept = {}
+    try:
+        yield
+    finally:
+        _kept = None
+
+
+def kept_pipeline(cfg: PipelineConfig, model: ModelRef, load: Callable[[], Any]) -> Any:
+    """`load()`, or within `pipelines_kept()` the pipeline it gave for the same loading."""
+    gen = cfg.generate
+    how = (model, pick_device(cfg), gen.scheduler, bool(gen.init_source), gen.attention_slicing,
+           gen.cpu_offload, gen.compile, cfg.finetune and cfg.finetune.model_dump_json())  # fmt: skip
+    if _kept is not None and how in _kept:
+        return _kept[how]
+    pipe = load()
+    if _kept is not None:
+        _kept.clear()  # one at a time: a model's memory is the limit
+        _kept[how] = pipe
+    return pipe
 
 
 def load_pipeline(cfg: PipelineConfig, model: ModelRef) -> Any:

@@ -29,7 +29,13 @@ from PIL import Image, PngImagePlugin
 
 from synthflux import lineage
 from synthflux.config import PipelineConfig
-from synthflux.diffusion import guidance_argument, load_pipeline, model_prompts, resolve_model
+from synthflux.diffusion import (
+    guidance_argument,
+    kept_pipeline,
+    load_pipeline,
+    model_prompts,
+    resolve_model,
+)
 from synthflux.layout import DataLayout
 from synthflux.lora_fit import class_adapter, load_class_adapters
 from synthflux.pixel_diffusion import sample
@@ -130,9 +136,7 @@ def run(
             log.info(
                 "generate: %d images to make with %s (%s)", images, model.name, model.scheduler
             )
-            pipe = load_pipeline(cfg, model)
-            if cfg.finetune is not None and not cfg.pixel_model:  # a LoRA per class, by label
-                load_class_adapters(pipe, cfg)
+            pipe = kept_pipeline(cfg, model, lambda: _load(cfg, model))
             _make(pipe, cfg, model, layout, todo, done, summary)
     finally:
         write_jsonl_atomic(layout.part(shard), [done[k] for k in sorted(done)])  # type: ignore[misc]
@@ -207,6 +211,13 @@ class _Pending:
     job: ImageJob
     attempt: int = 0
     flagged_seeds: list[int] = field(default_factory=list)
+
+
+def _load(cfg: PipelineConfig, model: ModelRef) -> Any:
+    pipe = load_pipeline(cfg, model)
+    if cfg.finetune is not None and not cfg.pixel_model:  # a LoRA per class, by label
+        load_class_adapters(pipe, cfg)
+    return pipe
 
 
 def _make(

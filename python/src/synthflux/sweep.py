@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synthflux import generate, lineage
 from synthflux.config import MAX_IMAGES, PipelineConfig, read_toml, validate
+from synthflux.diffusion import pipelines_kept
 from synthflux.errors import ConfigError, DataError, describe
 from synthflux.layout import DataLayout
 from synthflux.records import count_records, plan_images, plan_key
@@ -212,22 +213,8 @@ def run(
     """Generate the images, run the points (this shard's), and, once every point is done,
     write the table and the plot. Returns the table's rows, or None while points remain."""
     grid = plan(Path(path), data_root)
-    for images_cfg in grid.images.values():
-        _share_models(grid.base.layout, images_cfg.layout)
-        if images_cfg.generate.init_source:  # real-guided: the real images it starts from
-            _link_source(grid.base.layout, images_cfg.layout, images_cfg.generate.init_source)
-        if images_cfg.finetune is not None and not _fit(
-            grid, images_cfg, shard, only_generate, say
-        ):
-            continue
-        if only_generate or shard is None:
-            for line in generate.run(images_cfg, shard=shard if only_generate else None).lines():
-                say(f"sweep images {images_cfg.layout.root.name}: {line}")
-        elif not lineage.is_current(images_cfg, "generate"):
-            raise DataError(
-                f"the sweep's images in {images_cfg.layout.root} are not all generated: run "
-                "`synthflux sweep CONFIG --only-generate` first (a Slurm array too, with --shard)"
-            )
+    with pipelines_kept():  # settings of one model share its pipeline, loaded once
+        _make_images(grid, shard, only_generate, say)
     if only_generate:
         return None
     from synthflux.pipeline import run_pipeline  # (pipeline imports every stage)
@@ -251,6 +238,28 @@ def run(
         return None
     rows = [_row(grid, point, cfg) for point, cfg in grid.points]
     return publish(grid.base.layout, rows, say)
+
+
+def _make_images(
+    grid: Plan, shard: ShardSpec | None, only_generate: bool, say: Callable[[str], None]
+) -> None:
+    """Each generation setting's images, once, at the largest N (after its fit)."""
+    for images_cfg in grid.images.values():
+        _share_models(grid.base.layout, images_cfg.layout)
+        if images_cfg.generate.init_source:  # real-guided: the real images it starts from
+            _link_source(grid.base.layout, images_cfg.layout, images_cfg.generate.init_source)
+        if images_cfg.finetune is not None and not _fit(
+            grid, images_cfg, shard, only_generate, say
+        ):
+            continue
+        if only_generate or shard is None:
+            for line in generate.run(images_cfg, shard=shard if only_generate else None).lines():
+                say(f"sweep images {images_cfg.layout.root.name}: {line}")
+        elif not lineage.is_current(images_cfg, "generate"):
+            raise DataError(
+                f"the sweep's images in {images_cfg.layout.root} are not all generated: run "
+                "`synthflux sweep CONFIG --only-generate` first (a Slurm array too, with --shard)"
+            )
 
 
 def _fit(
