@@ -130,9 +130,10 @@ def test_every_stage_has_a_command_and_cnn_stages_take_a_backend():
 
 
 def test_auto_backend_falls_back_to_reference_and_says_why(write_config, caplog):
-    _, cfg = write_config(cnn={"image": "synthflux-julia:no-such-tag", "julia": "no-such-julia"})
+    path, cfg = write_config(cnn={"image": "synthflux-julia:no-such-tag", "julia": "no-such-julia"})
     assert cfg.cnn.backend == "auto"  # the default
     backends._detect.cache_clear()
+    backends._said.clear()
     with caplog.at_level(logging.INFO, logger="synthflux"):
         chosen = backends.choose(cfg)
         again = backends.choose(cfg)
@@ -140,6 +141,10 @@ def test_auto_backend_falls_back_to_reference_and_says_why(write_config, caplog)
     said = [r.getMessage() for r in caplog.records if "cnn backend auto" in r.getMessage()]
     assert len(said) == 1, said  # once per process
     assert "no Docker image 'synthflux-julia:no-such-tag'" in said[0] and "no-such-julia" in said[0]
+    # status runs nothing: the backend whose results it checks is a word of its header
+    status = run_cli("status", str(path))
+    assert "CNN results of backend reference (auto)" in status.stdout.splitlines()[0]
+    assert "cnn backend auto" not in status.stderr, status.stderr
 
 
 def test_run_from_checks_the_backend_before_deleting_anything(write_config):

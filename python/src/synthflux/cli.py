@@ -279,7 +279,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from synthflux.status import pipeline_status, status_backend, status_shards
 
     cfg = _config(args)
-    cfg = choose(cfg.with_cnn(backend=status_backend(cfg, args.backend)))
+    asked = cfg.with_cnn(backend=status_backend(cfg, args.backend))
+    cfg = choose(asked, quiet=True)  # (it runs nothing: the backend is one word of the header)
+    auto = (
+        f"; CNN results of backend {cfg.cnn.backend} (auto)" if asked.cnn.backend == "auto" else ""
+    )
     status = pipeline_status(cfg, status_shards(cfg, args.shards))
     if args.json:
         return _print([json.dumps(status.to_json(), indent=2)])
@@ -288,7 +292,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     swept = "sweep" in read_toml(Path(args.config))  # its points are runs of their own
     sweep_lines = status_lines(Path(args.config), args.data) if swept else []
-    return _print([f"data: {cfg.data_root}", *status.lines(), *sweep_lines])
+    return _print([f"data: {cfg.data_root}{auto}", *status.lines(), *sweep_lines])
 
 
 def _tiny_model(sub: Any) -> None:

@@ -52,32 +52,34 @@ def backend_for(cfg: PipelineConfig) -> CnnBackend:
     return BACKENDS[cfg.cnn.backend](cfg)
 
 
-def choose(cfg: PipelineConfig) -> PipelineConfig:
+def choose(cfg: PipelineConfig, *, quiet: bool = False) -> PipelineConfig:
     """The config with `cnn.backend = "auto"` replaced by the backend that can run here. Its
     results belong to that backend (train and classify keys name it), so every stage of one
-    command asks here, and the answer is said once."""
+    command asks here, and the answer is said once (`quiet`: by the caller, as status does)."""
     if cfg.cnn.backend != "auto":
         return cfg
-    return cfg.with_cnn(backend=_detect(cfg.cnn.image, cfg.cnn.julia))
+    backend, why = _detect(cfg.cnn.image, cfg.cnn.julia)
+    if not quiet and why not in _said:
+        _said.add(why)
+        log.info("cnn backend auto: %s (%s; set [cnn] backend to choose)", backend, why)
+    return cfg.with_cnn(backend=backend)
+
+
+_said: set[str] = set()
 
 
 @functools.cache
-def _detect(image: str, julia: str) -> str:
+def _detect(image: str, julia: str) -> tuple[str, str]:
     """docker if the image is there and the engine answers, else local if a julia with Flux
-    and NPZ loads, else reference; why is said once per process."""
-    backend, why = (
-        "reference",
-        (
-            f"no Docker image {image!r} (`make images`) and no julia with Flux and NPZ "
-            f"(cnn.julia = {julia!r}): the CNN runs as its PyTorch twin"
-        ),
-    )
+    and NPZ loads, else reference; and why."""
     if _docker_has(image):
-        backend, why = "docker", f"Docker image {image!r} found"
-    elif _julia_has_flux(julia):
-        backend, why = "local", f"{julia!r} loads Flux and NPZ"
-    log.info("cnn backend auto: %s (%s; set [cnn] backend to choose)", backend, why)
-    return backend
+        return "docker", f"Docker image {image!r} found"
+    if _julia_has_flux(julia):
+        return "local", f"{julia!r} loads Flux and NPZ"
+    return "reference", (
+        f"no Docker image {image!r} (`make images`) and no julia with Flux and NPZ "
+        f"(cnn.julia = {julia!r}): the CNN runs as its PyTorch twin"
+    )
 
 
 def _docker_has(image: str) -> bool:
