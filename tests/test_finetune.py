@@ -246,6 +246,18 @@ def test_interrupted_lora_fit_per_class_shards(tmp_path, tiny_model, digits) -> 
     assert second.fitted == ["1"] and second.resumed_at == {"1": 2} and second.complete
     for c in CLASSES[:2]:
         assert (cfg.layout.fitted_model / c / "pytorch_lora_weights.safetensors").is_file()
+    # [generate] devices: one worker per device fits its classes; the same bytes
+    spread = deep_update(raw, {"data_root": str(tmp_path / "spread"),
+                               "generate": {"devices": ["cpu", "cpu"]}})  # fmt: skip
+    _, both = save_config(tmp_path / "spread.toml", spread)
+    ingest.run(both, keep, split="train")
+    on_two = finetune.run(both)
+    assert on_two.fitted == ["0", "1"] and on_two.complete and on_two.steps == 6
+    for c in CLASSES[:2]:
+        weights = f"{c}/pytorch_lora_weights.safetensors"
+        assert (both.layout.fitted_model / weights).read_bytes() == (
+            cfg.layout.fitted_model / weights
+        ).read_bytes()
     made = generate.run(cfg)
     assert made.complete
     records = read_manifest(cfg.layout)

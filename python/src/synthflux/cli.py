@@ -70,7 +70,25 @@ def _backend_option(p: argparse.ArgumentParser, help: str = BACKEND_HELP) -> Non
 def _config(args: argparse.Namespace) -> PipelineConfig:
     from synthflux.config import load_config
 
-    return load_config(args.config, data_root=args.data)
+    return load_config(args.config, data_root=args.data, devices=getattr(args, "devices", None))
+
+
+def _devices_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--devices", type=_devices, metavar="all|LIST",
+        help="make images (and LoRA fits) on several local devices at once, one worker each: "
+        "'all' (every visible GPU) or a list such as cuda:0,cuda:2 (overrides [generate] "
+        "devices; the images are the same bytes as one process makes)",
+    )  # fmt: skip
+
+
+def _devices(text: str) -> str | list[str]:
+    from synthflux.device_names import parse_devices
+
+    try:
+        return parse_devices(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _print(lines: list[str]) -> int:
@@ -89,6 +107,8 @@ def _stage_command(sub: Any, st: Any) -> None:
     if st.runs_cnn:
         _backend_option(p)
         dests += ["backend", "image"]
+    if st.spreads:
+        _devices_option(p)
     p.set_defaults(stage=st, dests=dests)
 
 
@@ -152,15 +172,18 @@ def _run(sub: Any) -> None:
                    "and later stages' are deleted first, once the CNN's backend is known to "
                    "run")  # fmt: skip
     _backend_option(p)
+    _devices_option(p)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from synthflux.backends import choose
-    from synthflux.pipeline import run_pipeline
+    from synthflux.pipeline import check_devices, run_pipeline
 
     # Where the CNN runs belongs to its results: each stage is asked whether it is complete
     # for this backend, as `status --backend` asks.
-    cfg = choose(_config(args).with_cnn(backend=args.backend, image=args.image))
+    cfg = _config(args)
+    check_devices(cfg)
+    cfg = choose(cfg.with_cnn(backend=args.backend, image=args.image))
     run_pipeline(cfg, from_stage=args.from_stage)
     return 0
 
@@ -185,6 +208,7 @@ def _sweep(sub: Any) -> None:
                    help="run only every N-th point, from the I-th (a Slurm array task)")  # fmt: skip
     p.add_argument("--only-generate", action="store_true",
                    help="only generate the sweep's images (with --shard: part I of N)")  # fmt: skip
+    _devices_option(p)
     p.add_argument("--prune", action="store_true",
                    help="remove the folders under DATA/sweep/ that no point of this grid uses "
                    "(images of settings no longer swept, old points; `status` lists their "
@@ -196,7 +220,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.prune:
         return _print(prune(Path(args.config), args.data))
-    run(Path(args.config), data_root=args.data, shard=args.shard, only_generate=args.only_generate)
+    run(Path(args.config), data_root=args.data, shard=args.shard,
+        only_generate=args.only_generate, devices=args.devices)  # fmt: skip
     return 0
 
 

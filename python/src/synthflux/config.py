@@ -405,12 +405,25 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
-def load_config(path: str | Path, data_root: str | Path | None = None) -> PipelineConfig:
-    """Read and validate a pipeline config; `data_root` (--data) overrides the file's."""
+def load_config(
+    path: str | Path,
+    data_root: str | Path | None = None,
+    devices: str | list[str] | None = None,
+) -> PipelineConfig:
+    """Read and validate a pipeline config; `data_root` (--data) and `devices` (--devices)
+    override the file's."""
     path = Path(path)
-    raw = read_toml(path)
+    raw = with_devices(read_toml(path), devices)
     raw.pop("sweep", None)  # `synthflux sweep`'s own section: sweep.py reads it
     cfg = validate(raw, path, data_root)
     if cfg.data_root.exists() and not cfg.data_root.is_dir():
         raise ConfigError(f"data root {cfg.data_root} exists and is not a folder")
     return cfg
+
+
+def with_devices(raw: dict[str, Any], devices: str | list[str] | None) -> dict[str, Any]:
+    """The TOML table with --devices as its `[generate] devices` (checked with the rest)."""
+    if devices is not None:
+        generate = raw.get("generate")
+        raw["generate"] = {**(generate if isinstance(generate, dict) else {}), "devices": devices}
+    return raw

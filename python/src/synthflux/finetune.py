@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from synthflux import fitted, lineage
+from synthflux import devices, fitted, lineage
 from synthflux.config import PipelineConfig
 from synthflux.fitted import (
     load_checkpoint,
@@ -71,6 +71,8 @@ def run(cfg: PipelineConfig, *, shard: ShardSpec | None = None) -> FinetuneSumma
     shard = shard or ShardSpec()
     fit = cfg.finetune
     assert fit is not None, "the finetune stage runs only with [finetune]"
+    if fit.method == "lora" and cfg.generate.devices is not None:
+        return _on_devices(cfg, shard)
     key = fitted.key(cfg)  # checks the real source first: a one-line error, nothing written
     summary = FinetuneSummary(fit.method, str(shard))
     if cfg.layout.finetuned.is_dir():
@@ -87,6 +89,23 @@ def run(cfg: PipelineConfig, *, shard: ShardSpec | None = None) -> FinetuneSumma
         lora_fit.fit_classes(cfg, shard, summary)
     summary.seconds = time.monotonic() - start
     summary.complete = _publish(cfg, key, summary)
+    return summary
+
+
+def _on_devices(cfg: PipelineConfig, shard: ShardSpec) -> FinetuneSummary:
+    """The per-class LoRA fits, one worker per device; then this process publishes them,
+    and the summary says what the workers fitted."""
+    fitted.key(cfg)  # a missing real source: one line before any worker starts
+    start = time.monotonic()
+    fits = devices.spread("finetune", cfg, shard, "finetune: lora")
+    summary = run(devices.one_process(cfg), shard=shard)
+    summary.fitted = sorted(name for f in fits for name in f["fitted"])
+    summary.reused = [name for name in summary.reused if name not in summary.fitted]
+    for f in fits:
+        summary.resumed_at.update(f["resumed_at"])
+        summary.loss.update(f["loss"])
+    summary.steps = sum(f["steps"] for f in fits)
+    summary.seconds = time.monotonic() - start
     return summary
 
 
@@ -218,7 +237,7 @@ def _key(cfg: PipelineConfig) -> str:
 STAGE = Stage(
     "finetune", run, key=_key, folder=lambda layout: layout.finetuned,
     results=lambda cfg: [cfg.layout.fitted_classes], state=state, sharded=True, resumes=True,
-    uses_gpu=True, unit="fits", product="the fitted generator", applies=lambda cfg: cfg.fits,
+    uses_gpu=True, spreads=True, unit="fits", product="the fitted generator", applies=lambda cfg: cfg.fits,
     help="fit the generator to the real training images ([finetune]: pixel model or LoRA per class)",
     description="Fit the generator to an imported training source before generate uses it: "
     "method pixel trains a class-conditional pixel diffusion model from scratch at generate's "

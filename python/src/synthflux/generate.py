@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from synthflux import lineage
+from synthflux import devices, lineage
 from synthflux.config import PipelineConfig
 from synthflux.diffusion import (
     guidance_argument,
@@ -116,6 +116,8 @@ def run(
 ) -> GenerateSummary:
     """Make this shard's missing images, then refresh the manifest. Safe to re-run."""
     shard = shard or ShardSpec()
+    if cfg.generate.devices is not None:
+        return _on_devices(cfg, shard, limit)
     layout = cfg.layout
     lineage.require(cfg, "finetune")  # with [finetune]: the fitted model, current
     # 1. plan: this shard's batches, and the exact model they are made with
@@ -150,6 +152,21 @@ def run(
         lineage.record(cfg, "generate", key=plan_key(cfg), seconds=summary.seconds,
                        outputs=[layout.manifest], complete=summary.manifest_complete,
                        facts={"shard": str(shard), "images": summary.generated})  # fmt: skip
+    return summary
+
+
+def _on_devices(cfg: PipelineConfig, shard: ShardSpec, limit: int | None) -> GenerateSummary:
+    """One worker per device makes this shard's images; then this process verifies and
+    merges them as a re-run would, and the summary counts what the workers made."""
+    lineage.require(cfg, "finetune")
+    start = time.monotonic()
+    made = devices.spread("generate", cfg, shard, "generate", limit=limit)
+    summary = run(devices.one_process(cfg), shard=shard, limit=0)
+    for name in ("generated", "regenerated_flagged", "dropped", "remaining"):
+        setattr(summary, name, sum(m[name] for m in made))
+    summary.reused = summary.planned - summary.generated - summary.dropped - summary.remaining
+    summary.seconds = time.monotonic() - start
+    summary.images_per_s = summary.generated / summary.seconds if summary.seconds else 0.0
     return summary
 
 
@@ -410,7 +427,7 @@ STAGE = Stage(
     "generate", run, key=plan_key, folder=lambda layout: layout.generated,
     results=lambda cfg: [cfg.layout.manifest], needs=("finetune",), state=state, sharded=True,
     resumes=True,
-    uses_gpu=True, unit="images", product="images", applies=lambda cfg: cfg.generates,
+    uses_gpu=True, spreads=True, unit="images", product="images", applies=lambda cfg: cfg.generates,
     help="prompts -> PNG images + manifest (the synthetic source)",
     description="Generate every class's images with the configured diffusion model into "
     "DATA/generated/<class>/ and write DATA/generated/manifest.jsonl. Re-running skips "

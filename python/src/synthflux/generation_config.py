@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
 
 from synthflux.config_paths import LocalOrHub
+from synthflux.device_names import device_list
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -43,6 +44,9 @@ class GenerateConfig(Strict):
     height: PositiveInt = 512
     batch_size: PositiveInt = 4
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # Every local device at once: "all" (every visible CUDA GPU) or a list ("cuda:0", "cpu");
+    # one worker process each takes its part of the batches (devices.py). None: one process.
+    devices: Literal["all"] | list[str] | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False  # torch.compile the UNet: slower start, faster steps on big runs
     attention_slicing: bool = False  # less GPU memory, a little slower
@@ -79,6 +83,23 @@ class GenerateConfig(Strict):
                 f"a range [low, high] needs 1 <= low <= high (at 1 or below guidance is off), got {v}"
             )
         return [float(x) for x in v]
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_names(cls, v: object) -> object:
+        # Checked here, whole, so that an error names the field rather than a union member.
+        if v is None or v == "all":
+            return v
+        if not (isinstance(v, list) and all(isinstance(name, str) for name in v)):
+            raise ValueError('must be "all" or a list of devices such as ["cuda:0", "cuda:1"]')
+        return device_list(v)
+
+    @model_validator(mode="after")
+    def _one_way_to_pick(self) -> GenerateConfig:
+        if self.devices is not None and self.device != "auto":
+            raise ValueError(f"device = {self.device!r} and devices = {self.devices!r}: "
+                             "devices picks them; leave device out")  # fmt: skip
+        return self
 
     @field_validator("width", "height")
     @classmethod

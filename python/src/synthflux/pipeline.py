@@ -17,7 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from synthflux import classify, evaluate, finetune, generate, lineage, preprocess, report, train
+from synthflux import (
+    classify,
+    devices,
+    evaluate,
+    finetune,
+    generate,
+    lineage,
+    preprocess,
+    report,
+    train,
+)
 from synthflux import filter as filtering  # (the module's name is the stage's)
 from synthflux.backends import backend_for, choose
 from synthflux.backends.serve import session
@@ -79,6 +89,7 @@ def run_pipeline(
     """Run the stages in order; `options` are keyword arguments per stage name (e.g.
     {"classify": {"backend": "reference"}}). Returns each stage's summary. A stage the config
     does not need (generate, for real images only) is left out."""
+    check_devices(cfg)
     cfg = choose(cfg)  # "auto" resolved once: every stage's key names the same backend
     if from_stage is not None:
         for folder in reset_from(cfg, from_stage):
@@ -89,6 +100,12 @@ def run_pipeline(
             if st.applies(cfg):
                 summaries.append(_run_stage(cfg, st, options or {}, say))
     return summaries
+
+
+def check_devices(cfg: PipelineConfig) -> None:
+    """`[generate] devices` that are not here: one line before anything runs."""
+    if cfg.generate.devices is not None and any(st.spreads and st.applies(cfg) for st in STAGES):
+        devices.resolve(cfg.generate.devices)
 
 
 def _run_stage(

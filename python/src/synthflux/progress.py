@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -11,6 +12,8 @@ from typing import TypeVar
 from tqdm import tqdm
 
 log = logging.getLogger("synthflux")
+
+LINES = "SYNTHFLUX_PROGRESS_LINES"  # "1": progress as "total|done<TAB>n<TAB>desc" lines
 
 T = TypeVar("T")
 
@@ -23,14 +26,31 @@ class Progress:
         self.done = 0
         self.postfix = ""  # e.g. a fit's loss, shown after the count
         self.start = self.last_log = time.monotonic()
+        # A device worker's progress goes to its parent as lines on stdout (devices.py).
+        self.lines = os.environ.get(LINES) == "1"
         self.bar = (
             tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
-            if sys.stderr.isatty()
+            if sys.stderr.isatty() and not self.lines
             else None
         )
+        self._line("total", total)
+
+    def _line(self, kind: str, n: int) -> None:
+        if self.lines:
+            print(f"{kind}\t{n}\t{self.desc}", flush=True)
+
+    def grow(self, n: int) -> None:
+        """More to do than `total` said (a worker's share, known once it has looked)."""
+        self.total += n
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
 
     def update(self, n: int = 1) -> None:
         self.done += n
+        if self.lines:
+            self._line("done", n)
+            return
         if self.bar is not None:
             self.bar.update(n)
             return

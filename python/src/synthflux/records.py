@@ -187,8 +187,9 @@ def plan_key(cfg: PipelineConfig, *, fitted_files: bool = True) -> str:
     settings = cfg.model_dump(
         mode="json",
         include={"seed", "images_per_class", "style", "negative_prompt", "classes", "generate"},
-        exclude={"classes": {"__all__": {"prompts_file"}}, "generate": later},
-    )  # (settings added later join the key only when used: older keys stay as they were)
+        exclude={"classes": {"__all__": {"prompts_file"}}, "generate": later | {"devices"}},
+    )  # (settings added later join the key only when used: older keys stay as they were;
+    # `devices` changes where images are made, never their bytes)
     gen = cfg.generate
     if gen.init_source or gen.lora or gen.textual_inversion:
         settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later)

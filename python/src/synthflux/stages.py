@@ -138,6 +138,7 @@ class Stage:
     # --backend/--image are its options, and submit passes the nodes' backend.
     runs_cnn: bool = False
     uses_gpu: bool = False  # on a cluster, its tasks get --gpus-per-task
+    spreads: bool = False  # its share splits over `[generate] devices` (--devices; devices.py)
     node_args: str = ""  # more arguments for its cluster tasks (shell words)
     unit: str = "results"  # what state() counts: "images", "output shards"
     product: str = "results"  # what it makes, for a person: "images", "predictions"

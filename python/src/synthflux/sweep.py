@@ -32,8 +32,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from synthflux import devices as local_devices
 from synthflux import generate, lineage
-from synthflux.config import MAX_IMAGES, PipelineConfig, read_toml, validate
+from synthflux.config import MAX_IMAGES, PipelineConfig, read_toml, validate, with_devices
 from synthflux.diffusion import pipelines_kept
 from synthflux.errors import ConfigError, DataError, describe
 from synthflux.layout import DataLayout
@@ -103,9 +104,11 @@ class Plan:
     images: dict[str, PipelineConfig]  # per generation setting: its config at the largest N
 
 
-def plan(path: Path, data_root: str | Path | None = None) -> Plan:
+def plan(
+    path: Path, data_root: str | Path | None = None, devices: str | list[str] | None = None
+) -> Plan:
     """Every point's config, and where each generation setting's images are made."""
-    raw = read_toml(path)
+    raw = with_devices(read_toml(path), devices)
     try:
         grid = SweepConfig.model_validate(raw.pop("sweep", {}))
     except ValidationError as e:
@@ -208,11 +211,14 @@ def run(
     data_root: str | Path | None = None,
     shard: ShardSpec | None = None,
     only_generate: bool = False,
+    devices: str | list[str] | None = None,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]] | None:
     """Generate the images, run the points (this shard's), and, once every point is done,
     write the table and the plot. Returns the table's rows, or None while points remain."""
-    grid = plan(Path(path), data_root)
+    grid = plan(Path(path), data_root, devices)
+    if grid.base.generate.devices is not None and grid.images:
+        local_devices.resolve(grid.base.generate.devices)  # said before anything runs
     with pipelines_kept():  # settings of one model share its pipeline, loaded once
         _make_images(grid, shard, only_generate, say)
     if only_generate:

@@ -1,0 +1,44 @@
+"""A device worker, started by synthflux.devices: its job (stage, config, shard, options) as
+JSON on stdin; it runs that stage's shard on the one device it sees, reports progress as
+lines on stdout (progress.LINES), and ends with its summary ("summary<TAB>json").
+
+`python -m synthflux.device_worker` is not a command for people: `[generate] devices` or
+`--devices` start it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+
+from synthflux.config import PipelineConfig
+from synthflux.errors import SynthfluxError
+from synthflux.pipeline import STAGES
+from synthflux.storage import ShardSpec
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # what is made is kept, as in the CLI
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
+    logging.basicConfig(level=logging.WARNING, format="synthflux: %(message)s", stream=sys.stderr)
+    try:
+        job = json.loads(sys.stdin.read())
+        cfg = PipelineConfig.model_validate_json(json.dumps(job["config"]))
+        stage = next(st for st in STAGES if st.name == job["stage"])
+        summary = stage.run(cfg, shard=ShardSpec(*job["shard"]), **job["options"])
+    except SynthfluxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"summary\t{json.dumps(vars(summary))}\t", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
