@@ -136,6 +136,8 @@ def test_gpu_reservation_only_with_the_gpu_override() -> None:
     gpu = compose_config("compose.yaml", "compose.gpu.yaml")
     devices = gpu["services"]["generate"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    # and uses every GPU it reserves
+    assert gpu["services"]["generate"]["command"][-2:] == ["--devices", "all"]
     others = [n for n, svc in gpu["services"].items() if n != "generate" and "deploy" in svc]
     assert others == []  # only generate asks for the GPU
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -25,6 +26,7 @@ def _stop(signum: int, frame: object) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as the CLI: our lines, not theirs
     logging.basicConfig(level=logging.WARNING, format="synthflux: %(message)s", stream=sys.stderr)
     try:
         job = json.loads(sys.stdin.read())
