@@ -67,6 +67,7 @@ bench: $(BIN)/.stamp ## the benchmarks in bench/ (print ratios measured side by 
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/digits_cas.py
 	$(BIN)/python bench/gpu.py
+	$(BIN)/python bench/devices.py
 
 .PHONY: clean
 clean: ## remove the demo's and tiny's data and caches (not the virtualenv)
