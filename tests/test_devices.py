@@ -124,3 +124,30 @@ def test_bad_devices_are_one_line_before_anything_starts(write_config, tmp_path,
         assert not Path(cfg.layout.generated).exists()
     flag = run_cli("generate", str(path), "--devices", "cuda:0,cuda")
     assert flag.returncode == 2 and "listed twice" in flag.stderr
+
+
+def test_the_workers_of_a_parent_killed_outright_stop_themselves(write_config, tmp_path):
+    path, cfg = write_config(data=tmp_path / "three", images_per_class=30,
+                             generate={"devices": THREE})  # fmt: skip
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "synthflux", "generate", str(path)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "SYNTHFLUX_TEST_HOLD": "image:1"},
+    )  # fmt: skip
+    workers = _stopped_workers(parent.pid, 3)
+    parent.kill()
+    parent.wait()
+    for w in workers:
+        w.resume()
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, "a worker outlived its parent"
+        time.sleep(0.2)
+    assert len(list(cfg.layout.generated.glob("*/*.png"))) < 60  # stopped, not run to the end
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import SynthfluxError
@@ -24,8 +26,18 @@ def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)  # what is made is kept, as in the CLI
 
 
+def _orphaned(parent: int) -> None:
+    """A parent killed outright (SIGKILL) cannot stop its workers: they stop themselves (a
+    worker that reports progress meets the closed pipe first; this covers a silent stretch,
+    such as loading a model)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
+    threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as the CLI: our lines, not theirs
     logging.basicConfig(level=logging.WARNING, format="synthflux: %(message)s", stream=sys.stderr)
     try:
