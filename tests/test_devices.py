@@ -151,3 +151,15 @@ def _alive(p: psutil.Process) -> bool:
         return p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return False
+
+
+def test_run_and_sweep_pass_devices_through(write_config, tmp_path):
+    from synthflux import sweep
+
+    path, _ = write_config(data=tmp_path / "data", sweep={"images": [2], "sources": ["synthetic"]})
+    for command in ("run", "sweep", "generate"):
+        done = run_cli(command, str(path), "--devices", "all")  # this machine has no GPU
+        assert done.returncode == 2 and "PyTorch sees no CUDA GPU" in done.stderr, done.stderr
+    assert "--devices" in run_cli("finetune", "--help").stdout
+    grid = sweep.plan(path, devices=["cpu", "cpu"])
+    assert [c.generate.devices for c in grid.images.values()] == [["cpu", "cpu"]]
