@@ -19,16 +19,14 @@ from typing import Any, Literal
 import numpy as np
 
 from synthflux.config import PipelineConfig, PreprocessConfig
-from synthflux.errors import ConfigError, DataError, Rejected
+from synthflux.errors import DataError, Rejected
 from synthflux.images import load_image
 from synthflux.layout import SourcePaths
-from synthflux.lineage import require_imported
-from synthflux.sources import SOURCE_FILE, imported_split
+from synthflux.sources import real_training_images
 from synthflux.storage import (
     TEMP_TAG,
     hash_folder,
     hold_point,
-    read_jsonl,
     sha256_file,
     write_bytes_atomic,
 )
@@ -38,41 +36,21 @@ log = logging.getLogger("synthflux")
 
 def real_source(cfg: PipelineConfig) -> SourcePaths:
     """The imported training source the fit reads; a clear error if it cannot be used."""
-    assert cfg.finetune is not None
-    name = cfg.finetune.source
-    paths = cfg.layout.source(name)
-    marker = paths.folder / SOURCE_FILE
-    if not marker.is_file():
-        named = "" if name == "train" else f" --name {name}"
-        raise DataError(
-            f"finetune.source = {name!r}: no source of that name was imported: run `synthflux "
-            f"import CONFIG FOLDER --as train{named}` first"
-        )
-    if imported_split(marker) != "train":
-        raise ConfigError(
-            f"finetune.source = {name!r} is a test set: a generator fitted to it would carry "
-            "the test images into training; import real images --as train to fit to"
-        )
-    require_imported(paths)
-    return paths
+    return _real(cfg)[0]
 
 
 def real_records(cfg: PipelineConfig) -> dict[str, list[dict[str, Any]]]:
     """Each class's real images (manifest records, in id order); an error naming a class that
     has none."""
-    paths = real_source(cfg)
-    found: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.class_names}
-    for rec in read_jsonl(paths.manifest):
-        if rec.get("class") in found and rec.get("sha256"):
-            found[rec["class"]].append(rec)
-    for class_name, mine in found.items():
-        if not mine:
-            raise DataError(
-                f"finetune.source = {paths.name!r} has no images of class {class_name!r}: the "
-                "generator cannot learn it; import a folder with every class"
-            )
-        mine.sort(key=lambda r: r["id"])
-    return found
+    return _real(cfg)[1]
+
+
+def _real(cfg: PipelineConfig) -> tuple[SourcePaths, dict[str, list[dict[str, Any]]]]:
+    assert cfg.finetune is not None
+    return real_training_images(
+        cfg, "finetune.source", cfg.finetune.source, "a generator fitted to it",
+        "the generator cannot learn it; import a folder with every class",
+    )  # fmt: skip
 
 
 def real_pixels(
@@ -152,18 +130,20 @@ def temp_folder(final: Path) -> Path:
     return tmp
 
 
-def class_key(cfg: PipelineConfig, class_name: str, base_revision: str) -> str:
-    """A LoRA fit of one class: its real images, its prompts, the base model and the settings."""
+def class_keys(cfg: PipelineConfig, base_revision: str) -> dict[str, str]:
+    """Each class's LoRA fit key: its real images, its prompts, the base model and the
+    settings (the real source's manifest read once for all of them)."""
     assert cfg.finetune is not None
-    spec = cfg.classes[cfg.class_names.index(class_name)]
-    inputs = {
-        "finetune": cfg.finetune.model_dump(mode="json"),
-        "base": base_revision,
-        "images": [(r["id"], r["sha256"]) for r in real_records(cfg)[class_name]],
-        "prompts": spec.all_prompts, "variables": spec.variables, "style": cfg.style,
-        "pools": cfg.pools, "size": [cfg.generate.width, cfg.generate.height],
-    }  # fmt: skip
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    records = real_records(cfg)
+    shared = {"finetune": cfg.finetune.model_dump(mode="json"), "base": base_revision,
+              "style": cfg.style, "pools": cfg.pools,
+              "size": [cfg.generate.width, cfg.generate.height]}  # fmt: skip
+    keys = {}
+    for spec in cfg.classes:
+        inputs = {**shared, "prompts": spec.all_prompts, "variables": spec.variables,
+                  "images": [(r["id"], r["sha256"]) for r in records[spec.name]]}  # fmt: skip
+        keys[spec.name] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return keys
 
 
 def base_revision(cfg: PipelineConfig, offline: bool = True) -> str:
@@ -191,7 +171,7 @@ def key(cfg: PipelineConfig) -> str:
         inputs["read"] = [cfg.generate.width, cfg.generate.height, pre.resample, pre.aspect]
     else:
         base = base_revision(cfg)
-        inputs["classes"] = {c: class_key(cfg, c, base) for c in cfg.class_names}
+        inputs["classes"] = class_keys(cfg, base)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 

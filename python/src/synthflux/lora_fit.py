@@ -4,7 +4,7 @@ usual noise-prediction loss on the VAE's latents, then generate loads every clas
 and makes each canonical batch (one class) with its own.
 
 Classes are independent fits: `--shard I/N` fits class c when c % N == I. A class is done when
-DATA/finetuned/model/<class>/fit.json holds its key (fitted.class_key), written with its
+DATA/finetuned/model/<class>/fit.json holds its key (fitted.class_keys), written with its
 weights under a temp name and renamed in whole.
 """
 
@@ -52,7 +52,8 @@ def classes_left(cfg: PipelineConfig) -> list[str]:
         base = fitted.base_revision(cfg)
     except Exception:  # not resolvable offline: nothing can be called fitted
         return list(cfg.class_names)
-    return [c for c in cfg.class_names if not _done(cfg, c, fitted.class_key(cfg, c, base))]
+    keys = fitted.class_keys(cfg, base)
+    return [c for c in cfg.class_names if not _done(cfg, c, keys[c])]
 
 
 def fit_classes(cfg: PipelineConfig, shard: ShardSpec, summary: FinetuneSummary) -> None:
@@ -68,14 +69,14 @@ def fit_classes(cfg: PipelineConfig, shard: ShardSpec, summary: FinetuneSummary)
     base = base_model(cfg, offline=False)
     assert base is not None
     mine = [c for i, c in enumerate(cfg.class_names) if shard.owns(i)]
+    keys = fitted.class_keys(cfg, base.revision)
     todo: list[str] = []
     for name in mine:
-        key = fitted.class_key(cfg, name, base.revision)
-        (summary.reused if _done(cfg, name, key) else todo).append(name)
+        (summary.reused if _done(cfg, name, keys[name]) else todo).append(name)
     if todo:
         parts = _load_parts(cfg, base.path)
         for name in todo:
-            _fit_class(cfg, parts, name, fitted.class_key(cfg, name, base.revision), summary)
+            _fit_class(cfg, parts, name, keys[name], summary)
     layout = cfg.layout
     for stale in layout.fitted_model.glob("*/"):  # a class no longer in the config
         if stale.is_dir() and stale.name not in cfg.class_names and not stale.name.startswith("."):

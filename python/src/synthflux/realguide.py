@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synthflux.config import PipelineConfig
-from synthflux.errors import ConfigError, DataError
-from synthflux.lineage import require_imported
-from synthflux.sources import SOURCE_FILE, imported_split
-from synthflux.storage import read_jsonl
+from synthflux.sources import real_training_images
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -40,31 +37,12 @@ def parents(cfg: PipelineConfig) -> dict[str, list[Parent]] | None:
     name = cfg.generate.init_source
     if not name:
         return None
-    paths = cfg.layout.source(name)
-    marker = paths.folder / SOURCE_FILE
-    if not marker.is_file():
-        raise DataError(
-            f"generate.init_source = {name!r}: no source of that name was imported: run "
-            f"`synthflux import CONFIG FOLDER --as train --name {name}`"
-        )
-    if imported_split(marker) != "train":
-        raise ConfigError(
-            f"generate.init_source = {name!r} is a test set: images made from it would carry "
-            "the test images into training; import real images --as train to guide with"
-        )
-    require_imported(paths)
-    found: dict[str, list[Parent]] = {c: [] for c in cfg.class_names}
-    for rec in read_jsonl(paths.manifest):
-        if rec.get("class") in found and rec.get("sha256"):
-            found[rec["class"]].append(Parent(name, rec["id"], rec["file"], str(rec["sha256"])))
-    for class_name, mine in found.items():
-        if not mine:
-            raise DataError(
-                f"generate.init_source = {name!r} has no images of class {class_name!r} to "
-                "start from: import a folder with every class, or generate from text"
-            )
-        mine.sort(key=lambda p: p.id)
-    return found
+    _, found = real_training_images(
+        cfg, "generate.init_source", name, "images made from it",
+        "nothing to start from; import a folder with every class, or generate from text",
+    )  # fmt: skip
+    return {c: [Parent(name, r["id"], r["file"], str(r["sha256"])) for r in recs]
+            for c, recs in found.items()}  # fmt: skip
 
 
 def init_image(cfg: PipelineConfig, parent: Parent) -> Image.Image:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from synthflux.config import PipelineConfig
-from synthflux.errors import DataError
+from synthflux.errors import ConfigError, DataError
 from synthflux.layout import SYNTHETIC, DataLayout, SourcePaths
+from synthflux.lineage import require_imported
+from synthflux.storage import read_jsonl
 
 Split = Literal["train", "test"]
 SOURCE_FILE = "source.json"  # imported/<name>/source.json: the folder and its split
@@ -78,3 +80,32 @@ def training_sources(cfg: PipelineConfig) -> list[Source]:
 
 def test_sources(cfg: PipelineConfig) -> list[Source]:
     return [s for s in all_sources(cfg) if s.split == "test"]
+
+
+def real_training_images(
+    cfg: PipelineConfig, setting: str, name: str, made: str, every_class: str
+) -> tuple[SourcePaths, dict[str, list[dict[str, Any]]]]:
+    """The imported training source a setting names (finetune.source, generate.init_source)
+    and each class's records, in id order. One-line errors: none of that name, a test set
+    (`made` from it would carry test images into training), a class without images
+    (`every_class` says what to do)."""
+    paths = cfg.layout.source(name)
+    marker = paths.folder / SOURCE_FILE
+    if not marker.is_file():
+        named = "" if name == "train" else f" --name {name}"  # (train is the default name)
+        raise DataError(f"{setting} = {name!r}: no source of that name was imported: run "
+                        f"`synthflux import CONFIG FOLDER --as train{named}` first")  # fmt: skip
+    if imported_split(marker) != "train":
+        raise ConfigError(f"{setting} = {name!r} is a test set: {made} would carry the test "
+                          "images into training; import real images --as train")  # fmt: skip
+    require_imported(paths)
+    found: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.class_names}
+    for rec in read_jsonl(paths.manifest):
+        if rec.get("class") in found and rec.get("sha256"):
+            found[rec["class"]].append(rec)
+    for class_name, mine in found.items():
+        if not mine:
+            raise DataError(f"{setting} = {name!r} has no images of class {class_name!r}: "
+                            f"{every_class}")  # fmt: skip
+        mine.sort(key=lambda r: r["id"])
+    return paths, found
