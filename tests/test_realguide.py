@@ -128,7 +128,7 @@ def test_adapters_change_the_images_and_are_recorded(tmp_path, tiny_model):
         generate.run(c)
     p, t, b = manifest(plain), manifest(ti), manifest(both)
     assert "adapters" not in p[0]
-    assert t[0]["adapters"] == [f"textual_inversion:{embedding}@sha256:" + _sha(embedding)]
+    assert t[0]["adapters"] == [f"textual_inversion:{embedding.name}@sha256:" + _sha(embedding)]
     assert [a.split(":")[0] for a in b[0]["adapters"]] == ["lora", "textual_inversion"]
     for x, y in ((p, t), (t, b)):
         assert all(np.abs(pixels(plain if x is p else ti, r) - pixels(ti if x is p else both, s)).max() > 5
@@ -143,6 +143,55 @@ def test_adapters_change_the_images_and_are_recorded(tmp_path, tiny_model):
         preprocess.run(ti)
     assert generate.run(ti).generated == 4
     assert preprocess.run(ti).complete
+    # The adapter taken out of the config: its images are not the ones asked for any more
+    _, bare = config(tmp_path, tiny_model, "ti.toml", **prompts)
+    assert generate.run(bare).generated == 4
+    assert all("adapters" not in r for r in manifest(bare))
+    assert [r["sha256"] for r in manifest(bare)] == [r["sha256"] for r in p]
+
+
+def test_records_and_keys_are_the_same_from_any_working_directory(tmp_path, tiny_model,
+                                                                  monkeypatch):  # fmt: skip
+    """Local paths are the config file's (issue 27 #7); the records name a local model or
+    adapter by its file name and its hash, never by the path as seen from here."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from synthflux.config import load_config
+
+    save_file({"<zero>": torch.randn(1, 32)}, tmp_path / "zero.safetensors")
+    path, _ = config(tmp_path, tiny_model, "rel.toml", images_per_class=2, generate={
+        "model": os.path.relpath(tiny_model, tmp_path),
+        "textual_inversion": ["zero.safetensors"]})  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    here = load_config("rel.toml")
+    assert generate.run(here).generated == 4
+    (tmp_path / "deeper").mkdir()
+    monkeypatch.chdir(tmp_path / "deeper")
+    there = load_config(path)
+    assert lineage.is_current(there, "generate")
+    assert generate.run(there).generated == 0
+    assert manifest(there)[0]["model"] == tiny_model.name
+
+
+def test_a_changed_dtype_or_a_removed_guide_remakes_the_images(tmp_path, tiny_model, real):
+    train, _ = real
+    _, text = config(tmp_path, tiny_model, "text.toml", images_per_class=2)
+    _, guided = config(tmp_path, tiny_model, "c.toml", images_per_class=2,
+                       generate={"init_source": "train"})  # fmt: skip
+    ingest.run(guided, train, split="train")
+    generate.run(text)
+    generate.run(guided)
+    _, unguided = config(tmp_path, tiny_model, "c.toml", images_per_class=2)
+    assert generate.run(unguided).generated == 4  # real-guided images are not text-only ones
+    assert manifest(unguided) == manifest(text)
+    _, half = config(tmp_path, tiny_model, "c.toml", images_per_class=2,
+                     generate={"dtype": "bfloat16"})  # fmt: skip
+    assert generate.run(half).generated == 4
+    assert {r["dtype"] for r in manifest(half)} == {"bfloat16"}
+    assert generate.run(unguided).generated == 4  # and back to auto
 
 
 def _sha(path: Path) -> str:

@@ -25,6 +25,13 @@ def looks_like_hub_id(name: str) -> bool:
     )
 
 
+def identity(value: str) -> str:
+    """What names a model or an adapter in records and keys: a Hub id (or "tiny") as given,
+    a local file or folder by its name alone (its bytes are hashed beside the name), so that
+    one config makes the same records from any working directory."""
+    return value if looks_like_hub_id(value) else Path(value).name
+
+
 def _config_dir(info: ValidationInfo) -> Path | None:
     folder = (info.context or {}).get("config_dir")
     return None if folder is None else Path(folder)

@@ -18,7 +18,7 @@ from typing import Any, overload
 
 from synthflux import fitted
 from synthflux.config import PipelineConfig
-from synthflux.config_paths import looks_like_hub_id
+from synthflux.config_paths import identity, looks_like_hub_id
 from synthflux.errors import DataError, ModelError
 from synthflux.progress import quiet_library_progress
 from synthflux.records import ModelRef
@@ -92,7 +92,7 @@ def base_model(cfg: PipelineConfig, offline: bool) -> ModelRef | None:
                 f"generate.model = {gen.model!r} is a folder without model_index.json; "
                 "point it at a diffusers pipeline saved with save_pretrained"
             )
-        return _local_ref(local, gen.model, cfg)
+        return _local_ref(local, identity(gen.model), cfg)
     if not looks_like_hub_id(gen.model):
         raise ModelError(f"generate.model = {gen.model!r}: no such folder")
     try:
@@ -121,7 +121,7 @@ def adapters(cfg: PipelineConfig, offline: bool = False) -> tuple[str, ...] | No
             digest = digest_of(name, f"generate.{kind}[{i}]", cfg, offline)
             if digest is None:
                 return None
-            found.append(f"{kind}:{name}@{digest}")
+            found.append(f"{kind}:{identity(name)}@{digest}")
     return tuple(found)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from synthflux import lineage
 from synthflux.config import FilterConfig, PipelineConfig
+from synthflux.config_paths import identity
 from synthflux.diffusion import digest_of
 from synthflux.errors import ConfigError, DataError, Rejected
 from synthflux.images import load_image
@@ -368,7 +369,7 @@ def key(cfg: PipelineConfig) -> str:
     settings: FilterConfig = cfg.filter or FilterConfig()
     inputs: dict[str, Any] = {
         "manifest": sha256_file(cfg.layout.manifest),
-        "filter": settings.model_dump(),
+        "filter": settings.model_dump() | {"clip_model": identity(settings.clip_model)},
         "classes": cfg.class_names,
     }
     if settings.clip_model:

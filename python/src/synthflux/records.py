@@ -21,6 +21,7 @@ from PIL import Image
 
 from synthflux import fitted
 from synthflux.config import PipelineConfig
+from synthflux.config_paths import identity
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
 from synthflux.prompts import fill, placeholders
@@ -69,6 +70,7 @@ ManifestRecord = TypedDict(
         "parent": dict[str, Any],
         "strength": float,
         "adapters": list[str],  # LoRA and textual-inversion adapters, with their hashes
+        "dtype": str,  # [generate] dtype when set (not "auto")
     },
     total=False,
 )
@@ -191,8 +193,12 @@ def plan_key(cfg: PipelineConfig, *, fitted_files: bool = True) -> str:
     )  # (settings added later join the key only when used: older keys stay as they were;
     # `devices` changes where images are made, never their bytes)
     gen = cfg.generate
+    settings["generate"]["model"] = identity(gen.model)  # (a local one: its revision, in records)
     if gen.init_source or gen.lora or gen.textual_inversion:
-        settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later)
+        settings["adapters_and_guides"] = gen.model_dump(mode="json", include=later) | {
+            "lora": [identity(n) for n in gen.lora],
+            "textual_inversion": [identity(n) for n in gen.textual_inversion],
+        }
     if gen.lora or gen.textual_inversion:  # their bytes: a changed adapter is new images
         from synthflux.diffusion import adapters  # (diffusion reads this module)
 
@@ -242,7 +248,13 @@ def base_record(job: ImageJob, cfg: PipelineConfig, model: ModelRef) -> Manifest
         "file": job.file,
         **({"adapters": list(model.adapters)} if model.adapters else {}),
         **({"parent": job.parent.record(), "strength": gen.strength} if job.parent else {}),
+        **({"dtype": gen.dtype} if gen.dtype != "auto" else {}),  # (auto: as records were)
     }
+
+
+# What a record holds only when its setting is used: a record with one its plan lacks was
+# made with that setting (real-guided, adapters, a dtype) and is not the image asked for.
+WHEN_USED = ("adapters", "parent", "strength", "dtype")
 
 
 def record_matches(
@@ -256,6 +268,8 @@ def record_matches(
     `ignore` leaves out fields the caller cannot know without loading the model.
     """
     if any(record.get(k) != v for k, v in base.items() if k not in ignore):
+        return False
+    if any(k in record and k not in base for k in WHEN_USED):
         return False
     attempt = record.get("attempt", -1)
     return isinstance(attempt, int) and record.get("seed") == image_seed(
