@@ -240,3 +240,18 @@ def test_a_filter_that_empties_a_class_is_an_error_before_training(write_config)
     with pytest.raises(DataError, match=f"did not keep any image of class '{low}'"):
         filtering.run(one)
     assert not lineage.is_current(one, "filter")  # nothing published: training cannot start
+
+
+def test_altered_images_are_refused_until_generate_makes_them_again(write_config):
+    """Scores of an altered file would stay current once generate repaired it (the manifest,
+    the filter's key, comes back the same): the filter checks every image's bytes first."""
+    _, cfg = write_config(filter={"max_hash_distance": 2})
+    generate.run(cfg)
+    first, second = sorted(cfg.layout.generated.glob("cat/*.png"))[:2]
+    shutil.copy(first, second)  # a copy: it would be dropped as a near-duplicate of the first
+    with pytest.raises(DataError, match=r"1 generated image not as generate made them \(first: "):
+        filtering.run(cfg)
+    assert not cfg.layout.filtered_manifest.exists()
+    assert generate.run(cfg).generated > 0
+    filtering.run(cfg)
+    assert not any("0 bits from" in (r["dropped"] or "") for r in scores(cfg))

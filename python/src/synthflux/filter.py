@@ -82,6 +82,7 @@ def run(cfg: PipelineConfig) -> FilterSummary:
     clip = clip_path(cfg) if settings.clip_model else None  # ("tiny" is built first: keyed)
     stage_key = key(cfg)  # before the work: inputs changed meanwhile are not called current
     items = [Scored(rec) for rec in sorted(read_manifest(layout), key=_order)]
+    _check_bytes(layout, items)
     if settings.max_hash_distance >= 0:
         _drop_duplicates(items, layout, settings.max_hash_distance)
     if clip is not None:
@@ -116,6 +117,25 @@ def _row(item: Scored) -> dict[str, Any]:
 
 
 # --- the rules, in order ---------------------------------------------------------------------
+
+
+def _check_bytes(layout: DataLayout, items: list[Scored]) -> None:
+    """Every image is the one its record names: scores of an altered file would stay current
+    after generate repairs it (the manifest, this stage's key, would be unchanged)."""
+    with Progress("filter: verify", len(items)) as progress:
+        altered = [i.record["file"] for i in progress.counting(items)
+                   if _sha256_or_none(layout.image(i.record["file"])) != i.record["sha256"]]  # fmt: skip
+    if altered:
+        raise DataError(f"{plural(len(altered), 'generated image')} not as generate made them "
+                        f"(first: {layout.image(altered[0])}): run `synthflux generate`, which "
+                        "makes them again, then filter")  # fmt: skip
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _drop_duplicates(items: list[Scored], layout: DataLayout, max_distance: int) -> None:
