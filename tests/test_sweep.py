@@ -145,6 +145,9 @@ def test_a_bad_sweep_section_is_one_line(tmp_path):
         ({"vary": {"images_per_class": [5]}}, "sweep.vary.images_per_class: the sweep sets it"),
         ({"vary": {"data_root": ["x"]}}, "sweep.vary.data_root: the sweep sets it"),
         ({"vary": {"classes": [[]]}}, "sweep.vary.classes: the sweep sets it"),
+        # a whole section: the row would name one setting while every other changed too
+        ({"vary": {"train": [{"epochs": 1}]}}, "sweep.vary.train: a whole section"),
+        ({"vary": {"train.lr": [0.01, 0.01]}}, "sweep.vary.train.lr: 0.01 is listed twice"),
     ):
         raw = BASE_CONFIG | {"data_root": str(tmp_path / "d"), "sweep": sweep_section}
         path, _ = save_config(tmp_path / "c.toml", raw)  # (other commands ignore [sweep])
@@ -215,6 +218,13 @@ def test_two_points_never_share_a_data_root(tmp_path, tiny_model):
     names = [p.name for p, _ in grid.points]
     assert len(set(names)) == len(names) == 5
     assert len({cfg.data_root for _, cfg in grid.points}) == 5
+    # values that hold the separators: "style=a-negative_prompt=b" could be two settings
+    path, _ = digit_config(tmp_path, tiny_model, "sep.toml", tmp_path / "data", sweep={
+        "images": [2], "sources": ["synthetic"],
+        "vary": {"style": ["a", "a-negative_prompt=b"],
+                 "negative_prompt": ["b-negative_prompt=c", "c"]}})  # fmt: skip
+    roots = [cfg.data_root for _, cfg in sweep.plan(path).points]
+    assert len(set(roots)) == len(roots) == 4
     assert names[1] == "synthetic-n2-style=a_b"  # readable where nothing was replaced
     assert all(len(n) <= 113 for n in names)
 
@@ -254,3 +264,19 @@ def test_one_real_only_run_serves_every_generation_setting(tmp_path, tiny_model,
         "real-train.lr=0.001",
         "real-train.lr=0.01",
     ]
+
+
+def test_with_a_filter_rows_say_how_many_images_the_cnn_learned_from(
+    tmp_path, tiny_model, two_digits
+):
+    _, test = two_digits
+    path, cfg = digit_config(tmp_path, tiny_model, "f.toml", tmp_path / "data",
+                             filter={"keep_top": 1},
+                             sweep={"images": [2, 3], "sources": ["synthetic"]})  # fmt: skip
+    ingest.run(cfg, test, split="test")
+    said: list[str] = []
+    rows = sweep.run(path, say=said.append)
+    assert rows is not None
+    assert [(r["synthetic_per_class"], r["kept_per_class"]) for r in rows] == [(2, 1.0), (3, 1.0)]
+    assert all(r["train_images"] == 2 for r in rows)  # 1 per class, as the table now says
+    assert any("kept/class" in line for line in said)

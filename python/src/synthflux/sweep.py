@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -78,9 +78,12 @@ class Point:
         """Its folder's name: readable, and unique for its exact settings (a name the
         sanitiser changed or cut gets a hash of the exact values)."""
         parts = [self.sources] + ([f"n{self.images}"] if self.images else [])
+        values = [_shown(v) for _, v in self.settings]
         shown = "-".join(parts + [f"{k}={_shown(v)}" for k, v in self.settings])
         safe = re.sub(r"[^A-Za-z0-9._=,-]", "_", shown)
-        if safe == shown and len(shown) <= 120:
+        # A value holding a separator ("-", "=") could read as two settings: hashed too.
+        plain = not any(c in v for v in values for c in "-=")
+        if safe == shown and plain and len(shown) <= 120:
             return shown
         exact = json.dumps([parts, self.settings])
         return f"{safe[:100]}-{hashlib.sha256(exact.encode()).hexdigest()[:12]}"
@@ -165,10 +168,25 @@ def _runs_as(point: Point) -> Point:
 
 
 def _check_vary(grid: SweepConfig, path: Path) -> None:
-    for key in grid.vary:
+    for key, values in grid.vary.items():
         if why := SET_BY_THE_SWEEP.get("classes" if key.startswith("classes") else key):
             raise ConfigError(f"{path}: sweep.vary.{key}: the sweep sets it for each point "
                               f"itself ({why}); vary something else")  # fmt: skip
+        if key in SECTIONS:  # a row would claim one setting while the whole table changed
+            raise ConfigError(f"{path}: sweep.vary.{key}: a whole section; vary its settings "
+                              f"by dotted name ({key}.<setting>)")  # fmt: skip
+        seen = [json.dumps(v, sort_keys=True) for v in values]
+        if len(set(seen)) < len(seen):
+            twice = next(v for v in seen if seen.count(v) > 1)
+            raise ConfigError(f"{path}: sweep.vary.{key}: {twice} is listed twice (two "
+                              "points of the same settings)")  # fmt: skip
+
+
+# The config's sections ([generate], [train], ...): a vary names a setting inside one.
+SECTIONS = {
+    name for name, f in PipelineConfig.model_fields.items()
+    if any(isinstance(t, type) and issubclass(t, BaseModel) for t in (f.annotation, *get_args(f.annotation)))
+}  # fmt: skip
 
 
 def _point_config(
@@ -182,7 +200,7 @@ def _point_config(
             table = table.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: sweep.vary: {dotted!r} is not a setting")
-        table[name] = value
+        table[name] = copy.deepcopy(value)  # (a point's table is its own: the sweep adds to it)
     raw.setdefault("train", {})["sources"] = TRAINS_ON[point.sources]
     raw["train"]["baseline"] = False  # the sweep's own real-only points are the baseline
     if point.images:
@@ -422,6 +440,9 @@ def _row(grid: Plan, point: Point, cfg: PipelineConfig) -> dict[str, Any]:
     row: dict[str, Any] = {"point": point.name, "sources": point.sources,
                            "synthetic_per_class": point.images,
                            "real_per_class": round(real / len(cfg.classes), 1)}  # fmt: skip
+    if cfg.filters and point.images:  # what the CNN learned from: the images the filter kept
+        kept = count_records(cfg.layout.filtered_manifest)
+        row["kept_per_class"] = round(kept / len(cfg.classes), 1)
     row.update({k: json.dumps(v) for k, v in point.settings})
     row["train_images"] = sum(s["images"] for s in splits.values() if s["kind"] != "test")
     row["val_accuracy"] = splits.get("validation", {}).get("accuracy")

@@ -45,7 +45,9 @@ def _rates(rows: list[dict[str, Any]], tests: list[str], varied: list[str]) -> l
         for test in tests:
             if base is None or base[test] is None or not curve:
                 continue
-            points = [(r["synthetic_per_class"], r[test]) for r in curve if r[test] is not None]
+            # per class as trained on: after a filter, the images it kept
+            points = [(r.get("kept_per_class", r["synthetic_per_class"]), r[test])
+                      for r in curve if r[test] is not None]  # fmt: skip
             rate = exchange_rate(base[test], base["real_per_class"], points)
             out.append(f"on {test.removeprefix('test:')}{f' ({where})' if where else ''}: {rate}")
     return out
@@ -66,7 +68,8 @@ def publish(
     write_bytes_atomic(layout.sweep_table, buf.getvalue().encode())
     tests = [c for c in columns if c.startswith("test:")]
     varied = [k for k in columns if k not in ("point", "sources", "synthetic_per_class",
-              "real_per_class", "train_images", "val_accuracy") and k not in tests]  # fmt: skip
+              "real_per_class", "kept_per_class", "train_images", "val_accuracy")
+              and k not in tests]  # fmt: skip
     rates = _rates(rows, tests, varied)
     if tests:
         write_bytes_atomic(layout.sweep_plot, sweep_curves(rows, tests, varied))
@@ -83,7 +86,8 @@ def _table_lines(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     """The table as printed: every column, with headers a person can read (the CSV keeps its
     names: "test:NAME" is the accuracy on test set NAME)."""
     heads = {"val_accuracy": "validation acc.", "real_per_class": "real/class",
-             "synthetic_per_class": "synthetic/class", "train_images": "train images"}  # fmt: skip
+             "synthetic_per_class": "synthetic/class", "train_images": "train images",
+             "kept_per_class": "kept/class"}  # fmt: skip
 
     def head(c: str) -> str:
         return f"acc. on {c.removeprefix('test:')}" if c.startswith("test:") else heads.get(c, c)
@@ -91,7 +95,7 @@ def _table_lines(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     def cell(c: str, v: Any) -> str:
         if v is None:
             return "n/a"
-        if c == "real_per_class":
+        if c in ("real_per_class", "kept_per_class"):
             return f"{v:g}"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
