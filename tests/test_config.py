@@ -109,6 +109,12 @@ BAD = [
     ({"classify": {"backend": "docker"}}, "classify.backend moved to [cnn] backend"),
     ({"cnn": {"timeout_s": 0}}, "cnn.timeout_s = 0"),
     ({"unknown_key": 1}, "unknown_key"),
+    # Settings that would be ignored without the one they work with: said, not dropped.
+    ({"filter": {"min_clip_score": 10}}, "min_clip_score = 10.0 needs clip_model"),
+    ({"generate": {"images_per_real": 2}}, "images_per_real = 2 needs init_source"),
+    ({"generate": {"strength": float("nan")}}, "generate.strength = nan: Input should be a finite"),
+    ({"generate": {"devices": ["cuda", "cuda:0"]}}, "'cuda:0' is listed twice"),
+    ({"generate": {"device": "cpu", "devices": "all"}}, "devices picks them; leave device out"),
 ]
 
 

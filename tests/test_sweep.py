@@ -185,6 +185,7 @@ def test_a_point_is_current_only_while_its_whole_chain_is(tmp_path, tiny_model, 
                              sweep=sweep_section, generate={"steps": 3})  # fmt: skip
     status = run_cli("status", str(path))  # the sweep's points, after the stages
     assert "sweep: 0 of 1 points done" in status.stdout, status.stderr
+    assert "table.csv is from before: settings or points have changed" in status.stdout
     assert "  synthetic-n2  to run" in status.stdout
     said: list[str] = []
     assert sweep.run(path, say=said.append) is not None

@@ -116,7 +116,7 @@ class PreprocessConfig(Strict):
     resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "lanczos"
     # stretch: ignore the aspect ratio; crop: center-crop to it; pad: letterbox with pad_value.
     aspect: Literal["stretch", "crop", "pad"] = "crop"
-    pad_value: float = Field(0.0, ge=0, le=1)
+    pad_value: FiniteFloat = Field(0.0, ge=0, le=1)
     # After scaling to [0, 1]: x = (x - mean) / std, one value per channel.
     mean: list[FiniteFloat] = Field(default_factory=lambda: [0.5])
     std: list[FiniteFloat] = Field(default_factory=lambda: [0.5])
@@ -146,7 +146,7 @@ class TrainConfig(Strict):
     betas: list[FiniteFloat] = Field(default=[0.9, 0.999], min_length=2, max_length=2)
     eps: FiniteFloat = Field(1e-8, gt=0)
     weight_decay: FiniteFloat = Field(0.0, ge=0)  # decoupled (AdamW)
-    val_fraction: float = Field(0.1, ge=0, lt=1)  # chosen per image by a hash of its id
+    val_fraction: FiniteFloat = Field(0.1, ge=0, lt=1)  # chosen per image by a hash of its id
     patience: int = Field(3, ge=0)  # epochs without a better val loss before stopping; 0: never
     seed: int = Field(0, ge=0, lt=2**63)  # initial weights, split, order, augmentation
     flip: bool = False  # augmentation: random horizontal flips
@@ -183,7 +183,7 @@ class CnnConfig(Strict):
     julia: str = "julia"  # the executable for the local backend
     batch_size: PositiveInt = 64  # images per forward pass when classifying
     memory: str = Field("4g", pattern=r"^[0-9]+[bkmgBKMG]?$")  # container memory limit, e.g. 512m
-    cpus: float = Field(2.0, gt=0)  # container CPU limit
+    cpus: FiniteFloat = Field(2.0, gt=0)  # container CPU limit
     timeout_s: PositiveInt = 3600  # one classify run (training has train.timeout_s)
     # Where the Python driver runs inside compose, the data lives on this named volume.
     volume: str = ""
@@ -198,7 +198,7 @@ class FilterConfig(Strict):
     max_hash_distance: int = Field(-1, ge=-1, le=64)
     # A CNN trained on the real training images (`import --as train`; [train]'s settings and
     # network) gives each synthetic image a probability of its class: drop those below.
-    min_real_confidence: float = Field(0.0, ge=0, le=1)
+    min_real_confidence: FiniteFloat = Field(0.0, ge=0, le=1)
     # Per class, keep only the best this many: by the real CNN's probability when real images
     # were imported for training, else by CLIP's, else by index. 0: no cap.
     keep_top: int = Field(0, ge=0, le=MAX_IMAGES)
@@ -206,8 +206,16 @@ class FilterConfig(Strict):
     # each image against its own prompt (CLIPScore: 100 x cosine, Hessel et al. 2021) and
     # gives its class's zero-shot probability among "a photo of a <class>". "": not scored.
     clip_model: LocalOrHub = ""
-    min_clip_score: float = Field(0.0, ge=0, le=100)
-    min_clip_confidence: float = Field(0.0, ge=0, le=1)
+    min_clip_score: FiniteFloat = Field(0.0, ge=0, le=100)
+    min_clip_confidence: FiniteFloat = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _clip_rules_need_clip(self) -> FilterConfig:
+        for name in ("min_clip_score", "min_clip_confidence"):
+            if getattr(self, name) and not self.clip_model:
+                raise ValueError(f"{name} = {getattr(self, name)} needs clip_model (the CLIP "
+                                 'that scores the images; "tiny" to try it offline)')  # fmt: skip
+        return self
 
     @property
     def needs_real(self) -> bool:

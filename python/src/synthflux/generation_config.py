@@ -58,7 +58,7 @@ class GenerateConfig(Strict):
     # image of its class in this imported training source (image i from the class's real
     # image i mod R), noised by `strength` (1: the real image is ignored). "": text only.
     init_source: str = ""
-    strength: float = Field(0.5, gt=0, le=1)
+    strength: FiniteFloat = Field(0.5, gt=0, le=1)
     images_per_real: int = Field(0, ge=0, le=MAX_IMAGES)  # with init_source (0: images_per_class)
     # Adapters loaded into the model, each a local file/folder or a Hub id; their hashes are
     # in every image's record.
@@ -93,6 +93,13 @@ class GenerateConfig(Strict):
         if not (isinstance(v, list) and all(isinstance(name, str) for name in v)):
             raise ValueError('must be "all" or a list of devices such as ["cuda:0", "cuda:1"]')
         return device_list(v)
+
+    @model_validator(mode="after")
+    def _guide_settings_need_a_guide(self) -> GenerateConfig:
+        if self.images_per_real and not self.init_source:
+            raise ValueError(f"images_per_real = {self.images_per_real} needs init_source (the "
+                             "real images to start from); without it, images_per_class counts")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_pick(self) -> GenerateConfig:
@@ -130,8 +137,9 @@ class FinetuneConfig(Strict):
     # (at most 4 blocks: 3 halvings, which generate's multiples of 8 always allow)
     block_out_channels: list[PositiveInt] = Field(default=[32, 64], min_length=1, max_length=4)
     layers_per_block: PositiveInt = 1
-    null_fraction: float = Field(0.1, ge=0, lt=1)  # labels dropped for classifier-free guidance
-    ema_decay: float = Field(0.995, ge=0, lt=1)  # the sampled weights' moving average; 0: off
+    # Labels dropped for classifier-free guidance.
+    null_fraction: FiniteFloat = Field(0.1, ge=0, lt=1)
+    ema_decay: FiniteFloat = Field(0.995, ge=0, lt=1)  # the sampled weights' moving average; 0: off
     # lora
     rank: PositiveInt = 4
     text_encoder: bool = False  # also fit a LoRA on the text encoder

@@ -258,7 +258,10 @@ def run(
         say(f"sweep {point.name}: running ({i + 1} of {len(runs)})")
         run_pipeline(cfg, say=functools.partial(log.info, f"{point.name}: %s"))
     if not all(_done(cfg) for _, cfg in grid.points):
-        say("sweep: other points are not done yet; run the sweep again to write the table")
+        say(
+            "sweep: other points are not done yet; run the sweep again to write the table"
+            + _earlier(grid.base.layout)
+        )
         return None
     rows = [_row(grid, point, cfg) for point, cfg in grid.points]
     return publish(grid.base.layout, rows, say)
@@ -323,7 +326,7 @@ def status_lines(path: Path, data_root: str | Path | None = None) -> list[str]:
     table = grid.base.layout.sweep_table
     out = [f"sweep: {sum(d for _, d in done)} of {len(done)} points done"
            + (f"; {table}" if table.is_file() and all(d for _, d in done) else
-              "; run `synthflux sweep CONFIG` for the rest and the table")]  # fmt: skip
+              "; run `synthflux sweep CONFIG` for the rest and the table" + _earlier(grid.base.layout))]  # fmt: skip
     out += [f"  {name:<{width}}  {'done' if d else 'to run'}" for name, d in done]
     if stale := unused(grid):
         out.append(f"sweep: {len(stale)} folders under {grid.base.layout.sweep} that no point "
@@ -364,6 +367,17 @@ def prune(path: Path, data_root: str | Path | None = None) -> list[str]:
     return [f"sweep: removed {folder}" for folder in folders] + [
         f"sweep: removed {len(folders)} unused folders, {freed / 1e6:.1f} MB freed"
     ]
+
+
+def _earlier(layout: DataLayout) -> str:
+    """While points are left, a table on disk is an earlier state's: said, never taken for
+    this grid's."""
+    table = layout.sweep_table
+    return (
+        f" ({table} is from before: settings or points have changed since)"
+        if table.is_file()
+        else ""
+    )
 
 
 def _done(cfg: PipelineConfig) -> bool:
