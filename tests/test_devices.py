@@ -163,3 +163,16 @@ def test_run_and_sweep_pass_devices_through(write_config, tmp_path):
     assert "--devices" in run_cli("finetune", "--help").stdout
     grid = sweep.plan(path, devices=["cpu", "cpu"])
     assert [c.generate.devices for c in grid.images.values()] == [["cpu", "cpu"]]
+
+
+def test_a_limit_over_the_workers_makes_what_one_process_makes(write_config, tmp_path):
+    """--limit K: the batches one process would take, each made by the worker it falls to
+    (a worker with none is not started); the counts are one process's."""
+    _, one = write_config(data=tmp_path / "one", images_per_class=6)
+    _, six = write_config(data=tmp_path / "six", name="s.toml", images_per_class=6,
+                          generate={"devices": ["cpu"] * 6})  # fmt: skip
+    for limit in (3, 1, 1):  # the second 1: the first workers' batches are done by then
+        a, b = generate.run(one, limit=limit), generate.run(six, limit=limit)
+        assert (b.generated, b.reused, b.remaining) == (a.generated, a.reused, a.remaining)
+        assert generated(six) == generated(one)
+    assert b.remaining > 0 and "re-run to continue" in "\n".join(b.lines())

@@ -413,3 +413,13 @@ def test_the_cas_bench_runs_quick() -> None:
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["89.9", "20.0"]
     assert all(0 <= float(v) <= 1 for r in rows for v in r[2:5])
+
+
+def test_finetune_without_its_section_is_one_line(write_config) -> None:
+    path, _ = write_config()
+    done = run_cli("finetune", str(path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        == "synthflux finetune: error: the config has no [finetune] section: nothing to fit"
+    )

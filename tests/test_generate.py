@@ -301,7 +301,7 @@ def test_bad_shard_spec(write_config, bad):
 
 
 def test_png_bytes_are_deterministic_for_the_same_pixels():
-    from synthflux.generate import to_png
+    from synthflux.png_writer import to_png
 
     pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
     a, b = to_png(pixels, {"id": 1}), to_png(pixels, {"id": 1})

@@ -148,8 +148,12 @@ def test_a_bad_sweep_section_is_one_line(tmp_path):
         # a whole section: the row would name one setting while every other changed too
         ({"vary": {"train": [{"epochs": 1}]}}, "sweep.vary.train: a whole section"),
         ({"vary": {"train.lr": [0.01, 0.01]}}, "sweep.vary.train.lr: 0.01 is listed twice"),
+        ({"vary": {"generate.devices": [["cpu"]]}}, "where images are made changes no result"),
+        (None, "has no [sweep] section"),
     ):
-        raw = BASE_CONFIG | {"data_root": str(tmp_path / "d"), "sweep": sweep_section}
+        raw = BASE_CONFIG | {"data_root": str(tmp_path / "d")}
+        if sweep_section is not None:
+            raw["sweep"] = sweep_section
         path, _ = save_config(tmp_path / "c.toml", raw)  # (other commands ignore [sweep])
         result = run_cli("sweep", str(path))
         assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -281,3 +285,37 @@ def test_with_a_filter_rows_say_how_many_images_the_cnn_learned_from(
     assert [(r["synthetic_per_class"], r["kept_per_class"]) for r in rows] == [(2, 1.0), (3, 1.0)]
     assert all(r["train_images"] == 2 for r in rows)  # 1 per class, as the table now says
     assert any("kept/class" in line for line in said)
+
+
+def test_prune_keeps_what_another_configs_sweep_uses_and_a_moved_root_stays_done(
+    tmp_path, tiny_model, two_digits
+):
+    """Two configs sweep in one data root: each one's --prune keeps the other's points; the
+    status of one never calls the other's table its own; the points' links are relative, so
+    the data root moved whole is still done."""
+    _, test = two_digits
+    data = tmp_path / "data"
+    grid = {"images": [2], "sources": ["synthetic"]}
+    a, cfg = digit_config(tmp_path, tiny_model, "a.toml", data,
+                          sweep=grid | {"vary": {"style": ["x", "y"]}})  # fmt: skip
+    b, _ = digit_config(tmp_path, tiny_model, "b.toml", data,
+                        sweep=grid | {"vary": {"style": ["x", "z"]}})  # fmt: skip
+    ingest.run(cfg, test, split="test")
+    assert sweep.run(a, say=lambda line: None) is not None
+    assert sweep.run(b, say=lambda line: None) is not None
+    status = run_cli("status", str(a)).stdout
+    assert "2 of 2 points done; run `synthflux sweep CONFIG` to write the table" in status
+    assert "--prune" not in status  # b's points are b's, not unused
+    pruned = run_cli("sweep", str(a), "--prune")
+    assert "removed 0 unused folders" in pruned.stdout, pruned.stderr
+    assert all(sweep._done(c) for _, c in sweep.plan(b).points)
+    # b no longer sweeps z: a's --prune may take what only z used
+    digit_config(tmp_path, tiny_model, "b.toml", data, sweep=grid | {"vary": {"style": ["x"]}})
+    pruned = run_cli("sweep", str(a), "--prune")
+    assert "style=z" in pruned.stdout and "removed 2 unused folders" in pruned.stdout
+    # moved whole, the data root keeps its points done
+    assert sweep.run(a, say=lambda line: None) is not None
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    status = run_cli("status", str(a), "--data", str(moved)).stdout
+    assert "sweep: 2 of 2 points done; " in status and str(moved / "sweep" / "table.csv") in status

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 def device_list(names: list[str]) -> list[str]:
@@ -14,9 +14,10 @@ def device_list(names: list[str]) -> list[str]:
         raise ValueError('is empty: give devices, or "all" (every visible GPU)')
     out: list[str] = []
     for name in names:
-        if not DEVICE.match(name):
+        if not DEVICE.fullmatch(name):
             raise ValueError(f'{name!r} is not a device: use "cpu", "cuda" or "cuda:N"')
-        name = "cuda:0" if name == "cuda" else name
+        if name.startswith("cuda"):  # one spelling per GPU: "cuda", "cuda:00" are cuda:0
+            name = f"cuda:{int(name.partition(':')[2] or 0)}"
         if name != "cpu" and name in out:
             raise ValueError(f"{name!r} is listed twice: one worker per GPU")
         out.append(name)

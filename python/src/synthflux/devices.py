@@ -13,19 +13,23 @@ that fails is one line naming its device, once the others have finished.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from synthflux.config import PipelineConfig
 from synthflux.errors import ModelError, SynthfluxError
-from synthflux.progress import LINES, Progress
+from synthflux.progress import LINES, Progress, plural
 from synthflux.storage import ShardSpec
+
+log = logging.getLogger("synthflux")
 
 STOP_GRACE_S = 120  # a stopped worker writes what it made; then it is killed
 
@@ -67,22 +71,24 @@ def one_process(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def spread(
-    stage: str, cfg: PipelineConfig, shard: ShardSpec, desc: str, **options: Any
+    stage: str,
+    cfg: PipelineConfig,
+    shard: ShardSpec,
+    desc: str,
+    options: Callable[[ShardSpec], dict[str, Any] | None] = lambda sub: {},
 ) -> list[dict[str, Any]]:
-    """Run `stage` on `shard`, one worker per device (options["limit"] split among them);
-    the workers' summaries. The bar sums the workers' bars whose name starts with `desc`."""
+    """Run `stage` on `shard`, one worker per device, each with `options(its shard)` (None:
+    that worker has nothing to do); the workers' summaries. The bar sums the workers' bars
+    whose name starts with `desc`."""
     assert cfg.generate.devices is not None
     names = resolve(cfg.generate.devices)
-    limit = options.pop("limit", None)
     job = {"stage": stage, "config": json.loads(one_process(cfg).model_dump_json())}
     events: queue.Queue[tuple[int, str, str | None]] = queue.Queue()
     workers: list[Worker] = []
     for d, device in enumerate(names):
-        share = None if limit is None else limit // len(names) + (d < limit % len(names))
-        if share == 0:
+        sub = sub_shard(shard, d, len(names))
+        if (more := options(sub)) is None:
             continue
-        sub = ShardSpec(shard.index + shard.count * d, shard.count * len(names))
-        more = {**options, **({} if share is None else {"limit": share})}
         workers.append(_start(device, sub, {**job, "shard": [sub.index, sub.count],
                                             "options": more}, events, len(workers)))  # fmt: skip
     with Progress(desc, 0) as progress:
@@ -97,6 +103,11 @@ def spread(
         raise WorkerFailed(f"{stage}: {said}; the other workers finished: re-run to make what "
                            "is missing")  # fmt: skip
     return [w.summary for w in workers]
+
+
+def sub_shard(shard: ShardSpec, d: int, count: int) -> ShardSpec:
+    """Worker d of `count`'s part of `shard`: the batches b with b % N == I, (b // N) % D == d."""
+    return ShardSpec(shard.index + shard.count * d, shard.count * count)
 
 
 def _start(
@@ -154,13 +165,19 @@ def _follow(workers: list[Worker], events: queue.Queue[Any], progress: Progress,
 
 
 def _stop(workers: list[Worker]) -> None:
-    for w in workers:
-        if w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGTERM)
-    for w in workers:
-        try:
+    """SIGTERM to each: it keeps what it made. A worker that does not end in STOP_GRACE_S,
+    or a second Ctrl-C, is killed (what it made is still on disk: a re-run verifies it)."""
+    live = [w for w in workers if w.proc.poll() is None]
+    for w in live:
+        w.proc.send_signal(signal.SIGTERM)
+    if live:
+        log.warning("stopping %s: each keeps what it made (up to %d s; Ctrl-C again kills "
+                    "them)", plural(len(live), "worker"), STOP_GRACE_S)  # fmt: skip
+    try:
+        for w in live:
             w.proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        for w in live:
             w.proc.kill()
             w.proc.wait()
 
@@ -169,4 +186,6 @@ def _why(w: Worker) -> str:
     code = w.proc.returncode
     if code < 0:
         return f"was killed ({signal.Signals(-code).name})"
+    if code == 130:  # its SIGINT/SIGTERM: stopped the way a Ctrl-C stops a run
+        return "was stopped (SIGINT or SIGTERM), keeping what it made"
     return f"failed (exit {code})" + (f": {w.last_error}" if w.last_error else "")

@@ -23,6 +23,7 @@ from typing import Any
 
 from synthflux import devices, fitted, lineage
 from synthflux.config import PipelineConfig
+from synthflux.errors import ConfigError
 from synthflux.fitted import (
     load_checkpoint,
     loss_note,
@@ -70,7 +71,8 @@ def run(cfg: PipelineConfig, *, shard: ShardSpec | None = None) -> FinetuneSumma
     """Fit what is missing (resuming from a checkpoint), keep what is current; then publish."""
     shard = shard or ShardSpec()
     fit = cfg.finetune
-    assert fit is not None, "the finetune stage runs only with [finetune]"
+    if fit is None:
+        raise ConfigError("the config has no [finetune] section: nothing to fit")
     if fit.method == "lora" and cfg.generate.devices is not None:
         return _on_devices(cfg, shard)
     key = fitted.key(cfg)  # checks the real source first: a one-line error, nothing written

@@ -12,12 +12,7 @@ status "ok"), dropped.jsonl (images the safety checker flagged on every attempt)
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
-import os
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
 
 from synthflux import devices, lineage
 from synthflux.config import PipelineConfig
@@ -39,10 +33,10 @@ from synthflux.diffusion import (
 from synthflux.layout import DataLayout
 from synthflux.lora_fit import class_adapter, load_class_adapters
 from synthflux.pixel_diffusion import sample
+from synthflux.png_writer import lower_priority, write_image
 from synthflux.progress import Progress
 from synthflux.realguide import init_image
 from synthflux.records import (
-    PNG_KEY,
     Batch,
     ImageJob,
     ManifestRecord,
@@ -51,7 +45,6 @@ from synthflux.records import (
     image_seed,
     merge_manifest,
     part_records,
-    pixels_sha256,
     plan_batches,
     plan_images,
     plan_key,
@@ -62,10 +55,7 @@ from synthflux.stages import Option, ShardState, Stage, StageState, at_least, sh
 from synthflux.storage import (
     ShardSpec,
     file_lock,
-    hold_point,
     remove_stale_temps,
-    sha256_bytes,
-    write_bytes_atomic,
     write_jsonl_atomic,
 )
 
@@ -160,14 +150,36 @@ def _on_devices(cfg: PipelineConfig, shard: ShardSpec, limit: int | None) -> Gen
     merges them as a re-run would, and the summary counts what the workers made."""
     lineage.require(cfg, "finetune")
     start = time.monotonic()
-    made = devices.spread("generate", cfg, shard, "generate", limit=limit)
-    summary = run(devices.one_process(cfg), shard=shard, limit=0)
-    for name in ("generated", "regenerated_flagged", "dropped", "remaining"):
+    shares = None if limit is None else _limit_shares(cfg, shard, limit)
+
+    def options(sub: ShardSpec) -> dict[str, int] | None:
+        if shares is None:
+            return {}
+        return {"limit": shares[sub.index]} if shares.get(sub.index) else None
+
+    made = devices.spread("generate", cfg, shard, "generate", options)
+    summary = run(devices.one_process(cfg), shard=shard, limit=0)  # (makes nothing)
+    for name in ("generated", "regenerated_flagged", "dropped"):
         setattr(summary, name, sum(m[name] for m in made))
-    summary.reused = summary.planned - summary.generated - summary.dropped - summary.remaining
+    summary.reused -= summary.generated + summary.dropped  # (done before this run)
     summary.seconds = time.monotonic() - start
     summary.images_per_s = summary.generated / summary.seconds if summary.seconds else 0.0
     return summary
+
+
+def _limit_shares(cfg: PipelineConfig, shard: ShardSpec, limit: int) -> dict[int, int]:
+    """--limit K over the workers: the batches one process would take (whole batches until
+    K new images), as images per worker's shard index; a worker with none is not started."""
+    count = len(devices.resolve(cfg.generate.devices or []))
+    owned = [(g, b) for g, b in enumerate(plan_batches(cfg)) if shard.owns(g)]
+    _, todo = _scan([b for _, b in owned], cfg, resolve_model(cfg), cfg.layout)
+    position = {id(b): g for g, b in owned}
+    shares: dict[int, int] = {}
+    for batch in _limited(todo, limit)[0]:
+        d = (position[id(batch)] // shard.count) % count
+        sub = devices.sub_shard(shard, d, count).index
+        shares[sub] = shares.get(sub, 0) + len(batch.jobs)
+    return shares
 
 
 def _remove_orphans(cfg: PipelineConfig, layout: DataLayout) -> None:
@@ -251,7 +263,7 @@ def _make(
     seen = model_prompts(pipe, {p.job.prompt for batch in queue for p in batch})
     in_flight: deque[Future[ManifestRecord]] = deque()
     try:
-        writer_pool = ThreadPoolExecutor(1, initializer=_lower_priority)
+        writer_pool = ThreadPoolExecutor(1, initializer=lower_priority)
         total = sum(len(b) for b in queue)
         with Progress("generate", total) as progress, writer_pool as writer:
             while queue:
@@ -271,7 +283,7 @@ def _make(
                     if flagged:
                         _handle_flagged(cfg, item, seed, record, queue, done, summary, progress)
                         continue
-                    in_flight.append(writer.submit(_write_image, layout, img, record))
+                    in_flight.append(writer.submit(write_image, layout, img, record))
                     summary.generated += 1
                     progress.update()
                 _collect(in_flight, done, keep=2 * cfg.generate.batch_size)
@@ -328,32 +340,6 @@ def _denoise(
     images = result.images[: len(batch)]
     flags = getattr(result, "nsfw_content_detected", None) or [False] * len(batch)
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), list(flags)
-
-
-def to_png(pixels: np.ndarray, record: ManifestRecord | dict[str, Any]) -> bytes:
-    """The PNG of `pixels` with `record` in its text chunk (the same bytes every time)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, json.dumps(record, sort_keys=True))
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def _write_image(layout: DataLayout, pixels: np.ndarray, record: ManifestRecord) -> ManifestRecord:
-    """Runs on the writer thread: encode, hash and write one PNG; return its full record."""
-    record = {**record, "pixels_sha256": pixels_sha256(pixels)}
-    data = to_png(pixels, record)
-    # No fsync per image: a resume hashes or fully decodes every PNG, so a file torn by a
-    # power cut is made again; fsync would only slow the writer on network file systems.
-    write_bytes_atomic(layout.image(record["file"]), data, durable=False)
-    hold_point("image")
-    return {**record, "status": "ok", "sha256": sha256_bytes(data)}
-
-
-def _lower_priority() -> None:
-    """The writer thread yields the CPU to denoising (on a CPU-only run they share cores)."""
-    with contextlib.suppress(AttributeError, OSError):  # per-thread nice is Linux-only
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _handle_flagged(

@@ -173,6 +173,11 @@ class DataLayout:
     def sweep_summary(self) -> Path:
         return self.sweep / "summary.json"
 
+    @property
+    def sweep_configs(self) -> Path:
+        """Every config that ran a sweep in this data root: what --prune must keep for them."""
+        return self.sweep / "configs.json"
+
     # --- import ---------------------------------------------------------------------------------
     @property
     def imported(self) -> Path:

@@ -37,7 +37,7 @@ from synthflux.errors import ConfigError, DataError, describe
 from synthflux.layout import DataLayout
 from synthflux.records import count_records, plan_images, plan_key
 from synthflux.sources import imported
-from synthflux.storage import ShardSpec
+from synthflux.storage import ShardSpec, file_lock, write_json_atomic
 from synthflux.sweep_grid import TRAINS_ON, Point, SweepConfig, check_vary, runs_as
 from synthflux.sweep_table import publish
 
@@ -56,6 +56,9 @@ def plan(
 ) -> Plan:
     """Every point's config, and where each generation setting's images are made."""
     raw = with_devices(read_toml(path), devices)
+    if "sweep" not in raw:
+        raise ConfigError(f"{path} has no [sweep] section: nothing to sweep (README: the "
+                          "[sweep] grid)")  # fmt: skip
     try:
         grid = SweepConfig.model_validate(raw.pop("sweep", {}))
     except ValidationError as e:
@@ -135,6 +138,7 @@ def run(
     grid = plan(Path(path), data_root, devices)
     if grid.base.generate.devices is not None and grid.images:
         local_devices.resolve(grid.base.generate.devices)  # said before anything runs
+    _register(grid.base.layout, Path(path))
     with pipelines_kept():  # settings of one model share its pipeline, loaded once
         _make_images(grid, shard, only_generate, say)
     if only_generate:
@@ -222,25 +226,51 @@ def status_lines(path: Path, data_root: str | Path | None = None) -> list[str]:
     done = [(point.name, _done(cfg)) for point, cfg in grid.points]
     width = max(len(name) for name, _ in done)
     table = grid.base.layout.sweep_table
-    out = [f"sweep: {sum(d for _, d in done)} of {len(done)} points done"
-           + (f"; {table}" if table.is_file() and all(d for _, d in done) else
-              "; run `synthflux sweep CONFIG` for the rest and the table" + _earlier(grid.base.layout))]  # fmt: skip
+    earlier, rerun = _earlier(grid.base.layout), "; run `synthflux sweep CONFIG`"
+    if all(d for _, d in done):
+        tail = f"; {table}" if _table_current(grid) else f"{rerun} to write the table{earlier}"
+    else:
+        tail = f"{rerun} for the rest and the table{earlier}"
+    out = [f"sweep: {sum(d for _, d in done)} of {len(done)} points done{tail}"]
     out += [f"  {name:<{width}}  {'done' if d else 'to run'}" for name, d in done]
-    if stale := unused(grid):
+    if stale := unused(grid, Path(path)):
         out.append(f"sweep: {len(stale)} folders under {grid.base.layout.sweep} that no point "
                    f"uses ({freed_bytes(stale) / 1e6:.1f} MB): `synthflux sweep CONFIG --prune` "
                    "removes them")  # fmt: skip
     return out
 
 
-def unused(grid: Plan) -> list[Path]:
-    """Folders under DATA/sweep/ that no point of this grid uses: the images of generation
-    settings no longer swept, and points no longer in the grid (another config's sweep in
-    the same data root counts as no longer in the grid)."""
+def unused(grid: Plan, path: Path) -> list[Path]:
+    """Folders under DATA/sweep/ that no point uses: neither of this grid nor of another
+    config's sweep in the same data root (DATA/sweep/configs.json) as it stands now."""
+    used = _roots(grid)
+    for other in _swept_configs(grid.base.layout):
+        if other != path.resolve() and other.is_file() and "sweep" in read_toml(other):
+            used |= _roots(
+                plan(other, grid.base.data_root)
+            )  # (an error: one line, nothing removed)
     sweep = grid.base.layout.sweep
-    used = {c.data_root for c in grid.images.values()} | {c.data_root for _, c in grid.points}
     found = [*sweep.glob("images-*"), *(sweep / "points").glob("*")]
     return sorted(p for p in found if p.is_dir() and not p.is_symlink() and p not in used)
+
+
+def _roots(grid: Plan) -> set[Path]:
+    return {c.data_root for c in grid.images.values()} | {c.data_root for _, c in grid.points}
+
+
+def _swept_configs(layout: DataLayout) -> list[Path]:
+    try:
+        return [Path(p) for p in json.loads(layout.sweep_configs.read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+def _register(layout: DataLayout, path: Path) -> None:
+    """This config sweeps in this data root: another's --prune keeps what it uses."""
+    with file_lock(layout.sweep / "configs.lock"):
+        known = [str(p) for p in _swept_configs(layout)]
+        if str(path.resolve()) not in known:
+            write_json_atomic(layout.sweep_configs, [*known, str(path.resolve())])
 
 
 def freed_bytes(folders: list[Path]) -> int:
@@ -258,7 +288,7 @@ def freed_bytes(folders: list[Path]) -> int:
 def prune(path: Path, data_root: str | Path | None = None) -> list[str]:
     """Remove what `unused` finds; the lines say what and how much."""
     grid = plan(Path(path), data_root)
-    folders = unused(grid)
+    folders = unused(grid, Path(path))
     freed = freed_bytes(folders)
     for folder in folders:
         shutil.rmtree(folder)
@@ -276,6 +306,16 @@ def _earlier(layout: DataLayout) -> str:
         if table.is_file()
         else ""
     )
+
+
+def _table_current(grid: Plan) -> bool:
+    """Whether the table on disk has this grid's rows as its points' results give them now
+    (once every point is done)."""
+    try:
+        written = json.loads(grid.base.layout.sweep_summary.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(written == [_row(grid, point, cfg) for point, cfg in grid.points])
 
 
 def _done(cfg: PipelineConfig) -> bool:
@@ -302,7 +342,10 @@ def _symlink(link: Path, target: Path) -> None:
     elif link.is_dir():
         shutil.rmtree(link)
     link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve(), target_is_directory=True)
+    # relative: a data root moved or copied whole keeps its points' links inside it
+    link.symlink_to(
+        os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True
+    )
 
 
 def _link_source(base: DataLayout, layout: DataLayout, name: str) -> None:

@@ -101,6 +101,9 @@ def check_vary(grid: SweepConfig, path: Path) -> None:
         if why := SET_BY_THE_SWEEP.get("classes" if key.startswith("classes") else key):
             raise ConfigError(f"{path}: sweep.vary.{key}: the sweep sets it for each point "
                               f"itself ({why}); vary something else")  # fmt: skip
+        if key == "generate.devices":  # points of the same images, made twice
+            raise ConfigError(f"{path}: sweep.vary.{key}: where images are made changes no "
+                              "result; give it once (or `sweep --devices`)")  # fmt: skip
         if key in SECTIONS:  # a row would claim one setting while the whole table changed
             raise ConfigError(f"{path}: sweep.vary.{key}: a whole section; vary its settings "
                               f"by dotted name ({key}.<setting>)")  # fmt: skip
