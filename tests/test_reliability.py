@@ -289,9 +289,9 @@ def test_a_data_root_that_is_a_file_is_one_line(write_config, tmp_path):
 
 def test_a_full_disk_is_one_line_and_a_rerun_completes(write_config, tmp_path, monkeypatch, capsys):
     path, cfg = write_config()
-    import synthflux.generate as generate_module
+    import synthflux.png_writer as writer_module  # (where generate writes its PNGs)
 
-    real, calls = generate_module.write_bytes_atomic, []
+    real, calls = writer_module.write_bytes_atomic, []
 
     def fill_up(target: Path, data: bytes, durable: bool = True) -> None:
         calls.append(target)
@@ -299,7 +299,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_completes(write_config, tmp_path, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
         real(target, data, durable)
 
-    monkeypatch.setattr(generate_module, "write_bytes_atomic", fill_up)
+    monkeypatch.setattr(writer_module, "write_bytes_atomic", fill_up)
     assert main(["generate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("synthflux generate: error: ")
@@ -307,7 +307,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_completes(write_config, tmp_path, m
     out = cfg.data_root / "generated"
     assert not list(out.rglob(".*.tmp"))  # nothing half-written
     assert len(list(out.glob("*/*.png"))) == 4
-    monkeypatch.setattr(generate_module, "write_bytes_atomic", real)
+    monkeypatch.setattr(writer_module, "write_bytes_atomic", real)
     assert main(["generate", str(path)]) == 0
     _, fresh = write_config(data=tmp_path / "fresh", name="f.toml")
     generate.run(fresh)
