@@ -57,7 +57,7 @@ test: lint ## lint, then every test (what CI runs)
 # What needs no Docker engine, Slurm cluster or Julia, and nothing marked slow.
 FAST := not docker and not slurm and not julia and not slow
 .PHONY: test-fast
-test-fast: lint ## lint, then the tests that need no Docker, Slurm or Julia (about 7 minutes on 2 cores)
+test-fast: lint ## lint, then the tests that need no Docker, Slurm or Julia (about 9 minutes on 2 cores)
 	cd tests && ../$(BIN)/pytest -m "$(FAST)"
 
 .PHONY: bench
