@@ -134,7 +134,15 @@ def run(
         write_jsonl_atomic(layout.part(shard), [done[k] for k in sorted(done)])  # type: ignore[misc]
     summary.seconds = time.monotonic() - start
     summary.images_per_s = summary.generated / summary.seconds if summary.seconds else 0.0
-    # 4. merge every shard's part into the manifest; stage.json says for which plan
+    _publish(cfg, model, summary, shard)
+    return summary
+
+
+def _publish(
+    cfg: PipelineConfig, model: ModelRef, summary: GenerateSummary, shard: ShardSpec
+) -> None:
+    """Merge every shard's part into the manifest; stage.json says for which plan."""
+    layout = cfg.layout
     with file_lock(layout.manifest_lock):
         merged = merge_manifest(cfg, layout, model)
         _remove_orphans(cfg, layout)
@@ -142,44 +150,49 @@ def run(
         lineage.record(cfg, "generate", key=plan_key(cfg), seconds=summary.seconds,
                        outputs=[layout.manifest], complete=summary.manifest_complete,
                        facts={"shard": str(shard), "images": summary.generated})  # fmt: skip
-    return summary
 
 
 def _on_devices(cfg: PipelineConfig, shard: ShardSpec, limit: int | None) -> GenerateSummary:
-    """One worker per device makes this shard's images; then this process verifies and
-    merges them as a re-run would, and the summary counts what the workers made."""
+    """One worker per device makes this shard's images (each verifies what it finds, and
+    merges); then this process merges their parts once more and sums what they made."""
     lineage.require(cfg, "finetune")
     start = time.monotonic()
-    shares = None if limit is None else _limit_shares(cfg, shard, limit)
+    shares, left = ({}, 0) if limit is None else _limit_shares(cfg, shard, limit)
 
     def options(sub: ShardSpec) -> dict[str, int] | None:
-        if shares is None:
+        if limit is None:
             return {}
         return {"limit": shares[sub.index]} if shares.get(sub.index) else None
 
     made = devices.spread("generate", cfg, shard, "generate", options)
-    summary = run(devices.one_process(cfg), shard=shard, limit=0)  # (makes nothing)
-    for name in ("generated", "regenerated_flagged", "dropped"):
+    planned = sum(len(b.jobs) for b in owned_batches(cfg, shard))
+    summary = GenerateSummary(shard=str(shard), planned=planned)
+    for name in ("generated", "regenerated_flagged", "dropped", "remaining"):
         setattr(summary, name, sum(m[name] for m in made))
-    summary.reused -= summary.generated + summary.dropped  # (done before this run)
+    if limit is not None:  # (the batches no worker took; theirs are among them)
+        summary.remaining = left
+    summary.reused = planned - summary.generated - summary.dropped - summary.remaining
     summary.seconds = time.monotonic() - start
     summary.images_per_s = summary.generated / summary.seconds if summary.seconds else 0.0
+    _publish(cfg, resolve_model(cfg), summary, shard)
     return summary
 
 
-def _limit_shares(cfg: PipelineConfig, shard: ShardSpec, limit: int) -> dict[int, int]:
+def _limit_shares(cfg: PipelineConfig, shard: ShardSpec, limit: int) -> tuple[dict[int, int], int]:
     """--limit K over the workers: the batches one process would take (whole batches until
-    K new images), as images per worker's shard index; a worker with none is not started."""
+    K new images), as images per worker's shard index (a worker with none is not started);
+    and the images left for later."""
     count = len(devices.resolve(cfg.generate.devices or []))
     owned = [(g, b) for g, b in enumerate(plan_batches(cfg)) if shard.owns(g)]
     _, todo = _scan([b for _, b in owned], cfg, resolve_model(cfg), cfg.layout)
     position = {id(b): g for g, b in owned}
+    taken, left = _limited(todo, limit)
     shares: dict[int, int] = {}
-    for batch in _limited(todo, limit)[0]:
+    for batch in taken:
         d = (position[id(batch)] // shard.count) % count
         sub = devices.sub_shard(shard, d, count).index
         shares[sub] = shares.get(sub, 0) + len(batch.jobs)
-    return shares
+    return shares, left
 
 
 def _remove_orphans(cfg: PipelineConfig, layout: DataLayout) -> None:
