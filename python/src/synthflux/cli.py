@@ -176,14 +176,11 @@ def _run(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from synthflux.backends import choose
-    from synthflux.pipeline import check_devices, run_pipeline
+    from synthflux.pipeline import run_pipeline
 
-    # Where the CNN runs belongs to its results: each stage is asked whether it is complete
-    # for this backend, as `status --backend` asks.
-    cfg = _config(args)
-    check_devices(cfg)
-    cfg = choose(cfg.with_cnn(backend=args.backend, image=args.image))
+    # Where the CNN runs belongs to its results: run_pipeline resolves "auto" once, and each
+    # stage is asked whether it is complete for that backend, as `status --backend` asks.
+    cfg = _config(args).with_cnn(backend=args.backend, image=args.image)
     run_pipeline(cfg, from_stage=args.from_stage)
     return 0
 

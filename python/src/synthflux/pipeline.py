@@ -89,7 +89,7 @@ def run_pipeline(
     """Run the stages in order; `options` are keyword arguments per stage name (e.g.
     {"classify": {"backend": "reference"}}). Returns each stage's summary. A stage the config
     does not need (generate, for real images only) is left out."""
-    check_devices(cfg)
+    _check_devices(cfg)
     cfg = choose(cfg)  # "auto" resolved once: every stage's key names the same backend
     if from_stage is not None:
         for folder in reset_from(cfg, from_stage):
@@ -102,7 +102,7 @@ def run_pipeline(
     return summaries
 
 
-def check_devices(cfg: PipelineConfig) -> None:
+def _check_devices(cfg: PipelineConfig) -> None:
     """`[generate] devices` that are not here: one line before anything runs."""
     if cfg.generate.devices is not None and any(st.spreads and st.applies(cfg) for st in STAGES):
         devices.resolve(cfg.generate.devices)
