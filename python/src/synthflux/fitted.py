@@ -22,7 +22,7 @@ from synthflux.config import PipelineConfig, PreprocessConfig
 from synthflux.errors import DataError, Rejected
 from synthflux.images import load_image
 from synthflux.layout import SourcePaths
-from synthflux.sources import real_training_images
+from synthflux.sources import real_training_source, records_by_class
 from synthflux.storage import (
     TEMP_TAG,
     hash_folder,
@@ -36,21 +36,18 @@ log = logging.getLogger("synthflux")
 
 def real_source(cfg: PipelineConfig) -> SourcePaths:
     """The imported training source the fit reads; a clear error if it cannot be used."""
-    return _real(cfg)[0]
-
-
-def real_records(cfg: PipelineConfig) -> dict[str, list[dict[str, Any]]]:
-    """Each class's real images (manifest records, in id order); an error naming a class that
-    has none."""
-    return _real(cfg)[1]
-
-
-def _real(cfg: PipelineConfig) -> tuple[SourcePaths, dict[str, list[dict[str, Any]]]]:
     assert cfg.finetune is not None
-    return real_training_images(
-        cfg, "finetune.source", cfg.finetune.source, "a generator fitted to it",
-        "the generator cannot learn it; import a folder with every class",
-    )  # fmt: skip
+    return real_training_source(cfg, "finetune.source", cfg.finetune.source,
+                                "a generator fitted to it")  # fmt: skip
+
+
+def real_records(
+    cfg: PipelineConfig, source: SourcePaths | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Each class's real images (manifest records, in id order) in `source` (default: the
+    fit's); an error naming a class that has none."""
+    return records_by_class(cfg, source or real_source(cfg), "finetune.source",
+                            "the generator cannot learn it; import a folder with every class")  # fmt: skip
 
 
 def real_pixels(
@@ -64,7 +61,7 @@ def real_pixels(
                             pad_value=pre.pad_value, mean=[0.5], std=[0.5])  # fmt: skip
     source = real_source(cfg)
     pixels, labels = [], []
-    for label, (name, records) in enumerate(real_records(cfg).items()):
+    for label, (name, records) in enumerate(real_records(cfg, source).items()):
         for rec in records if only in (None, name) else []:
             try:
                 pixels.append(load_image(source.image(rec["file"]), rec["sha256"], read))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synthflux.config import PipelineConfig
-from synthflux.sources import real_training_images
+from synthflux.sources import real_training_source, records_by_class
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,8 +37,9 @@ def parents(cfg: PipelineConfig) -> dict[str, list[Parent]] | None:
     name = cfg.generate.init_source
     if not name:
         return None
-    _, found = real_training_images(
-        cfg, "generate.init_source", name, "images made from it",
+    paths = real_training_source(cfg, "generate.init_source", name, "images made from it")
+    found = records_by_class(
+        cfg, paths, "generate.init_source",
         "nothing to start from; import a folder with every class, or generate from text",
     )  # fmt: skip
     return {c: [Parent(name, r["id"], r["file"], str(r["sha256"])) for r in recs]

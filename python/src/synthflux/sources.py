@@ -82,13 +82,10 @@ def test_sources(cfg: PipelineConfig) -> list[Source]:
     return [s for s in all_sources(cfg) if s.split == "test"]
 
 
-def real_training_images(
-    cfg: PipelineConfig, setting: str, name: str, made: str, every_class: str
-) -> tuple[SourcePaths, dict[str, list[dict[str, Any]]]]:
-    """The imported training source a setting names (finetune.source, generate.init_source)
-    and each class's records, in id order. One-line errors: none of that name, a test set
-    (`made` from it would carry test images into training), a class without images
-    (`every_class` says what to do)."""
+def real_training_source(cfg: PipelineConfig, setting: str, name: str, made: str) -> SourcePaths:
+    """The imported training source a setting names (finetune.source, generate.init_source).
+    One-line errors: none of that name, or a test set (`made` from it would carry test images
+    into training)."""
     paths = cfg.layout.source(name)
     marker = paths.folder / SOURCE_FILE
     if not marker.is_file():
@@ -99,13 +96,21 @@ def real_training_images(
         raise ConfigError(f"{setting} = {name!r} is a test set: {made} would carry the test "
                           "images into training; import real images --as train")  # fmt: skip
     require_imported(paths)
+    return paths
+
+
+def records_by_class(
+    cfg: PipelineConfig, paths: SourcePaths, setting: str, every_class: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Each class's records in a real training source, in id order; a class without images is
+    a one-line error (`every_class` says what to do)."""
     found: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.class_names}
     for rec in read_jsonl(paths.manifest):
         if rec.get("class") in found and rec.get("sha256"):
             found[rec["class"]].append(rec)
     for class_name, mine in found.items():
         if not mine:
-            raise DataError(f"{setting} = {name!r} has no images of class {class_name!r}: "
+            raise DataError(f"{setting} = {paths.name!r} has no images of class {class_name!r}: "
                             f"{every_class}")  # fmt: skip
         mine.sort(key=lambda r: r["id"])
-    return paths, found
+    return found
