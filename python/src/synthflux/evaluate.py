@@ -37,7 +37,7 @@ from synthflux.contracts import (
 from synthflux.distribution import relative_to_real, shown
 from synthflux.errors import DataError
 from synthflux.layout import DataLayout
-from synthflux.metrics import confusion_lines, per_class, summarize
+from synthflux.metrics import confusion_lines, per_class, split_title, summarize
 from synthflux.progress import Progress, plural
 from synthflux.sources import Source, all_sources, imported, test_sources, training_sources
 from synthflux.stages import Stage
@@ -74,15 +74,12 @@ class EvaluateSummary:
 
 
 def _split_title(name: str, s: dict[str, Any]) -> str:
-    """A split named so that it never reads as a source: "validation split (held out of
-    source train; 92 images)", "test set test (898 images)"."""
-    sources = ", ".join(s["sources"])
-    count = plural(s["images"], "image")
-    if s["kind"] == "validation":
-        return f"validation split (held out of source {sources}; {count})"
-    if s["kind"] == "train":
-        return f"training split (learned from, of source {sources}; {count})"
-    return f"test set {name} ({count})"
+    """The split's title with what it holds: "validation split (held out of source train;
+    92 images)", "test set test (898 images)"."""
+    sources, count = ", ".join(s["sources"]), plural(s["images"], "image")
+    held = {"validation": f"held out of source {sources}; ",
+            "train": f"learned from, of source {sources}; "}.get(s["kind"], "")  # fmt: skip
+    return f"{split_title(name, s['kind'])} ({held}{count})"
 
 
 def run(

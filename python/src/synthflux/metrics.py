@@ -83,3 +83,11 @@ def confusion_lines(classes: list[str], matrix: list[list[int]], rows: str) -> l
         cells = " ".join(f"{v:>{w}}" for v, w in zip(row, cols, strict=True))
         out.append(f"  {name:<{width}} {cells}")
     return out
+
+
+def split_title(name: str, kind: str) -> str:
+    """A split named so that it never reads as a source (the default source is "train" too):
+    "validation split", "training split", "test set NAME"."""
+    return {"validation": "validation split", "train": "training split"}.get(
+        kind, f"test set {name}"
+    )

@@ -27,6 +27,7 @@ from synthflux.contact_sheet import THUMB, contact_sheet, probabilities
 from synthflux.distribution import relative_to_real, shown
 from synthflux.errors import DataError
 from synthflux.layout import SYNTHETIC, DataLayout
+from synthflux.metrics import split_title
 from synthflux.progress import plural
 from synthflux.sources import imported
 from synthflux.stages import Option, Stage, at_least
@@ -262,8 +263,7 @@ def _evaluation_html(evaluation: dict[str, Any] | None, pictures: dict[str, Path
         return "<p>Not evaluated yet (<code>synthflux evaluate</code>).</p>"
     e = html.escape
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    titles = {"validation": "validation split", "train": "training split"}
-    title = {n: titles.get(s["kind"], f"test set {n}") for n, s in evaluation["splits"].items()}
+    title = {n: split_title(n, s["kind"]) for n, s in evaluation["splits"].items()}
     rows = "".join(
         f"<tr><th>{e(title[name])}</th><td>{e(', '.join(s['sources']))}</td><td>{s['images']}</td>"
         f"<td>{fmt(s['accuracy'])}</td><td>{fmt(s['macro']['f1'])}</td></tr>"
